@@ -1,0 +1,201 @@
+"""Daemon settings: small pydantic sections, environment (EDGECAST_*, `__` nesting) over an optional TOML file.
+
+Every field has a default, a bound and a description; unknown keys are errors. Secrets are SecretStr and may
+be read from files (including systemd credentials in $CREDENTIALS_DIRECTORY), never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_MODEL_NAME = "pump-lstm"
+
+
+def shipped_model_path() -> Path:
+    """The bundle shipped with edgecast: the source tree's exported_models/, or the installed copy."""
+    source_tree = Path(__file__).resolve().parent.parent / "exported_models" / DEFAULT_MODEL_NAME
+    if source_tree.is_dir():
+        return source_tree
+    from importlib.resources import files
+
+    return Path(str(files("agent") / "shipped_models" / DEFAULT_MODEL_NAME))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TlsConfig(Section):
+    enabled: bool = Field(False, description="Connect with TLS (server certificate verified against ca_file or the system store).")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate; system store when unset.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key for mutual TLS.")
+
+
+class MqttConfig(Section):
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval in seconds.")
+    username: str | None = Field(None, max_length=256, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password (prefer password_file).")
+    password_file: Path | None = Field(
+        None, description="File holding the broker password; relative names are looked up in $CREDENTIALS_DIRECTORY first."
+    )
+    qos_in: Literal[0, 1] = Field(1, description="QoS of the sensor subscriptions.")
+    reconnect_min_s: float = Field(1.0, ge=0.1, le=60, description="First reconnect delay.")
+    reconnect_max_s: float = Field(30.0, ge=1, le=3600, description="Largest reconnect delay.")
+    max_queued_messages: int = Field(10000, ge=0, le=10_000_000, description="Outgoing messages paho keeps while offline (0: unbounded).")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MqttConfig":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either mqtt.password or mqtt.password_file, not both")
+        if (self.tls.cert_file is None) != (self.tls.key_file is None):
+            raise ValueError("mutual TLS needs both mqtt.tls.cert_file and mqtt.tls.key_file")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        return self
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        path = self.password_file
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and creds and (Path(creds) / path).is_file():
+            path = Path(creds) / path
+        return path.read_text(encoding="utf-8").strip()
+
+
+class TopicsConfig(Section):
+    telemetry: str = Field("sensors/{device}/telemetry", min_length=3, max_length=256, description="Input topic template of the whole-record form; needs {device}.")
+    sensor: str | None = Field("sensors/{device}/{sensor}", max_length=256, description="Input topic template of the per-sensor form; needs {device} and {sensor}; empty disables it.")
+    output_prefix: str = Field("edgecast", min_length=1, max_length=128, description="Prefix of every topic the agent publishes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TopicsConfig":
+        if "{device}" not in self.telemetry:
+            raise ValueError("topics.telemetry must contain the {device} placeholder, e.g. 'sensors/{device}/telemetry'")
+        if "{sensor}" in self.telemetry:
+            raise ValueError("topics.telemetry carries all features in one payload; use topics.sensor for the per-sensor form")
+        if self.sensor:
+            if "{device}" not in self.sensor or "{sensor}" not in self.sensor:
+                raise ValueError("topics.sensor must contain both {device} and {sensor}, e.g. 'sensors/{device}/{sensor}'")
+        for name in ("telemetry", "sensor", "output_prefix"):
+            value = getattr(self, name) or ""
+            if "+" in value or "#" in value:
+                raise ValueError(f"topics.{name} must not contain MQTT wildcards; use the {{device}} placeholder")
+        return self
+
+
+class ModelConfig(Section):
+    path: Path = Field(default_factory=shipped_model_path, description="Model bundle folder (model.onnx + manifest.json).")
+    intra_op_threads: int = Field(1, ge=0, le=64, description="onnxruntime intra-op threads (0: onnxruntime decides).")
+
+
+class IngestConfig(Section):
+    max_payload_bytes: int = Field(16384, ge=64, le=1_048_576, description="Larger payloads are rejected unread.")
+    queue_size: int = Field(10000, ge=10, le=10_000_000, description="Bound of the queue between the MQTT thread and the worker.")
+    max_future_s: float = Field(300.0, ge=0, le=86400, description="Timestamps further ahead of the agent clock are rejected.")
+    max_age_s: float = Field(7 * 86400.0, ge=60, le=10 * 365 * 86400.0, description="Timestamps older than this are rejected.")
+    unknown_features: Literal["reject", "ignore"] = Field("reject", description="What to do with values the model does not use.")
+    max_devices: int = Field(100_000, ge=1, le=10_000_000, description="Devices beyond this many are rejected (memory bound).")
+
+
+class WindowConfig(Section):
+    max_gap_periods: int = Field(10, ge=1, le=100_000, description="A longer gap restarts the device's window; shorter gaps are filled forward and count as imputed.")
+    min_completeness: float = Field(0.8, ge=0.0, le=1.0, description="Windows with a smaller observed share produce forecasts but no alerts.")
+
+
+class InferenceConfig(Section):
+    max_batch: int = Field(512, ge=1, le=65536, description="Most windows run in one onnxruntime call.")
+    stride: int = Field(1, ge=1, le=10_000, description="Run the model every N-th sample of a device.")
+
+
+class DetectConfig(Section):
+    enabled: bool = Field(True, description="Publish anomaly alerts.")
+    min_samples_over: int = Field(3, ge=1, le=10_000, description="Consecutive samples over the warning threshold before an alert opens.")
+    min_samples_under: int = Field(5, ge=1, le=10_000, description="Consecutive samples under the exit threshold before an alert ends.")
+    cooldown_samples: int = Field(10, ge=0, le=100_000, description="Samples after an alert ends before a new one may open.")
+    update_every_samples: int = Field(10, ge=1, le=100_000, description="Most frequent `update` event of an open alert, in samples.")
+    threshold_scale: float = Field(1.0, gt=0.0, le=100.0, description="Multiplies the bundle's calibrated thresholds (>1: fewer alerts).")
+
+
+class ErrorsConfig(Section):
+    max_per_minute: int = Field(60, ge=0, le=100_000, description="Messages on the errors topic per minute; the rest are counted as suppressed.")
+
+
+class LogConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class Settings(BaseSettings):
+    """The whole daemon configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGECAST_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
+
+    agent_id: str = Field(
+        default_factory=lambda: socket.gethostname() or "edgecast",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of this agent in its status and errors topics (default: host name).",
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    toml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config_file` (TOML, optional) with EDGECAST_* environment variables taking precedence."""
+    path = Path(config_file) if config_file else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+
+    class FileSettings(Settings):
+        toml_file: ClassVar[Path | None] = path
+
+    return FileSettings(**overrides)
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as JSON-able data, with every secret masked."""
+    data = settings.model_dump(mode="json")
+    if settings.mqtt.password is not None:
+        data["mqtt"]["password"] = "**********"
+    return data

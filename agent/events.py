@@ -1,0 +1,89 @@
+"""The values that flow between the daemon's stages (plain dataclasses, no behaviour).
+
+ingest ──Sample──► pipeline (windows → model → detector) ──Forecast / AlertEvent / Rejection──► sinks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Fixed vocabulary of rejection reasons: counter keys and the `reason` field on the errors topic.
+REJECTION_REASONS = (
+    "unknown_topic",
+    "oversized_payload",
+    "invalid_utf8",
+    "malformed_json",
+    "wrong_type",
+    "missing_feature",
+    "unknown_feature",
+    "non_finite",
+    "bad_timestamp",
+    "timestamp_out_of_range",
+    "late_sample",
+    "queue_full",
+)
+
+
+class Rejected(Exception):
+    """Raised by the ingest stage for input it will not accept; carries a reason from REJECTION_REASONS."""
+
+    def __init__(self, reason: str, detail: str, device: str | None = None):
+        assert reason in REJECTION_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.device = device
+
+
+@dataclass(slots=True)
+class Sample:
+    """Validated readings of one device at one time; `values` may hold a subset of the features (per-sensor form)."""
+
+    device: str
+    ts: float  # unix seconds
+    values: dict[str, float]
+    received_at: float  # agent clock when it arrived (unix seconds)
+
+
+@dataclass(slots=True)
+class Rejection:
+    """Input that was refused after parsing (e.g. a late sample), reported like an ingest rejection."""
+
+    reason: str
+    detail: str
+    device: str | None = None
+    topic: str | None = None
+
+
+@dataclass(slots=True)
+class Forecast:
+    device: str
+    ts: float  # timestamp of the last slot in the input window
+    period_s: float
+    horizon_ts: list[float]
+    values: dict[str, list[float]]  # target -> H forecasts in original units
+    completeness: float  # share of window slots that were observed, not imputed
+    staleness_s: float
+
+
+@dataclass(slots=True)
+class FeatureDeviation:
+    name: str
+    expected: float
+    observed: float
+    z: float
+
+
+@dataclass(slots=True)
+class AlertEvent:
+    alert_id: str
+    device: str
+    state: str  # "new" | "update" | "end"
+    severity: str  # "warning" | "critical"
+    anomaly_score: float
+    score: float
+    threshold: float
+    ts: float
+    started_at: float
+    ended_at: float | None
+    features: list[FeatureDeviation] = field(default_factory=list)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The demo: the edge install of edgecast (no torch) in .venv, then the whole loop for about two minutes:
+# broker (mosquitto, or an embedded pure-Python one) -> simulated pump fleet -> daemon -> live view -> summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check .
+exec .venv/bin/python -m training demo "$@"
