@@ -181,11 +181,42 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+class UnknownEnvironmentVariable(ValueError):
+    """An EDGECAST_* variable that names no setting (pydantic-settings would silently ignore it)."""
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Every EDGECAST_* variable must name a setting: `EDGECAST_MQTT__HOST` -> mqtt.host (case-insensitive)."""
+    environ = os.environ if environ is None else environ
+    prefix = Settings.model_config["env_prefix"]
+    delimiter = Settings.model_config["env_nested_delimiter"]
+    for variable in sorted(environ):
+        if not variable.upper().startswith(prefix):
+            continue
+        path = variable[len(prefix) :].lower().split(delimiter)
+        model: Any = Settings
+        for depth, part in enumerate(path):
+            fields = getattr(model, "model_fields", None)
+            if fields is None or part not in fields:
+                known = ", ".join(sorted(fields)) if fields else "none (not a section)"
+                where = ".".join(path[:depth]) or "the top level"
+                raise UnknownEnvironmentVariable(
+                    f"unknown environment variable {variable}: no setting {'.'.join(path[: depth + 1])!r} "
+                    f"(settings at {where}: {known}; nesting uses '{delimiter}')"
+                )
+            annotation = fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Settings from `config_file` (TOML, optional) with EDGECAST_* environment variables taking precedence."""
+    """Settings from `config_file` (TOML, optional) with EDGECAST_* environment variables taking precedence.
+
+    Raises FileNotFoundError, UnknownEnvironmentVariable or pydantic.ValidationError (with field paths).
+    """
     path = Path(config_file) if config_file else None
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"configuration file not found: {path}")
+    check_environment()
 
     class FileSettings(Settings):
         toml_file: ClassVar[Path | None] = path

@@ -1,0 +1,147 @@
+"""Command line: `python -m agent run | check-config | replay` (also installed as `edgecast-agent`).
+
+Exit codes: 0 ok, 1 configuration, bundle or data errors (a clear message on stderr), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+SECRET_HINTS = ("password", "key", "secret", "token")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecast-agent", description="edgecast edge agent: MQTT sensor streams -> forecasts and anomaly alerts.")
+    parser.add_argument("--version", action="version", version=f"edgecast-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file (EDGECAST_* environment variables take precedence)")
+
+    check = commands.add_parser("check-config", help="print the effective configuration (secrets masked) or its errors")
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check.add_argument("--no-model", action="store_true", help="do not load and verify the model bundle")
+
+    replay = commands.add_parser("replay", help="run a historical CSV through the daemon's pipeline, no broker")
+    replay.add_argument("--model", required=True, metavar="DIR", help="model bundle folder (model.onnx + manifest.json)")
+    replay.add_argument("--data", required=True, metavar="FILE.csv", help="input CSV with a timestamp column and one column per model feature")
+    replay.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV, one row per input row")
+    replay.add_argument("--ts-column", default="ts", help="timestamp column: unix seconds or ISO-8601 (default: ts)")
+    replay.add_argument("--device-column", default="device", help="device column; without it the file is one device (default: device)")
+    replay.add_argument("--delimiter", default=",", help="CSV delimiter (default: ',')")
+    replay.add_argument("--config", metavar="FILE", help="TOML configuration for window/detect/inference settings")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"edgecast-agent: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _format_validation_error(error) -> str:
+    lines = [f"invalid configuration ({error.error_count()} error{'s' if error.error_count() != 1 else ''}):"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        text = f"  {path}: {item['msg']}"
+        secret = any(hint in path.lower() for hint in SECRET_HINTS)
+        if "input" in item and not secret and not isinstance(item["input"], dict):
+            text += f" (got {repr(item['input'])[:80]})"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def _load_settings(config: str | None, **overrides):
+    """(settings, None) or (None, exit code) after printing why the configuration is unusable."""
+    from pydantic import ValidationError
+
+    from agent.config import UnknownEnvironmentVariable, load_settings
+
+    try:
+        return load_settings(config, **overrides), None
+    except FileNotFoundError as exc:
+        return None, _error(str(exc))
+    except UnknownEnvironmentVariable as exc:
+        return None, _error(str(exc))
+    except ValidationError as exc:
+        return None, _error(_format_validation_error(exc))
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        return None, _error(f"cannot read configuration {config}: {exc}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings, code = _load_settings(args.config)
+    if settings is None:
+        return code
+    from agent.app import run_daemon  # imported late: paho and the daemon are not needed by the other commands
+    from agent.model import BundleError
+
+    try:
+        return run_daemon(settings)
+    except BundleError as exc:
+        return _error(f"model bundle {settings.model.path} refused: {exc}")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import masked_dump
+
+    settings, code = _load_settings(args.config)
+    if settings is None:
+        return code
+    print(json.dumps(masked_dump(settings), indent=2, sort_keys=False))
+    if args.no_model:
+        return EXIT_OK
+    from agent.model import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(settings.model.path, settings.model.intra_op_threads)
+    except BundleError as exc:
+        return _error(f"model bundle {settings.model.path} refused: {exc}")
+    print(f"model bundle OK: {bundle.name} {bundle.version} ({bundle.path}, sha256 {bundle.sha256[:12]}...)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agent.model import BundleError
+    from agent.replay import ReplayError, print_summary, replay
+
+    if len(args.delimiter) != 1:
+        return _error(f"--delimiter must be one character, got {args.delimiter!r}")
+    if not Path(args.data).is_file():
+        return _error(f"data file not found: {args.data}")
+    settings, code = _load_settings(args.config, model={"path": Path(args.model)})
+    if settings is None:
+        return code
+    try:
+        result = replay(
+            args.model,
+            args.data,
+            args.out,
+            settings=settings,
+            ts_column=args.ts_column,
+            device_column=args.device_column,
+            delimiter=args.delimiter,
+        )
+    except BundleError as exc:
+        return _error(f"model bundle {args.model} refused: {exc}")
+    except ReplayError as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        return _error(str(exc))
+    print_summary(result, args.out)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # exits 2 on usage errors
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "replay": cmd_replay}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Rejected input: counters per reason and a rate-limited report on `{prefix}/agent/{agent_id}/errors`.
+
+Every rejection is counted; only as many are published as a token bucket allows (`errors.max_per_minute`,
+burst of the same size). The rest are summed in the next message's `suppressed` field, so a flood of bad
+input never becomes a flood of error messages, and `sum(1 + suppressed)` over the messages equals the number
+of rejections. `flush()` (called periodically and at shutdown) reports a suppressed remainder once a token is
+available, so a burst's total is not held back until the next rejection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from . import payloads
+from .events import REJECTION_REASONS, Rejected, Rejection
+
+log = logging.getLogger(__name__)
+
+# Publishes one errors-topic payload (QoS 0, not retained).
+Sink = Callable[[bytes], None]
+
+
+class TokenBucket:
+    """`rate_per_minute` tokens per minute, holding at most `capacity`; starts full."""
+
+    def __init__(self, rate_per_minute: float, capacity: float, monotonic: Callable[[], float] = time.monotonic):
+        self.rate_per_s = rate_per_minute / 60.0
+        self.capacity = float(capacity)
+        self._monotonic = monotonic
+        self._tokens = self.capacity
+        self._last = monotonic()
+
+    def take(self) -> bool:
+        now = self._monotonic()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate_per_s)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class ErrorReporter:
+    """Counts rejections by reason and publishes a bounded number of them; thread-safe."""
+
+    def __init__(
+        self,
+        sink: Sink | None,
+        max_per_minute: int,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
+        self._sink = sink
+        self._clock = clock
+        self._bucket = TokenBucket(max_per_minute, max_per_minute, monotonic)
+        self._enabled = max_per_minute > 0  # 0: count only, never publish
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
+        self.published = 0
+        self._suppressed = 0
+        self._last_suppressed: tuple[str, str, str | None, str | None] | None = None
+
+    def set_sink(self, sink: Sink | None) -> None:
+        self._sink = sink
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    @property
+    def suppressed(self) -> int:
+        with self._lock:
+            return self._suppressed
+
+    def rejected(self, error: Rejected, topic: str | None) -> None:
+        self.report(error.reason, error.detail, topic=topic, device=error.device)
+
+    def rejection(self, event: Rejection) -> None:
+        self.report(event.reason, event.detail, topic=event.topic, device=event.device)
+
+    def report(self, reason: str, detail: str, topic: str | None = None, device: str | None = None) -> None:
+        if reason not in self.counts:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        with self._lock:
+            self.counts[reason] += 1
+            if self._sink is None or not self._bucket.take():
+                self._suppressed += 1
+                self._last_suppressed = (reason, detail, topic, device)
+                return
+            suppressed, self._suppressed, self._last_suppressed = self._suppressed, 0, None
+            self.published += 1
+        log.warning("rejected input on %s: %s: %s", topic, reason, detail)
+        self._send(reason, detail, topic, device, suppressed)
+
+    def flush(self, force: bool = False) -> None:
+        """Report the suppressed remainder (its latest rejection, carrying the rest as `suppressed`).
+
+        Needs a token unless `force` (shutdown: one last message so the counts add up).
+        """
+        with self._lock:
+            if self._last_suppressed is None or self._sink is None or not self._enabled:
+                return
+            if not force and not self._bucket.take():
+                return
+            reason, detail, topic, device = self._last_suppressed
+            suppressed, self._suppressed, self._last_suppressed = self._suppressed - 1, 0, None
+            self.published += 1
+        log.warning("rejected input on %s: %s: %s (%d more not reported)", topic, reason, detail, suppressed)
+        self._send(reason, detail, topic, device, suppressed)
+
+    def _send(self, reason: str, detail: str, topic: str | None, device: str | None, suppressed: int) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            sink(payloads.error(self._clock(), topic, device, reason, detail, suppressed))
+        except Exception:  # reporting must never take the caller (the network thread) down
+            log.exception("could not publish an errors-topic message")

@@ -1,0 +1,221 @@
+"""Per-device rolling windows on the model's sampling grid (slot = round(ts / period)).
+
+All devices share a few preallocated numpy arrays (grown by doubling when devices are added), so the hot
+path writes into existing memory. For each device the store keeps:
+- a ring of the last `lookback` committed slots, values and an observed flag per slot; every slot is written
+  twice (positions p and p + L) so that the window is always one contiguous slice, oldest first;
+- one pending slot that collects per-sensor values until it is complete or a later slot starts.
+
+Rules (docs/contracts.md): values of the same slot merge; a slot is committed when every feature is present,
+or, incomplete, when a later slot starts (missing features carried forward, slot counted as imputed); a gap of
+up to `max_gap_periods` missing slots is filled forward (imputed); a longer gap restarts the window; a slot
+older than the current one is refused as `late_sample`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable
+
+import numpy as np
+
+from agent.events import Rejected
+
+NO_SLOT = np.iinfo(np.int64).min
+
+# on_commit(device_index, slot, observed, values): the device's window now ends at `slot`; `observed` is False
+# when the slot was completed by carrying values forward; `values` are the slot's F values (a list or array
+# that the callee must not keep). Called before the next write to that device's ring.
+CommitCallback = Callable[[int, int, bool, object], None]
+
+
+def slot_of(ts: float, period_s: float) -> int:
+    """Index of the sampling slot nearest to `ts` (halves round up, the same for every caller)."""
+    return math.floor(ts / period_s + 0.5)
+
+
+class WindowStore:
+    def __init__(
+        self,
+        features: list[str],
+        lookback: int,
+        period_s: float,
+        max_gap_periods: int,
+        on_commit: CommitCallback | None = None,
+        capacity: int = 64,
+    ):
+        self.features = list(features)
+        self.feature_index = {name: j for j, name in enumerate(self.features)}
+        self.n_features = len(self.features)
+        self.lookback = lookback
+        self.period_s = float(period_s)
+        self.max_gap = max_gap_periods
+        self.on_commit = on_commit
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+        # Per-device scalars as Python lists: cheaper to touch per message than numpy scalars.
+        self.head: list[int] = []  # next ring position to write, 0..L-1
+        self.count: list[int] = []  # committed slots in the window, <= L
+        self.n_observed: list[int] = []  # observed slots among them
+        self.last_slot: list[int | None] = []  # newest committed slot
+        self.pend_slot: list[int | None] = []  # slot collecting per-sensor values, None when nothing pends
+        self.commits: list[int] = []  # slots committed since the window (re)started
+        self._scratch = np.empty(self.n_features, dtype=np.float32)
+        self.capacity = 0
+        self._allocate(max(1, capacity))
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def _allocate(self, capacity: int) -> None:
+        L, F = self.lookback, self.n_features
+        fresh = {
+            "ring": np.zeros((capacity, 2 * L, F), dtype=np.float32),  # (D, 2L, F) committed slots, mirrored
+            "observed": np.zeros((capacity, L), dtype=bool),  # (D, L) slot fully observed, not imputed
+            "pend_vals": np.zeros((capacity, F), dtype=np.float32),  # (D, F)
+            "pend_mask": np.zeros((capacity, F), dtype=bool),  # (D, F) features seen in the pending slot
+        }
+        n = len(self.names)
+        for key, array in fresh.items():
+            if self.capacity:
+                array[:n] = getattr(self, key)[:n]
+            setattr(self, key, array)
+        self.capacity = capacity
+
+    def device(self, name: str) -> int:
+        """Index of a device, created on first use."""
+        d = self.index.get(name)
+        if d is None:
+            d = len(self.names)
+            if d == self.capacity:
+                self._allocate(self.capacity * 2)
+            self.index[name] = d
+            self.names.append(name)
+            for column, initial in ((self.head, 0), (self.count, 0), (self.n_observed, 0), (self.last_slot, None), (self.pend_slot, None), (self.commits, 0)):
+                column.append(initial)
+        return d
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def nbytes(self) -> int:
+        """Approximate memory of the per-device state (arrays, scalar lists, names)."""
+        arrays = self.ring.nbytes + self.observed.nbytes + self.pend_vals.nbytes + self.pend_mask.nbytes
+        lists = 6 * 8 * len(self.names) + sum(sys.getsizeof(x) for x in self.last_slot[:1]) * len(self.names)
+        names = sum(sys.getsizeof(n) for n in self.names) + 100 * len(self.names)  # + the index dict
+        return arrays + lists + names
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def is_full(self, d: int) -> bool:
+        return self.count[d] == self.lookback
+
+    def completeness(self, d: int) -> float:
+        """Observed share of the lookback window (imputed and not yet filled slots count as missing)."""
+        return self.n_observed[d] / self.lookback
+
+    def window(self, d: int) -> np.ndarray:
+        """View of the device's last `lookback` committed slots, oldest first: (L, F). Copy before writing."""
+        head = self.head[d]
+        return self.ring[d, head : head + self.lookback]
+
+    def last_values(self, d: int) -> np.ndarray:
+        """View of the newest committed slot (F,)."""
+        return self.ring[d, self.head[d] + self.lookback - 1]
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def update(self, d: int, ts: float, values: dict[str, float]) -> None:
+        """Merge one sample into device d's window; raises Rejected('late_sample') for an older slot."""
+        slot = math.floor(ts / self.period_s + 0.5)
+        pend_slot = self.pend_slot[d]
+        last_slot = self.last_slot[d]
+        if pend_slot is None and (last_slot is None or slot > last_slot) and len(values) == self.n_features:
+            # The common case (telemetry form): a complete sample of a new slot.
+            self._commit(d, slot, [values[name] for name in self.features], True)
+            return
+        if pend_slot is not None:
+            if slot == pend_slot:
+                self._merge_pending(d, values)
+                return
+            if slot > pend_slot:
+                self._commit_pending(d)  # a later slot starts: the pending one is finalized as is
+                last_slot = self.last_slot[d]
+            elif slot != last_slot:
+                raise Rejected("late_sample", f"slot {slot} is older than the pending slot {pend_slot}", self.names[d])
+        if last_slot is not None and slot <= last_slot:
+            if slot == last_slot:
+                self._merge_committed(d, values)  # duplicate or correction of the newest slot
+                return
+            raise Rejected(
+                "late_sample",
+                f"ts {ts:.0f} (slot {slot}) is {last_slot - slot} period(s) older than the device's newest slot",
+                self.names[d],
+            )
+        self.pend_slot[d] = slot
+        self.pend_mask[d] = False
+        self._merge_pending(d, values)
+
+    def _merge_pending(self, d: int, values: dict[str, float]) -> None:
+        vals, mask, index = self.pend_vals[d], self.pend_mask[d], self.feature_index
+        for name, value in values.items():
+            j = index[name]
+            vals[j] = value
+            mask[j] = True
+        if mask.all():
+            self._commit_pending(d)
+
+    def _merge_committed(self, d: int, values: dict[str, float]) -> None:
+        p = (self.head[d] - 1) % self.lookback
+        for name, value in values.items():
+            j = self.feature_index[name]
+            self.ring[d, p, j] = value
+            self.ring[d, p + self.lookback, j] = value
+
+    def _commit_pending(self, d: int) -> None:
+        slot = self.pend_slot[d]
+        self.pend_slot[d] = None
+        mask = self.pend_mask[d]
+        self._commit(d, slot, self.pend_vals[d], bool(mask.all()), mask)
+
+    def _commit(self, d: int, slot: int, values, complete: bool, mask: np.ndarray | None = None) -> None:
+        last_slot = self.last_slot[d]
+        if self.count[d] and slot - last_slot - 1 > self.max_gap:
+            self.restart(d)
+        if self.count[d]:
+            gap = slot - last_slot - 1
+            if gap > 0 or not complete:
+                previous = self._scratch
+                previous[:] = self.last_values(d)
+                if not complete:
+                    np.copyto(values, previous, where=~mask)  # carry the last values forward
+                for _ in range(min(gap, self.lookback)):
+                    self._append(d, previous, False)
+        elif not complete:
+            return  # nothing to carry forward from: the incomplete first slot of a window is dropped
+        self._append(d, values, complete)
+        self.last_slot[d] = slot
+        if self.on_commit is not None:
+            self.on_commit(d, slot, complete, values)
+
+    def _append(self, d: int, values, observed: bool) -> None:
+        L = self.lookback
+        p = self.head[d]
+        if self.count[d] == L:
+            if self.observed[d, p]:
+                self.n_observed[d] -= 1  # the oldest slot leaves the window
+        else:
+            self.count[d] += 1
+        ring = self.ring[d]
+        ring[p] = values
+        ring[p + L] = values
+        self.observed[d, p] = observed
+        if observed:
+            self.n_observed[d] += 1
+        self.head[d] = p + 1 if p + 1 < L else 0
+        self.commits[d] += 1
+
+    def restart(self, d: int) -> None:
+        """Forget device d's window (after a long gap); a pending slot is kept."""
+        self.count[d] = 0
+        self.n_observed[d] = 0
+        self.head[d] = 0
+        self.commits[d] = 0
+        self.last_slot[d] = None

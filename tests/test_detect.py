@@ -1,0 +1,162 @@
+"""Alert state machine (docs/contracts.md): enter/exit counts, severity, cooldown, updates, ids, attribution.
+
+With ewma_alpha = 1 the score of a sample is max_j |z_j|, so each test scripts the score sequence exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from agent.detect import AlertDetector, ResidualScorer, anomaly_score
+
+THRESHOLDS = {"warning": 3.0, "critical": 6.0, "exit": 2.0}
+TARGETS = ["temp", "current"]
+SCALE = np.array([2.0, 10.0])  # original units per scaled unit
+
+
+def make_detector(alpha: float = 1.0, **options) -> AlertDetector:
+    scorer = ResidualScorer(np.zeros((3, 2)), np.ones((3, 2)), SCALE, alpha)
+    defaults = dict(min_samples_over=3, min_samples_under=2, cooldown_samples=4, update_every_samples=5)
+    return AlertDetector(scorer, THRESHOLDS, TARGETS, **{**defaults, **options})
+
+
+def feed(detector: AlertDetector, scores: list[float], device: str = "pump-01", start: int = 0):
+    """Feed samples whose temp z equals each score (current z = 0); returns [(index, event)] of emitted events."""
+    events = []
+    expected = np.array([50.0, 20.0])
+    for k, score in enumerate(scores, start):
+        observed = expected + np.array([score * SCALE[0], 0.0])  # z_temp = score
+        _, event = detector.observe(0, device, 1000.0 + 60 * k, observed, expected)
+        if event is not None:
+            events.append((k, event))
+    return events
+
+
+def test_opens_after_min_samples_over_consecutive_scores():
+    """An alert opens on the min_samples_over-th consecutive score >= warning; a dip resets the count."""
+    detector = make_detector()
+    events = feed(detector, [4, 4, 1, 4, 4, 4])
+    assert [(k, e.state) for k, e in events] == [(5, "new")]
+    assert events[0][1].started_at == 1000.0 + 60 * 3  # the first sample of the run over the threshold
+    assert events[0][1].severity == "warning"
+
+
+def test_no_alert_below_warning():
+    """Scores under the warning threshold never open an alert, however long."""
+    assert feed(make_detector(), [2.9] * 200) == []
+
+
+def test_stays_open_between_exit_and_warning_then_ends_after_min_samples_under():
+    """Hysteresis: scores between exit and warning keep it open; min_samples_under scores < exit end it."""
+    detector = make_detector(update_every_samples=1000)
+    events = feed(detector, [4, 4, 4, 2.5, 2.5, 1, 2.5, 1, 1, 1])
+    assert [(k, e.state) for k, e in events] == [(2, "new"), (8, "end")]
+    end = events[1][1]
+    assert end.ended_at == 1000.0 + 60 * 7  # the first of the closing run under exit
+    assert detector.active(0) is None
+
+
+def test_critical_severity_and_immediate_escalation_update():
+    """Severity is critical while score >= critical; escalating from warning emits an update at once."""
+    detector = make_detector(update_every_samples=1000)
+    events = feed(detector, [4, 4, 4, 7, 7])
+    assert [(k, e.state, e.severity) for k, e in events] == [(2, "new", "warning"), (3, "update", "critical")]
+    assert feed(make_detector(), [7, 7, 7])[0][1].severity == "critical"
+
+
+def test_periodic_updates_at_most_every_update_every_samples():
+    """While open and unchanged, an update comes every update_every_samples scored samples, not more often."""
+    detector = make_detector(update_every_samples=5)
+    events = feed(detector, [4] * 18)
+    assert [(k, e.state) for k, e in events] == [(2, "new"), (7, "update"), (12, "update"), (17, "update")]
+
+
+def test_cooldown_blocks_new_alerts_after_an_end():
+    """No new alert opens within cooldown_samples scored samples after an end."""
+    detector = make_detector(cooldown_samples=4, update_every_samples=1000)
+    events = feed(detector, [4, 4, 4, 1, 1] + [4] * 8)
+    # end at 4; samples 5..8 are the cooldown; counting restarts at 9 -> new at 11
+    assert [(k, e.state) for k, e in events] == [(2, "new"), (4, "end"), (11, "new")]
+
+
+def test_alert_id_is_stable_for_the_alert_life_and_well_formed():
+    """new, update and end carry one alert_id `{device}-{started_at}-{6 hex}`; the next alert has another."""
+    detector = make_detector(cooldown_samples=0)
+    events = feed(detector, [4, 4, 4, 4, 4, 4, 4, 4, 1, 1, 4, 4, 4])
+    first = [e for _, e in events if e.started_at == 1000.0]
+    assert [e.state for e in first] == ["new", "update", "end"]
+    assert len({e.alert_id for e in first}) == 1
+    assert re.fullmatch(r"pump-01-1000-[0-9a-f]{6}", first[0].alert_id)
+    second = events[-1][1]
+    assert second.state == "new" and second.alert_id != first[0].alert_id
+
+
+def test_alert_ids_are_deterministic_per_device_and_start():
+    """The same data replayed gives the same alert ids; another device gets a different id."""
+    a = feed(make_detector(), [4, 4, 4])[0][1].alert_id
+    b = feed(make_detector(), [4, 4, 4])[0][1].alert_id
+    c = feed(make_detector(), [4, 4, 4], device="pump-02")[0][1].alert_id
+    assert a == b != c
+
+
+def test_attribution_names_deviating_targets_in_original_units():
+    """Features lists targets whose smoothed |z| is notable, with expected and observed in original units."""
+    detector = make_detector(alpha=0.5, min_samples_over=1)
+    expected = np.array([50.0, 20.0])
+    observed = np.array([50.0 + 5 * SCALE[0], 20.5])  # temp z = 5, current z = 0.05
+    _, event = detector.observe(0, "pump-01", 0.0, observed, expected)  # EWMA: temp 13.0, current ~0.5
+    assert event is not None and event.state == "new"
+    [feature] = event.features
+    assert (feature.name, feature.expected, feature.observed) == ("temp", 50.0, 60.0)
+    assert feature.z == pytest.approx(5.0)
+
+
+def test_threshold_scale_multiplies_thresholds():
+    """detect.threshold_scale = 2 doubles warning, critical and exit (a score of 4 no longer alerts)."""
+    detector = make_detector(threshold_scale=2.0)
+    assert (detector.warning, detector.critical, detector.exit) == (6.0, 12.0, 4.0)
+    assert feed(detector, [4] * 10) == []
+    assert feed(detector, [6.5] * 3)[0][1].threshold == 6.0
+
+
+def test_disabled_detector_scores_but_never_alerts():
+    """detect.enabled = false keeps scoring (replay shows it) but emits no alert events."""
+    detector = make_detector(enabled=False)
+    assert feed(detector, [9] * 10) == []
+    assert detector.score[0] == pytest.approx(9.0)
+
+
+def test_anomaly_score_is_half_at_warning():
+    """anomaly_score maps the unbounded score to [0, 1) with 0.5 exactly at the warning threshold."""
+    detector = make_detector()
+    feed(detector, [3.0])
+    assert detector.anomaly_score(0) == 0.5
+    assert anomaly_score(0.0, 3.0) == 0.0
+    assert 0.99 < anomaly_score(1000.0, 3.0) < 1.0
+
+
+def test_observe_matches_the_offline_score_series():
+    """The detector's running score equals ResidualScorer.score_series over the same samples (calibration twin)."""
+    detector = make_detector(alpha=0.2)
+    rng = np.random.default_rng(0)
+    observed = rng.normal(size=(50, 2)) * SCALE + [50, 20]
+    expected = np.tile([50.0, 20.0], (50, 1))
+    online = [detector.observe(0, "d", 60.0 * k, observed[k], expected[k])[0] for k in range(50)]
+    np.testing.assert_allclose(online, detector.scorer.score_series(observed, expected))
+
+
+def test_attribution_reports_the_largest_deviation_since_the_run_began():
+    """A jump the forecaster then catches up with is reported at its peak, not at the (calm) opening sample."""
+    detector = make_detector(alpha=0.2, min_samples_over=3)
+    expected = np.array([50.0, 20.0])
+    jump = np.array([50.0 + 40 * SCALE[0], 20.0])  # temp z = 40
+    calm = expected + np.array([0.1 * SCALE[0], 0.0])
+    events = []
+    for k, observed in enumerate([jump, calm, calm]):
+        events.append(detector.observe(0, "pump-01", 60.0 * k, observed, expected)[1])
+    assert events[:2] == [None, None] and events[2].state == "new"
+    [feature] = events[2].features
+    assert (feature.name, feature.observed, feature.z) == ("temp", 130.0, pytest.approx(40.0))

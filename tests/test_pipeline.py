@@ -1,0 +1,245 @@
+"""Pipeline: windows -> batched inference -> scoring/alerts, the one code path of the daemon and replay."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from bundles import PUMP_BUNDLE, healthy_series, multivariate_bundle, univariate_bundle
+
+from agent.config import Settings
+from agent.events import AlertEvent, Forecast, Rejection, Sample
+from agent.model import load_bundle
+from agent.pipeline import Pipeline
+
+T0 = 1_763_737_200.0  # a multiple of 60
+
+
+@pytest.fixture(scope="module")
+def uni():
+    return load_bundle(univariate_bundle())  # lookback 16, horizon 4, period 60, persistence forecaster
+
+
+def make_pipeline(bundle, **sections) -> Pipeline:
+    return Pipeline(bundle, Settings(model={"path": bundle.path}, **sections))
+
+
+def series_samples(values, device: str = "dev-a", start: int = 0) -> list[Sample]:
+    return [Sample(device, T0 + 60 * (start + k), {"value": float(v)}, T0 + 60 * (start + k)) for k, v in enumerate(values)]
+
+
+def run_one_by_one(pipeline: Pipeline, samples: list[Sample]) -> list:
+    events = []
+    for sample in samples:
+        events += pipeline.process([sample], now=sample.ts)
+    return events
+
+
+class PredictSpy:
+    """Wraps the real Bundle.predict and records the batch size of each call."""
+
+    def __init__(self, bundle):
+        self.real, self.batches = bundle.predict, []
+        bundle.predict = self
+
+    def __call__(self, x):
+        self.batches.append(x.shape[0])
+        return self.real(x)
+
+
+def test_due_devices_share_one_batched_predict(uni):
+    """Several devices whose windows advance in one call are forecast by one predict call with batch > 1."""
+    pipeline = make_pipeline(uni)
+    warmup = [s for k in range(15) for s in (series_samples([10.0], f"dev-{d}", k)[0] for d in range(5))]
+    pipeline.process(warmup, now=T0)
+    spy = PredictSpy(uni)
+    try:
+        events = pipeline.process([series_samples([10.0], f"dev-{d}", 15)[0] for d in range(5)], now=T0 + 900)
+    finally:
+        del uni.predict  # back to the class method
+    assert spy.batches == [5]
+    assert sorted(e.device for e in events if isinstance(e, Forecast)) == [f"dev-{d}" for d in range(5)]
+    assert pipeline.stats()["batches"] == 1
+
+
+def test_batches_are_chunked_by_max_batch(uni):
+    """inference.max_batch bounds the windows per onnxruntime call."""
+    pipeline = make_pipeline(uni, inference={"max_batch": 2})
+    samples = [s for k in range(16) for s in (series_samples([10.0], f"dev-{d}", k)[0] for d in range(5))]
+    spy = PredictSpy(uni)
+    try:
+        pipeline.process(samples, now=T0)
+    finally:
+        del uni.predict
+    assert spy.batches == [2, 2, 1]
+
+
+def test_forecast_fields_and_horizon_timestamps(uni):
+    """A forecast's ts is its last slot, horizon_ts = ts + k * period, staleness = now - ts, values per target."""
+    pipeline = make_pipeline(uni)
+    values = healthy_series(16)
+    events = pipeline.process(series_samples(values), now=T0 + 15 * 60 + 7)
+    [forecast] = [e for e in events if isinstance(e, Forecast)]
+    assert forecast.ts == T0 + 15 * 60
+    assert forecast.horizon_ts == [forecast.ts + 60 * k for k in range(1, 5)]
+    assert forecast.staleness_s == pytest.approx(7.0)
+    assert forecast.completeness == 1.0
+    np.testing.assert_allclose(forecast.values["value"], [values[-1]] * 4, rtol=1e-6)  # persistence model
+
+
+def test_no_forecast_before_the_window_is_full(uni):
+    """Forecasts start with the lookback-th slot of a device."""
+    pipeline = make_pipeline(uni)
+    events = run_one_by_one(pipeline, series_samples(healthy_series(20)))
+    forecasts = [e for e in events if isinstance(e, Forecast)]
+    assert [f.ts for f in forecasts] == [T0 + 60 * k for k in range(15, 20)]
+
+
+def test_stride_runs_the_model_every_nth_slot(uni):
+    """inference.stride = 3 forecasts every third slot once the window is full."""
+    pipeline = make_pipeline(uni, inference={"stride": 3})
+    events = run_one_by_one(pipeline, series_samples(healthy_series(25)))
+    assert [(f.ts - T0) / 60 for f in events if isinstance(f, Forecast)] == [15, 18, 21, 24]
+
+
+def test_healthy_data_opens_no_alert(uni):
+    """Healthy data (a slow sine plus the calibrated noise) is scored but never alerts."""
+    pipeline = make_pipeline(uni)
+    events = pipeline.process(series_samples(healthy_series(3000, seed=3)), now=T0)
+    assert not [e for e in events if isinstance(e, AlertEvent)]
+    assert pipeline.stats()["scored"] == 3000 - 16
+
+
+def test_injected_deviation_opens_updates_and_ends_one_alert(uni):
+    """A burst of large deviations opens an alert (new, update..., end) with one stable alert_id."""
+    pipeline = make_pipeline(uni, detect={"update_every_samples": 3})
+    values = healthy_series(400, seed=4)
+    spikes = np.zeros(400)
+    spikes[200:230:2] = 1.5  # alternating deviations of ~10 residual sigmas
+    events = pipeline.process(series_samples(values + spikes), now=T0)
+    alerts = [e for e in events if isinstance(e, AlertEvent)]
+    assert alerts and alerts[0].state == "new" and alerts[-1].state == "end"
+    assert {a.state for a in alerts[1:-1]} == {"update"}
+    assert len({a.alert_id for a in alerts}) == 1
+    assert T0 + 60 * 200 <= alerts[0].started_at <= T0 + 60 * 203
+    assert alerts[-1].ended_at is not None and alerts[-1].ended_at > alerts[0].started_at
+    assert alerts[0].features[0].name == "value"
+    assert pipeline.active_alerts("dev-a") == []
+
+
+def test_active_alerts_reports_the_open_alert(uni):
+    """While open, active_alerts(device) returns the alert as of its last event."""
+    pipeline = make_pipeline(uni, detect={"update_every_samples": 1000})
+    values = healthy_series(100, seed=5)
+    values[60:] += np.arange(40) * 0.5  # a ramp that keeps deviating
+    events = pipeline.process(series_samples(values), now=T0)
+    [new] = [e for e in events if isinstance(e, AlertEvent)]
+    assert pipeline.active_alerts("dev-a") == [new]
+    assert pipeline.active_alerts("other") == []
+
+
+def test_results_do_not_depend_on_how_samples_are_split_into_calls(uni):
+    """One call with everything, or one call per sample, gives the same forecasts and alerts in the same order."""
+    values = healthy_series(300, seed=6)
+    values[150:160] += 2.0
+    samples = [s for k, v in enumerate(values) for s in (series_samples([v], "a", k) + series_samples([v + 1], "b", k))]
+    together = make_pipeline(uni).process(samples, now=T0 + 1e5)
+    apart = []
+    pipeline = make_pipeline(uni)
+    for s in samples:
+        apart += pipeline.process([s], now=T0 + 1e5)
+    assert together == apart
+    assert any(isinstance(e, AlertEvent) for e in together)
+
+
+def test_late_sample_is_reported_and_the_rest_of_the_call_processed(uni):
+    """A sample older than the device's newest slot becomes a late_sample Rejection; others still count."""
+    pipeline = make_pipeline(uni)
+    samples = series_samples(healthy_series(16))
+    samples.insert(10, series_samples([10.0], start=2)[0])
+    events = pipeline.process(samples, now=T0)
+    [rejection] = [e for e in events if isinstance(e, Rejection)]
+    assert (rejection.reason, rejection.device) == ("late_sample", "dev-a")
+    assert len([e for e in events if isinstance(e, Forecast)]) == 1
+
+
+def test_low_completeness_windows_forecast_but_do_not_score(uni):
+    """Below window.min_completeness a forecast is still published but its residual is not scored."""
+    pipeline = make_pipeline(uni, window={"max_gap_periods": 10, "min_completeness": 0.8})
+    sparse = [s for k, s in enumerate(series_samples(healthy_series(60))) if k % 3 == 0]  # 1/3 observed
+    events = pipeline.process(sparse, now=T0)
+    forecasts = [e for e in events if isinstance(e, Forecast)]
+    assert forecasts and max(f.completeness for f in forecasts) < 0.8
+    assert pipeline.stats()["scored"] == 0
+
+
+def test_gap_costs_the_missing_slot_and_the_next_one_their_scores(uni):
+    """A filled-forward slot is not scored, and the slot after it has no one-step forecast to be scored against."""
+    pipeline = make_pipeline(uni)
+    samples = [s for k, s in enumerate(series_samples(healthy_series(40))) if k != 25]
+    events = pipeline.process(samples, now=T0)
+    # Slots 16..39 have a forecast from their previous slot when nothing is missing (24); 25 and 26 lose theirs.
+    assert pipeline.stats()["scored"] == 24 - 2
+    assert T0 + 25 * 60 not in [e.ts for e in events if isinstance(e, Forecast)]
+
+
+def test_per_sensor_samples_merge_into_one_forecast():
+    """Per-sensor samples of one slot are merged; the forecast comes when the slot is complete."""
+    bundle = load_bundle(multivariate_bundle())  # 4 features, lookback 8
+    pipeline = make_pipeline(bundle)
+    base = {"bearing_temp": 55.0, "vibration_rms": 3.0, "motor_current": 20.0, "outlet_pressure": 4.0}
+    samples = [Sample("p", T0 + 60 * k, base, T0) for k in range(7)]
+    samples += [Sample("p", T0 + 60 * 7 + j, {name: value + 1}, T0) for j, (name, value) in enumerate(base.items())]
+    events = pipeline.process(samples[:-1], now=T0)
+    assert not [e for e in events if isinstance(e, Forecast)]
+    [forecast] = [e for e in pipeline.process(samples[-1:], now=T0) if isinstance(e, Forecast)]
+    assert forecast.values["bearing_temp"][0] == pytest.approx(56.0)
+    assert set(forecast.values) == {"bearing_temp", "vibration_rms"}
+
+
+def test_device_limit_rejects_new_devices(uni):
+    """ingest.max_devices bounds the device table; further devices are rejected, known ones still work."""
+    pipeline = make_pipeline(uni, ingest={"max_devices": 2})
+    events = pipeline.process([series_samples([10.0], f"d{k}")[0] for k in range(3)], now=T0)
+    [rejection] = events
+    assert rejection.device == "d2" and "max_devices" in rejection.detail
+    assert pipeline.stats()["devices"] == 2
+
+
+def test_ten_thousand_devices_fit_in_well_under_100_mib():
+    """Per-device state of 10,000 devices of the pump model (lookback 60, 4 features) stays far below 100 MiB."""
+    bundle = load_bundle(PUMP_BUNDLE)
+    pipeline = make_pipeline(bundle)
+    values = {"bearing_temp": 55.0, "vibration_rms": 3.0, "motor_current": 20.0, "outlet_pressure": 4.0}
+    tracemalloc.start()
+    try:
+        pipeline.process([Sample(f"pump-{k:05d}", T0, values, T0) for k in range(10_000)], now=T0)
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pipeline.stats()["devices"] == 10_000
+    assert current < 40 * 2**20, current
+    assert pipeline.state_bytes() < 40 * 2**20
+
+
+def test_shipped_model_stays_quiet_on_healthy_pumps_and_alerts_on_an_injected_jump():
+    """pump-lstm on the synthetic fleet: no alert on a healthy pump; a sudden +15 degC bearing jump alerts."""
+    synth = pytest.importorskip("training.synth")
+    bundle = load_bundle(PUMP_BUNDLE)
+    rows = synth.generate_fleet(synth.FleetConfig(devices=2, hours=16, seed=11, faults="none")).rows
+    jump_ts = rows["ts"][0] + 10 * 3600
+    jumped = (rows["device"] == "pump-01") & (rows["ts"] >= jump_ts)
+    bearing = rows["bearing_temp"] + np.where(jumped, 15.0, 0.0)
+    samples = [
+        Sample(str(device), float(ts), {**{f: float(rows[f][k]) for f in bundle.features}, "bearing_temp": float(bearing[k])}, float(ts))
+        for k, (ts, device) in enumerate(zip(rows["ts"], rows["device"]))
+    ]
+    pipeline = make_pipeline(bundle)
+    events = pipeline.process(samples, now=float(rows["ts"][-1]))
+    alerts = [e for e in events if isinstance(e, AlertEvent)]
+    assert not [a for a in alerts if a.device == "pump-00"]
+    opened = [a for a in alerts if a.device == "pump-01" and a.state == "new"]
+    assert len(opened) == 1 and jump_ts <= opened[0].started_at <= jump_ts + 180
+    assert opened[0].features[0].name == "bearing_temp"
+    assert opened[0].features[0].observed - opened[0].features[0].expected > 5.0
