@@ -120,9 +120,43 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
             "calibration": calibration,
         }
         report = {"history": result.history, "checks": checks}
-        write_bundle(out_dir, onnx_path, manifest, {"report.json": json.dumps(report, indent=2) + "\n"})
+        write_bundle(out_dir, onnx_path, manifest, {"report.json": json.dumps(report, indent=2) + "\n",
+                                                    "README.md": model_card(manifest, checks)})
     log(f"wrote {out_dir} in {time.perf_counter() - began:.0f} s")
     return manifest
+
+
+def model_card(manifest: dict, checks: dict) -> str:
+    """A short human-readable summary of the bundle (the manifest stays the source of truth)."""
+    test = manifest["metrics"]["test"]
+    cal = manifest["calibration"]
+    lines = [
+        f"# {manifest['name']} {manifest['version']}", "",
+        f"LSTM ({manifest['architecture']['num_layers']} x {manifest['architecture']['hidden_size']}), MIMO head, "
+        f"lookback {manifest['lookback']} -> horizon {manifest['horizon']} at {manifest['sampling_period_s']} s.", "",
+        f"Regenerate: `{manifest['training']['command']}` ({manifest['training']['seconds']:.0f} s, "
+        f"{manifest['training']['epochs']} epochs, best {manifest['training']['best_epoch']}).", "",
+        f"## Test split ({test['windows']} windows, original units)", "",
+        "| target | RMSE model | RMSE repeat-last | MAE model | MAE repeat-last |", "|---|---|---|---|---|",
+        f"| all | {test['model']['rmse']:.4f} | {test['repeat_last']['rmse']:.4f} | {test['model']['mae']:.4f} | "
+        f"{test['repeat_last']['mae']:.4f} |",
+    ]
+    for name, pt in test["per_target"].items():
+        lines.append(f"| {name} | {pt['model']['rmse']:.4f} | {pt['repeat_last']['rmse']:.4f} | "
+                     f"{pt['model']['mae']:.4f} | {pt['repeat_last']['mae']:.4f} |")
+    t = cal["thresholds"]
+    healthy = checks["healthy_test"]
+    lines += ["", "## Anomaly calibration", "",
+              f"Thresholds (score units): warning {t['warning']:.3f}, critical {t['critical']:.3f}, exit {t['exit']:.3f}; "
+              f"EWMA alpha {cal['ewma_alpha']}.",
+              f"Healthy test split: {healthy['alerts']} alerts in {healthy['device_hours']} device-hours."]
+    for f in checks.get("eval_fleet", {}).get("faults", []):
+        outcome = "not detected" if f["delay_min"] is None else f"alert after {f['delay_min']:.0f} min"
+        lines.append(f"- {f['kind']} ({f['duration_min']:.0f} min) on {f['device']}: {outcome}")
+    if "eval_fleet" in checks:
+        lines.append(f"- alerts outside faults: {checks['eval_fleet']['false_alerts']} in "
+                     f"{checks['eval_fleet']['device_hours']} device-hours")
+    return "\n".join(lines) + "\n"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -136,8 +170,12 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
-    build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": 60},
-                 eval_rows, schedule)
+    try:
+        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": 60},
+                     eval_rows, schedule)
+    except ValueError as exc:  # unusable data (too short, duplicate timestamps, ...): nothing is written
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
