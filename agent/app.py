@@ -86,7 +86,7 @@ class Agent:
         from .pipeline import Pipeline
 
         settings = self.settings
-        self.bundle = load_bundle(settings.model.path)
+        self.bundle = load_bundle(settings.model.path, settings.model.intra_op_threads)
         log.info(
             "model %s %s loaded from %s (sha256 %s..., lookback %d, horizon %d, period %ss)",
             self.bundle.name, self.bundle.version, settings.model.path, self.bundle.sha256[:12],
