@@ -1,4 +1,5 @@
-"""Command line: `python -m agent run | check-config | replay` (also installed as `edgecast-agent`).
+"""Command line: `python -m agent run | check-config | replay | models verify | config-reference | schemas`
+(also installed as `edgecast-agent`); the operator commands live in agent/cli_ops.py.
 
 Exit codes: 0 ok, 1 configuration, bundle or data errors (a clear message on stderr), 2 usage errors.
 """
@@ -18,7 +19,7 @@ SECRET_HINTS = ("password", "key", "secret", "token")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgecast-agent", description="edgecast edge agent: MQTT sensor streams -> forecasts and anomaly alerts.")
-    parser.add_argument("--version", action="version", version=f"edgecast-agent {__version__}")
+    parser.add_argument("--version", action="version", version=f"edgecast-agent {__version__} (python {sys.version.split()[0]})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
@@ -32,10 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--model", required=True, metavar="DIR", help="model bundle folder (model.onnx + manifest.json)")
     replay.add_argument("--data", required=True, metavar="FILE.csv", help="input CSV with a timestamp column and one column per model feature")
     replay.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV, one row per input row")
-    replay.add_argument("--ts-column", default="ts", help="timestamp column: unix seconds or ISO-8601 (default: ts)")
+    replay.add_argument("--ts-column", default="ts", help="timestamp column (default: ts)")
+    replay.add_argument("--ts-format", default="auto", help="auto (unix seconds or ISO-8601) | unix | unix_ms | iso | a strptime format such as '%%d/%%m/%%Y %%H:%%M' (naive times are UTC)")
     replay.add_argument("--device-column", default="device", help="device column; without it the file is one device (default: device)")
     replay.add_argument("--delimiter", default=",", help="CSV delimiter (default: ',')")
     replay.add_argument("--config", metavar="FILE", help="TOML configuration for window/detect/inference settings")
+    replay.add_argument("--plot", metavar="FILE.png", help="also draw signals, forecasts, score, thresholds, alerts and labeled faults (needs matplotlib)")
+    replay.add_argument("--plot-device", help="device to plot (default: the first in the file)")
+    replay.add_argument("--label-column", default="label", help="0/1 fault labels to shade in the plot, if the column exists (default: label)")
+    from agent import cli_ops
+
+    cli_ops.add_parsers(commands)
+    from agent import bench
+
+    bench.add_parser(commands)
+    cli_ops.add_examples(parser, commands)
     return parser
 
 
@@ -96,10 +108,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(json.dumps(masked_dump(settings), indent=2, sort_keys=False))
     if args.no_model:
         return EXIT_OK
-    from agent.model import BundleError, load_bundle
+    from agent.model import BundleError, load_configured_bundle
 
     try:
-        bundle = load_bundle(settings.model.path, settings.model.intra_op_threads)
+        bundle = load_configured_bundle(settings.model)  # checksum, signature (when configured), shapes, warm-up
     except BundleError as exc:
         return _error(f"model bundle {settings.model.path} refused: {exc}")
     print(f"model bundle OK: {bundle.name} {bundle.version} ({bundle.path}, sha256 {bundle.sha256[:12]}...)", file=sys.stderr)
@@ -110,8 +122,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from agent.model import BundleError
     from agent.replay import ReplayError, print_summary, replay
 
+    if args.delimiter in ("\\t", "tab"):
+        args.delimiter = "\t"
     if len(args.delimiter) != 1:
-        return _error(f"--delimiter must be one character, got {args.delimiter!r}")
+        return _error(f"--delimiter must be one character (or 'tab'), got {args.delimiter!r}")
     if not Path(args.data).is_file():
         return _error(f"data file not found: {args.data}")
     settings, code = _load_settings(args.config, model={"path": Path(args.model)})
@@ -126,6 +140,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             ts_column=args.ts_column,
             device_column=args.device_column,
             delimiter=args.delimiter,
+            ts_format=args.ts_format,
+            plot_path=args.plot,
+            plot_device=args.plot_device,
+            label_column=args.label_column,
         )
     except BundleError as exc:
         return _error(f"model bundle {args.model} refused: {exc}")
@@ -139,7 +157,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 on usage errors
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "replay": cmd_replay}
+    from agent import cli_ops
+
+    handlers = {
+        "run": cmd_run, "check-config": cmd_check_config, "replay": cmd_replay,
+        "models": lambda a: cli_ops.cmd_models(a, _load_settings),
+        "config-reference": cli_ops.cmd_config_reference, "schemas": cli_ops.cmd_schemas,
+        "bench": lambda a: __import__("agent.bench", fromlist=["cmd_bench"]).cmd_bench(a),
+    }
     return handlers[args.command](args)
 
 

@@ -1,40 +1,56 @@
 """The composition root: build the daemon's parts, start them in order, stop them in reverse.
 
-    start: model bundle -> pipeline -> ingest -> errors reporter -> worker thread -> MQTT link (online)
-    stop:  stop input (unsubscribe, close the gate) -> worker drains the queue and publishes what it makes
-           -> retained `offline` -> wait for QoS 1 acks (bounded) -> disconnect
+    start: model bundle (sha256, signature, warm-up) -> pipeline -> ingest -> outbox (moves a corrupt file
+           aside) -> errors reporter -> worker, forwarder, model watcher, watchdog threads -> MQTT link (online)
+    stop:  stop input (unsubscribe, close the gate) -> worker drains the queue into the outbox -> forwarder
+           delivers what it can (bounded) -> retained `offline` -> wait for QoS 1 acks (bounded) -> disconnect;
+           whatever was not acknowledged stays in the outbox for the next start.
 
-paho's network thread only parses and enqueues (`_on_message`); numpy and onnxruntime run on the worker
-thread. Periodic jobs wait on a stop event, never sleep.
+paho's network thread only parses and enqueues (`_on_message`), waiting a bounded time for room when the
+queue is full (backpressure: paho stops reading, readings wait at the broker); numpy and onnxruntime run on the
+worker thread. Alerts (and, by configuration, forecasts) are written to the outbox in the worker's batch and
+leave it only when the broker acknowledged them. A new model bundle (SIGHUP or a change in the model folder)
+is loaded and verified beside the running one on the watcher thread and swapped in by the worker between two
+batches; per-device windows restart with the new pipeline. Periodic jobs wait on a stop event, never sleep.
+
+Optional parts, each off by default: Prometheus metrics (agent/metrics.py), Home Assistant discovery
+(agent/hass.py) and fleet model rollout over MQTT (agent/rollout.py: a published bundle is verified on the
+watcher thread and swapped in exactly like a reload; it is kept in state.directory/models and preferred at
+the next start).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
-import os
 import queue
+import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import payloads
 from .config import Settings
 from .errors import ErrorReporter
 from .events import AlertEvent, Forecast, Rejected, Rejection, Sample
 from .mqtt import MqttLink, Retained
+from .notify import Notifier
+from .outbox import Forwarder, Message, Outbox
 
 log = logging.getLogger(__name__)
 
-QUEUE_FULL_WAIT_S = 0.5  # longest the network thread waits for room in the ingest queue (backpressure)
 WORKER_BATCH_MAX = 4096  # samples taken from the queue per Pipeline.process call
 WORKER_POLL_S = 0.2
 ERRORS_FLUSH_EVERY_S = 1.0
 STOP_INPUT_TIMEOUT_S = 2.0
 STOP_DRAIN_TIMEOUT_S = 20.0
 STOP_ACK_TIMEOUT_S = 5.0
+STATS_LOG_EVERY_S = 60.0
+STATUS_EVERY_S = 5.0  # sd_notify STATUS= refresh when no watchdog is configured
 
 
 @dataclass
@@ -47,6 +63,10 @@ class Counters:
     alerts: int = 0
     worker_errors: int = 0
     ignored_after_stop: int = 0
+    backpressure_waits: int = 0  # messages the network thread had to wait for room for
+    backpressure_s: float = 0.0  # total time it waited (not reading the socket meanwhile)
+    model_swaps: int = 0
+    model_reload_failures: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -57,9 +77,25 @@ class Counters:
 class Agent:
     """The daemon: `start()` returns once the parts run (connecting continues in the background)."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time):
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, notifier: Notifier | None = None):
         self.settings = settings
         self.clock = clock
+        self.notifier = notifier or Notifier({})
+        self.outbox: Outbox | None = None
+        self.forwarder: Forwarder | None = None
+        self._pending_bundle = None  # a verified bundle waiting for the worker to swap it in
+        self._reload_requested = threading.Event()  # wakes the model watcher (SIGHUP, a rollout, stop)
+        self._sighup = threading.Event()
+        self._rollouts: queue.Queue[tuple[dict, bytes]] = queue.Queue()  # complete transfers for the watcher
+        self.model_dir = Path(settings.model.path)  # where the running bundle came from (a rollout changes it)
+        self.models_dir = Path(settings.state.directory) / "models"  # rolled-out bundles
+        self.metrics = None  # agent.metrics.AgentMetrics when metrics.enabled
+        self.hass = None  # agent.hass.HassDiscovery when homeassistant.enabled
+        self.rollout = None  # agent.rollout.RolloutReceiver when rollout.enabled
+        self._active_by_severity: dict[str, int] = {"warning": 0, "critical": 0}
+        self._reload_outcome: dict | None = None
+        self._worker_beat = time.monotonic()
+        self._full_wait_s = min(settings.ingest.full_wait_s, settings.mqtt.keepalive_s / 2)
         self.counters = Counters()
         self.errors = ErrorReporter(None, settings.errors.max_per_minute, clock=clock)
         self.bundle = None
@@ -70,6 +106,7 @@ class Agent:
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
         self._drain_and_exit = threading.Event()
         self._stop_jobs = threading.Event()
+        self._stop_forwarder = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._open_alerts: dict[str, dict[str, AlertEvent]] = {}  # device -> alert id -> latest event (worker only)
@@ -82,21 +119,40 @@ class Agent:
     def start(self) -> None:
         """Start every part in order; raises model.BundleError (or OSError for unreadable files) on bad setup."""
         from .ingest import Ingest
-        from .model import load_bundle
+        from .model import load_configured_bundle
         from .pipeline import Pipeline
 
         settings = self.settings
-        self.bundle = load_bundle(settings.model.path, settings.model.intra_op_threads)
+        self.bundle = self._rolled_out_bundle() or load_configured_bundle(settings.model)
+        self.model_dir = Path(self.bundle.path)
         log.info(
-            "model %s %s loaded from %s (sha256 %s..., lookback %d, horizon %d, period %ss)",
-            self.bundle.name, self.bundle.version, settings.model.path, self.bundle.sha256[:12],
-            self.bundle.lookback, self.bundle.horizon, self.bundle.period_s,
+            "model %s %s loaded from %s (sha256 %s..., %s, lookback %d, horizon %d, period %ss)",
+            self.bundle.name, self.bundle.version, self.model_dir, self.bundle.sha256[:12],
+            "signature verified" if self.bundle.signed else "unsigned", self.bundle.lookback, self.bundle.horizon, self.bundle.period_s,
         )
+        if settings.metrics.enabled:
+            from .metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self)  # MetricsUnavailable without prometheus-client: before anything is opened
+            self.bundle.observer = self.metrics.observe_inference
         self.pipeline = Pipeline(self.bundle, settings)
         self.ingest = Ingest(settings, list(self.bundle.features))
         self.errors.set_sink(lambda body: self._publish(self.errors_topic, body, qos=0))
+        if settings.outbox.enabled:
+            box = settings.outbox
+            self.outbox = Outbox(settings.state.directory, box.max_messages, box.max_bytes, box.max_age_s, box.synchronous, clock=self.clock)
+            self.errors.set_fault_sink(lambda body: self._store([Message("fault", self.errors_topic, body)]))
+            if self.outbox.moved_aside is not None:
+                self.errors.fault(
+                    "outbox_corrupt",
+                    f"outbox {self.outbox.path} was unreadable ({self.outbox.corruption}); moved aside to "
+                    f"{self.outbox.moved_aside.name}; a fresh outbox was started (its undelivered messages are lost)",
+                )
+        else:
+            self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
+        control = self._make_control_parts()
         self._spawn("edgecast-worker", self._work)
-        self._spawn("edgecast-errors-flush", self._flush_errors_periodically)
+        self._spawn("edgecast-errors-flush", self._periodic_jobs)
         try:
             self.link = MqttLink(
                 settings,
@@ -105,13 +161,32 @@ class Agent:
                 will=Retained(self.status_topic, self._status_payload("offline", reason="connection lost")),
                 on_connect_publish=lambda: Retained(self.status_topic, self._status_payload("online")),
                 clock=self.clock,
+                on_ack=self._on_ack,
+                on_connected=self._on_connected,
+                control_subscriptions=control,
+                on_control=self._on_control,
             )
+            if self.hass is not None:
+                self.hass.announce_agent()  # kept by the link and published on every connect
+            if self.metrics is not None:
+                self.metrics.start(settings.metrics.host, settings.metrics.port)
+            if self.outbox is not None:
+                self.forwarder = Forwarder(self.outbox, self.link, settings.outbox.inflight)
+                self._spawn("edgecast-outbox", lambda: self.forwarder.run(self._stop_forwarder))
+            self._spawn("edgecast-model-watch", self._watch_model)
+            if self.notifier.enabled:
+                self._spawn("edgecast-watchdog", self._feed_watchdog)
             self._accepting.set()
             self.link.start()
         except BaseException:
             self._accepting.clear()
             self._drain_and_exit.set()
             self._stop_jobs.set()
+            self._stop_forwarder.set()
+            if self.metrics is not None:
+                self.metrics.stop()
+            if self.outbox is not None:
+                self.outbox.close()
             raise
         self._started = True
 
@@ -133,14 +208,23 @@ class Agent:
         if worker.is_alive():
             log.error("the worker did not finish the queue within %.0fs; %d samples lost", STOP_DRAIN_TIMEOUT_S, self._queue.qsize())
         self._stop_jobs.set()
+        self._reload_requested.set()  # wakes the model watcher, which then sees the stop
+        self.errors.flush(force=True)
+        if self.forwarder is not None and link.connected.is_set():
+            if not self.forwarder.wait_delivered(STOP_ACK_TIMEOUT_S):
+                log.warning("outbox: %d messages not delivered before shutdown; they are sent after the next start", self.outbox.count)
+        self._stop_forwarder.set()
         for thread in self._threads[1:]:
             thread.join(5.0)
-        self.errors.flush(force=True)
         link.stop(Retained(self.status_topic, self._status_payload("offline")), STOP_ACK_TIMEOUT_S)
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         c = self.counters
         log.info(
-            "stopped: %d samples accepted, %d processed, %d forecasts, %d alert events, %d rejected, %d worker errors",
-            c.accepted, c.processed, c.forecasts, c.alerts, self.errors.total, c.worker_errors,
+            "stopped: %d samples accepted, %d processed, %d forecasts, %d alert events, %d rejected, %d worker errors%s",
+            c.accepted, c.processed, c.forecasts, c.alerts, self.errors.total, c.worker_errors, self._outbox_line(),
         )
 
     def wait_connected(self, timeout: float) -> bool:
@@ -162,9 +246,144 @@ class Agent:
         out["errors_published"] = self.errors.published
         out["queue_depth"] = self._queue.qsize()
         out["dropped_publishes"] = self.link.dropped_publishes if self.link is not None else 0
+        out["faults"] = dict(self.errors.faults)
+        if self.outbox is not None:
+            out["outbox"] = self.outbox.stats()
+        with c.lock:
+            out["backpressure"] = {"waits": c.backpressure_waits, "seconds": round(c.backpressure_s, 3)}
+            out["model_swaps"] = c.model_swaps
+            out["model_reload_failures"] = c.model_reload_failures
+        if self.bundle is not None:
+            out["model"] = self.bundle.describe()
         if self.pipeline is not None:
             out["pipeline"] = self.pipeline.stats()
         return out
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): the worker and the forwarder loops are turning and paho's network thread runs."""
+        limit = self.settings.health.max_stall_s
+        now = time.monotonic()
+        if now - self._worker_beat > limit:
+            return False, f"worker stalled for {now - self._worker_beat:.0f}s"
+        if self.forwarder is not None and now - self.forwarder.beat > limit:
+            return False, f"outbox forwarder stalled for {now - self.forwarder.beat:.0f}s"
+        if self.link is not None and not self.link.loop_alive():
+            return False, "the MQTT network thread is not running"
+        return True, "ok"
+
+    def request_reload(self) -> None:
+        """Load the model folder again (SIGHUP); the watcher thread does the work."""
+        self._sighup.set()
+        self._reload_requested.set()
+
+    def active_alerts_by_severity(self) -> dict[str, int]:
+        """Open alerts per severity (a snapshot the worker replaces after every alert event)."""
+        return dict(self._active_by_severity)
+
+    # -- optional parts: Home Assistant discovery, model rollout -------------------------------------------------
+
+    def _make_control_parts(self) -> list[str]:
+        """Build the optional MQTT-side parts; returns the control topics they subscribe to."""
+        settings = self.settings
+        topics: list[str] = []
+        if settings.homeassistant.enabled:
+            from .hass import HassDiscovery
+
+            ha = settings.homeassistant
+            self.hass = HassDiscovery(
+                settings.agent_id, settings.topics.output_prefix, self.status_topic, ha.discovery_prefix, ha.birth_topic,
+                payloads.agent_version(), publish=lambda topic, body: self.link.set_retained(Retained(topic, body)),
+            )
+            topics.append(ha.birth_topic)
+        if settings.rollout.enabled:
+            from .rollout import RolloutReceiver
+
+            ro = settings.rollout
+            self.rollout = RolloutReceiver(
+                ro.topic, ro.max_bundle_bytes, ro.transfer_timeout_s,
+                subscribe=lambda topic: self.link.add_control_subscription(topic),
+                unsubscribe=lambda topic: self.link.remove_control_subscription(topic),
+                running=lambda: (self.bundle.version, self.bundle.sha256),
+                on_complete=self._rollout_arrived,
+                on_failure=lambda detail: self._reload_failed("rollout", detail),
+            )
+            topics += self.rollout.subscriptions()
+        return topics
+
+    def _on_control(self, topic: str, payload: bytes) -> None:
+        """paho's thread: Home Assistant's birth message or a model rollout message."""
+        if self.hass is not None and topic == self.settings.homeassistant.birth_topic:
+            self.hass.on_birth(payload)
+        elif self.rollout is not None and self.rollout.handles(topic):
+            self.rollout.on_message(topic, payload)
+
+    def _rollout_arrived(self, descriptor: dict, archive: bytes) -> None:
+        self._rollouts.put((descriptor, archive))  # unpacking and verifying happen on the watcher thread
+        self._reload_requested.set()
+
+    def _apply_rollout(self, descriptor: dict, archive: bytes) -> None:
+        """Watcher thread: check the archive, unpack it into state.directory/models, load it as a reload would."""
+        from .rollout import RolloutError, unpack_bundle
+
+        transfer = descriptor["transfer_id"]
+        trigger = f"rollout {descriptor['name']} {descriptor['version']} (transfer {transfer})"
+        actual = hashlib.sha256(archive).hexdigest()
+        if actual != descriptor["archive_sha256"]:
+            self._reload_failed(trigger, f"archive sha256 is {actual}, the descriptor says {descriptor['archive_sha256']}: corrupted or tampered in transit")
+            return
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{descriptor['name']}-{descriptor['version']}")
+        folder = self.models_dir / f"{safe}-{transfer}"
+        incoming = self.models_dir / f".incoming-{transfer}"
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(incoming, ignore_errors=True)
+            unpack_bundle(archive, incoming)
+            if folder.exists() and folder.resolve() != self.model_dir.resolve():
+                shutil.rmtree(folder)
+            if not folder.exists():
+                incoming.rename(folder)
+        except (RolloutError, OSError) as exc:
+            shutil.rmtree(incoming, ignore_errors=True)
+            self._reload_failed(trigger, str(exc))
+            return
+        shutil.rmtree(incoming, ignore_errors=True)
+        if not self._reload(trigger, folder=folder, signature_required=True):
+            if folder.resolve() != self.model_dir.resolve():
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _rolled_out_bundle(self):
+        """At start, with rollout enabled: the last rolled-out bundle (state.directory/models/active), if it verifies."""
+        from .model import BundleError, load_configured_bundle
+
+        if not self.settings.rollout.enabled:
+            return None
+        marker = self.models_dir / "active"
+        try:
+            name = marker.read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        folder = self.models_dir / name
+        try:
+            bundle = load_configured_bundle(self.settings.model.model_copy(update={"path": folder, "require_signature": True}))
+        except (BundleError, OSError) as exc:
+            log.warning("rollout: the last rolled-out bundle %s is unusable (%s); starting with %s", folder, exc, self.settings.model.path)
+            return None
+        log.info("rollout: starting with the last rolled-out bundle %s (instead of %s)", folder, self.settings.model.path)
+        return bundle
+
+    def _remember_rolled_out(self, folder: Path, previous: Path) -> None:
+        """Mark `folder` as the active rolled-out bundle; keep it and the previous one, remove older ones."""
+        try:
+            marker = self.models_dir / "active"
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(folder.name + "\n", encoding="utf-8")
+            tmp.replace(marker)
+            keep = {folder.resolve(), previous.resolve()}
+            for old in self.models_dir.iterdir():
+                if old.is_dir() and old.resolve() not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            log.warning("rollout: cannot record the active bundle in %s: %s", self.models_dir, exc)
 
     def _unprocessed(self) -> int:
         with self.counters.lock:
@@ -178,7 +397,12 @@ class Agent:
     # -- network thread ----------------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, received_at: float) -> None:
-        """Parse and enqueue; never blocks longer than QUEUE_FULL_WAIT_S."""
+        """Parse and enqueue; when the queue is full, wait (bounded by ingest.full_wait_s) for room.
+
+        While this waits paho reads nothing more from the socket, so QoS 1 readings stay queued at the broker
+        (and in TCP buffers) instead of piling up in memory here; only after the bound is a sample dropped,
+        counted and reported as queue_full.
+        """
         if not self._accepting.is_set():
             self.counters.add("ignored_after_stop")
             return
@@ -188,10 +412,16 @@ class Agent:
         except Rejected as error:
             self.errors.rejected(error, topic)
             return
-        deadline = time.monotonic() + QUEUE_FULL_WAIT_S
+        started = time.monotonic()
+        deadline = started + self._full_wait_s
+        waited = False
         for sample in samples:
             try:
-                self._queue.put(sample, timeout=max(0.0, deadline - time.monotonic()))
+                try:
+                    self._queue.put_nowait(sample)
+                except queue.Full:
+                    waited = True
+                    self._queue.put(sample, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
                 self.errors.report(
                     "queue_full", f"ingest queue full ({self._queue.maxsize} samples); sample at ts {sample.ts} dropped",
@@ -199,12 +429,19 @@ class Agent:
                 )
                 continue
             self.counters.add("accepted")
+        if waited:
+            with self.counters.lock:
+                self.counters.backpressure_waits += 1
+                self.counters.backpressure_s += time.monotonic() - started
 
     # -- worker thread -----------------------------------------------------------------------------------------
 
     def _work(self) -> None:
         """Drain the queue in batches into the pipeline and publish its events, until told to finish."""
         while True:
+            self._worker_beat = time.monotonic()
+            if self._pending_bundle is not None:
+                self._swap_bundle()
             try:
                 first = self._queue.get(timeout=WORKER_POLL_S)
             except queue.Empty:
@@ -227,16 +464,37 @@ class Agent:
         assert self.pipeline is not None and self.bundle is not None
         events = self.pipeline.process(batch, self.clock())
         self.counters.add("processed", len(batch))
+        self._publish_events(events)
+
+    def _publish_events(self, events: list) -> None:
+        assert self.bundle is not None
         name, version = self.bundle.name, self.bundle.version
         prefix = self.settings.topics.output_prefix
+        durable_forecasts = self.outbox is not None and self.settings.outbox.forecasts
+        stored: list[Message] = []  # one outbox transaction per batch
+        active: list[Retained] = []
         for event in events:
             if isinstance(event, Forecast):
-                self._publish(f"{prefix}/{event.device}/forecast", payloads.forecast(event, name, version), qos=0)
+                if self.hass is not None and self.hass.device_seen(event.device, list(event.values), f"{name} {version}"):
+                    if event.device not in self._open_alerts:  # the alert entity needs a state from the start
+                        active.append(Retained(f"{prefix}/{event.device}/alerts/active", payloads.active_alerts(event.device, event.ts, [])))
+                topic, body = f"{prefix}/{event.device}/forecast", payloads.forecast(event, name, version)
+                if durable_forecasts:
+                    stored.append(Message("forecast", topic, body, event.device))
+                else:
+                    self._publish(topic, body, qos=0)
                 self.counters.add("forecasts")
             elif isinstance(event, AlertEvent):
-                self._publish(f"{prefix}/{event.device}/alert", payloads.alert(event, name, version), qos=1)
+                topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version)
+                if self.outbox is not None:
+                    stored.append(Message("alert", topic, body, event.device))
+                else:
+                    self._publish(topic, body, qos=1)
                 self.counters.add("alerts")
-                log.info("alert %s %s on %s: %s, score %.2f", event.alert_id, event.state, event.device, event.severity, event.score)
+                log.info(
+                    "alert %s %s on %s: %s, score %.2f", event.alert_id, event.state, event.device, event.severity, event.score,
+                    extra={"event": "alert", "alert_id": event.alert_id, "state": event.state, "device": event.device, "severity": event.severity},
+                )
                 # The retained list follows every change, not just the state at the end of a batch.
                 open_alerts = self._open_alerts.setdefault(event.device, {})
                 if event.state == "end":
@@ -246,9 +504,150 @@ class Agent:
                 body = payloads.active_alerts(event.device, event.ts, list(open_alerts.values()))
                 if not open_alerts:
                     del self._open_alerts[event.device]
-                self._publish(f"{prefix}/{event.device}/alerts/active", body, qos=1, retain=True)
+                active.append(Retained(f"{prefix}/{event.device}/alerts/active", body))
+                counts = {"warning": 0, "critical": 0}
+                for alerts in self._open_alerts.values():
+                    for open_event in alerts.values():
+                        counts[open_event.severity] = counts.get(open_event.severity, 0) + 1
+                self._active_by_severity = counts
             elif isinstance(event, Rejection):
                 self.errors.rejection(event)
+        if stored:
+            self._store(stored)
+        for message in active:  # after the alerts are safe on disk; republished on every connect
+            if self.link is not None:
+                self.link.set_retained(message)
+
+    def _store(self, messages: list[Message]) -> None:
+        assert self.outbox is not None
+        self.outbox.put_many(messages)
+        if self.forwarder is not None:
+            self.forwarder.wake()
+
+    # -- model hot reload ------------------------------------------------------------------------------------
+
+    def _bundle_fingerprint(self) -> tuple:
+        from .signing import SIGNATURE_FILE
+
+        folder = self.model_dir
+        out = []
+        for name in ("manifest.json", "model.onnx", SIGNATURE_FILE):
+            try:
+                st = (folder / name).stat()  # follows a symlinked folder: swapping the link is a change too
+                out.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((name, None))
+        return tuple(out)
+
+    def _watch_model(self) -> None:
+        """Reload on SIGHUP, or when the model folder's files changed and then stayed the same for one poll;
+        apply rolled-out bundles as they arrive."""
+        poll = self.settings.model.reload_poll_s
+        seen, seen_dir = self._bundle_fingerprint(), self.model_dir
+        candidate = None
+        while not self._stop_jobs.is_set():
+            requested = self._reload_requested.wait(poll if poll > 0 else 1.0)
+            if self._stop_jobs.is_set():
+                return
+            if requested:
+                self._reload_requested.clear()
+                latest = None
+                while True:  # only the newest complete transfer matters
+                    try:
+                        latest = self._rollouts.get_nowait()
+                    except queue.Empty:
+                        break
+                if latest is not None:
+                    self._apply_rollout(*latest)
+                if self._sighup.is_set():
+                    self._sighup.clear()
+                    self._reload("SIGHUP")
+                seen, seen_dir, candidate = self._bundle_fingerprint(), self.model_dir, None
+                continue
+            if poll <= 0:
+                continue
+            if self.model_dir != seen_dir:  # a rollout swapped folders: watch the new one from now on
+                seen, seen_dir, candidate = self._bundle_fingerprint(), self.model_dir, None
+                continue
+            current = self._bundle_fingerprint()
+            if current == seen:
+                candidate = None
+            elif current == candidate:  # changed, then stable for a poll: the copy is complete
+                seen, candidate = current, None
+                self._reload("model folder changed")
+            else:
+                candidate = current
+
+    def _reload(self, trigger: str, folder: Path | None = None, signature_required: bool = False) -> bool:
+        """Load and verify a bundle beside the running one (the running folder unless `folder`); True when it
+        will be swapped in, False when refused (reported) or unchanged."""
+        from .model import BundleError, load_configured_bundle
+
+        running = self.bundle
+        assert running is not None
+        folder = self.model_dir if folder is None else folder
+        log.info("reloading the model bundle from %s (%s)", folder, trigger)
+        config = self.settings.model.model_copy(update={"path": folder})
+        if signature_required:
+            config = config.model_copy(update={"require_signature": True})
+        try:
+            bundle = load_configured_bundle(config)  # checksum, signature, shapes, finite warm-up
+            if list(bundle.features) != list(running.features):
+                raise BundleError(f"the new bundle's features {bundle.features} differ from the running model's {running.features}")
+        except (BundleError, OSError) as exc:
+            self._reload_failed(trigger, str(exc))
+            return False
+        except Exception as exc:  # anything else must not end the watcher either
+            log.exception("unexpected error loading the new bundle")
+            self._reload_failed(trigger, f"{type(exc).__name__}: {exc}")
+            return False
+        if bundle.sha256 == running.sha256 and bundle.manifest == running.manifest:
+            log.info("model bundle unchanged (sha256 %s...); keeping the running one", bundle.sha256[:12])
+            return False
+        if self.metrics is not None:
+            bundle.observer = self.metrics.observe_inference
+        self._pending_bundle = bundle  # the worker swaps it in between two batches
+        return True
+
+    def _reload_failed(self, trigger: str, detail: str) -> None:
+        running = self.bundle
+        self.counters.add("model_reload_failures")
+        self._reload_outcome = {"state": "failed", "trigger": trigger, "detail": detail[:300], "ts": round(self.clock())}
+        self.errors.fault("model_reload_failed", f"{detail}; still running {running.name} {running.version} ({running.sha256[:12]}...)")
+        self._publish_status()
+
+    def _swap_bundle(self) -> None:
+        """On the worker thread: a new pipeline for the verified bundle; open alerts of the old one end now."""
+        from .pipeline import Pipeline
+
+        bundle, self._pending_bundle = self._pending_bundle, None
+        old = self.bundle
+        try:
+            pipeline = Pipeline(bundle, self.settings)
+        except Exception as exc:
+            self._reload_failed("swap", f"cannot build a pipeline for the new bundle: {exc}")
+            return
+        now = self.clock()
+        ended = [
+            dataclasses.replace(event, state="end", ts=now, ended_at=now)
+            for alerts in self._open_alerts.values() for event in alerts.values()
+        ]
+        if ended:
+            log.info("model swap: ending %d open alerts of the old model", len(ended))
+            self._publish_events(ended)
+        self.pipeline, self.bundle = pipeline, bundle
+        previous_dir, self.model_dir = self.model_dir, Path(bundle.path)
+        if self.rollout is not None:
+            self.rollout.model_changed()
+            if self.model_dir.parent.resolve() == self.models_dir.resolve():
+                self._remember_rolled_out(self.model_dir, previous_dir)
+        self.counters.add("model_swaps")
+        self._reload_outcome = {"state": "ok", "version": bundle.version, "sha256": bundle.sha256, "ts": round(now)}
+        log.info(
+            "model swapped: %s %s (%s...) -> %s %s (%s...); per-device windows restart (forecasts resume after %d samples)",
+            old.name, old.version, old.sha256[:12], bundle.name, bundle.version, bundle.sha256[:12], bundle.lookback,
+        )
+        self._publish_status()
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -257,33 +656,97 @@ class Agent:
         if link is not None:
             link.publish(topic, body, qos=qos, retain=retain)
 
-    def _flush_errors_periodically(self) -> None:
+    def _on_ack(self, mid: int) -> None:
+        if self.forwarder is not None:
+            self.forwarder.on_ack(mid)
+
+    def _on_connected(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.wake()  # deliver what waited while offline
+
+    def _publish_status(self) -> None:
+        link = self.link
+        if link is not None and link.connected.is_set():
+            link.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+
+    def _outbox_line(self) -> str:
+        if self.outbox is None:
+            return ""
+        o = self.outbox.stats()
+        return f"; outbox: {o['queued']} queued, {o['sent']} sent, {o['dropped']} dropped"
+
+    def _periodic_jobs(self) -> None:
+        """Flush suppressed error reports; log the counters once a minute when they changed."""
+        next_log = time.monotonic() + STATS_LOG_EVERY_S
+        last_line = ""
         while not self._stop_jobs.wait(ERRORS_FLUSH_EVERY_S):
             self.errors.flush()
+            if self.rollout is not None:
+                self.rollout.check_timeout()
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + STATS_LOG_EVERY_S
+                c = self.counters
+                line = (
+                    f"{c.accepted} samples accepted, {c.processed} processed, {self.errors.total} rejected, "
+                    f"{c.backpressure_waits} backpressure waits{self._outbox_line()}"
+                )
+                if line != last_line:
+                    log.info("stats: %s", line)
+                    last_line = line
+
+    def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 only after a real liveness check; STATUS= says what the agent is doing."""
+        interval = self.notifier.watchdog_s or STATUS_EVERY_S
+        reported_unhealthy = False
+        while not self._stop_jobs.wait(interval):
+            healthy, why = self.health()
+            if healthy:
+                reported_unhealthy = False
+                connected = self.link is not None and self.link.connected.is_set()
+                fields = [f"STATUS={self._status_line(connected)}"]
+                if self.notifier.watchdog_s:
+                    fields.insert(0, "WATCHDOG=1")
+                self.notifier.notify(*fields)
+            else:
+                if not reported_unhealthy:
+                    log.error("unhealthy: %s; not feeding the systemd watchdog", why)
+                    reported_unhealthy = True
+                self.notifier.notify(f"STATUS=unhealthy: {why}")
+
+    def _status_line(self, connected: bool) -> str:
+        c = self.counters
+        state = "connected" if connected else "broker unreachable, reconnecting"
+        queued = self.outbox.count if self.outbox is not None else 0
+        return f"{state}; {c.processed} samples processed, queue {self._queue.qsize()}, outbox {queued}"
 
     def _status_payload(self, state: str, reason: str | None = None) -> bytes:
         bundle = self.bundle
         assert bundle is not None
+        extra: dict = {}
+        if state == "online":
+            if self.outbox is not None:
+                o = self.outbox.stats()
+                extra["outbox"] = {"queued": o["queued"], "sent": o["sent"], "dropped": o["dropped"]}
+            if self._reload_outcome is not None:
+                extra["model_reload"] = self._reload_outcome
         return payloads.status(
             state, self.settings.agent_id, payloads.agent_version(), bundle.name, bundle.version, bundle.sha256,
-            self.clock(), reason=reason,
+            self.clock(), reason=reason, extra=extra,
         )
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines under systemd (the journal adds time and unit), timestamped lines otherwise; to stderr."""
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Text (default) or JSON lines on stderr; no timestamps under systemd (agent/logs.py)."""
+    from .logs import configure_logging as configure
+
+    configure(level, fmt)
 
 
 def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the agent cannot start."""
     from .model import BundleError
 
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, settings.log.format)
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -293,17 +756,30 @@ def run_daemon(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    agent = Agent(settings)
+    notifier = Notifier()
+    agent = Agent(settings, notifier=notifier)
+
+    def request_reload(signum: int, frame: object) -> None:
+        log.info("received SIGHUP; reloading the model bundle")
+        agent.request_reload()
+
+    signal.signal(signal.SIGHUP, request_reload)
     try:
         agent.start()
     except BundleError as error:
         log.error("cannot load the model bundle %s: %s", settings.model.path, error)
+        notifier.notify(f"STATUS=cannot load the model bundle: {error}")
         return 1
-    except (OSError, ValueError) as error:  # unreadable password/TLS files, bad TLS material
+    except (OSError, ValueError, RuntimeError) as error:  # unreadable password/TLS files, bad TLS material,
+        # plaintext password, metrics port taken or prometheus-client missing (MetricsUnavailable)
         log.error("cannot start: %s", error)
+        notifier.notify(f"STATUS=cannot start: {error}")
         return 1
     log.info("edgecast agent %s running as %s", payloads.agent_version(), settings.agent_id)
+    notifier.notify("READY=1", f"STATUS=started; model {agent.bundle.name} {agent.bundle.version}; connecting to the broker")
     while not stop_requested.wait(1.0):  # wake regularly so the main thread can run signal handlers
         pass
+    notifier.notify("STOPPING=1", "STATUS=stopping: draining the queue and the outbox")
     agent.stop()
+    notifier.close()
     return 0

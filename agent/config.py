@@ -32,6 +32,20 @@ def shipped_model_path() -> Path:
     return Path(str(files("agent") / "shipped_models" / DEFAULT_MODEL_NAME))
 
 
+def _credential_path(path: Path) -> Path:
+    """A relative file name is looked up in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) first."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and creds and (Path(creds) / path).is_file():
+        return Path(creds) / path
+    return path
+
+
+def default_state_directory() -> Path:
+    """systemd's StateDirectory= ($STATE_DIRECTORY, the first when several) or ./state."""
+    state = os.environ.get("STATE_DIRECTORY")
+    return Path(state.split(":")[0]) if state else Path("state")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -57,6 +71,10 @@ class MqttConfig(Section):
     reconnect_max_s: float = Field(30.0, ge=1, le=3600, description="Largest reconnect delay.")
     max_queued_messages: int = Field(10000, ge=0, le=10_000_000, description="Outgoing messages paho keeps while offline (0: unbounded).")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+    plaintext_password: Literal["refuse", "loopback", "allow"] = Field(
+        "refuse",
+        description="Sending the password without TLS: refuse (default), loopback (only to 127.0.0.1/::1/localhost), allow.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MqttConfig":
@@ -73,11 +91,24 @@ class MqttConfig(Section):
             return self.password.get_secret_value()
         if self.password_file is None:
             return None
-        path = self.password_file
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not path.is_absolute() and creds and (Path(creds) / path).is_file():
-            path = Path(creds) / path
-        return path.read_text(encoding="utf-8").strip()
+        return _credential_path(self.password_file).read_text(encoding="utf-8").strip()
+
+    def has_password(self) -> bool:
+        return self.password is not None or self.password_file is not None
+
+    def plaintext_password_problem(self) -> str | None:
+        """Why the configured password must not be sent (no TLS and the policy forbids it), or None."""
+        if not self.has_password() or self.tls.enabled or self.plaintext_password == "allow":
+            return None
+        if self.plaintext_password == "loopback" and self.host in LOOPBACK_HOSTS:
+            return None
+        return (
+            f"refusing to send the broker password in plaintext to {self.host}:{self.port}: enable mqtt.tls, or set "
+            f'mqtt.plaintext_password = "loopback" (127.0.0.1, ::1, localhost only) or "allow"'
+        )
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class TopicsConfig(Section):
@@ -104,6 +135,36 @@ class TopicsConfig(Section):
 class ModelConfig(Section):
     path: Path = Field(default_factory=shipped_model_path, description="Model bundle folder (model.onnx + manifest.json).")
     intra_op_threads: int = Field(1, ge=0, le=64, description="onnxruntime intra-op threads (0: onnxruntime decides).")
+    public_key: str | None = Field(
+        None, min_length=64, max_length=64, pattern=r"^[0-9a-fA-F]{64}$",
+        description="ed25519 public key (64 hex digits) that signs bundles (manifest.json.sig over manifest.json).",
+    )
+    public_key_file: Path | None = Field(None, description="File holding the ed25519 public key (hex); relative names are looked up in $CREDENTIALS_DIRECTORY first.")
+    require_signature: bool = Field(False, description="Refuse bundles without a valid signature (needs public_key or public_key_file).")
+    reload_poll_s: float = Field(10.0, ge=0.0, le=86400.0, description="How often the model folder is checked for a new bundle (0: only on SIGHUP).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.public_key is not None and self.public_key_file is not None:
+            raise ValueError("set either model.public_key or model.public_key_file, not both")
+        if self.require_signature and self.public_key is None and self.public_key_file is None:
+            raise ValueError("model.require_signature needs model.public_key or model.public_key_file")
+        return self
+
+    def resolved_public_key(self) -> bytes | None:
+        """The 32-byte ed25519 key, or None when bundles are not verified."""
+        text = self.public_key
+        if text is None and self.public_key_file is not None:
+            text = _credential_path(self.public_key_file).read_text(encoding="utf-8").strip()
+        if text is None:
+            return None
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise ValueError("the model public key must be 64 hex digits") from None
+        if len(key) != 32:
+            raise ValueError(f"the model public key must be 32 bytes (64 hex digits), got {len(key)}")
+        return key
 
 
 class IngestConfig(Section):
@@ -113,16 +174,61 @@ class IngestConfig(Section):
     max_age_s: float = Field(7 * 86400.0, ge=60, le=10 * 365 * 86400.0, description="Timestamps older than this are rejected.")
     unknown_features: Literal["reject", "ignore"] = Field("reject", description="What to do with values the model does not use.")
     max_devices: int = Field(100_000, ge=1, le=10_000_000, description="Devices beyond this many are rejected (memory bound).")
+    full_wait_s: float = Field(
+        10.0, ge=0.0, le=600.0,
+        description="How long the MQTT thread waits for room in a full ingest queue (it stops reading meanwhile, so "
+        "QoS 1 readings stay with the broker) before the sample is rejected as queue_full; capped at mqtt.keepalive_s / 2.",
+    )
+
+
+class StateConfig(Section):
+    directory: Path = Field(default_factory=default_state_directory, description="Where the outbox lives ($STATE_DIRECTORY under systemd, else ./state).")
+
+
+class OutboxConfig(Section):
+    enabled: bool = Field(True, description="Alerts go through a durable store-and-forward queue (SQLite, WAL) in state.directory.")
+    forecasts: bool = Field(False, description="Forecasts go through the outbox too (then at QoS 1); otherwise QoS 0, dropped while offline.")
+    max_messages: int = Field(100_000, ge=10, le=100_000_000, description="Most messages kept; beyond it forecasts are dropped first, then alerts, oldest first.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=65536, le=64 * 1024**3, description="Most payload bytes kept (same drop policy).")
+    max_age_s: float = Field(7 * 86400.0, ge=60.0, le=365 * 86400.0, description="Messages older than this are dropped undelivered.")
+    inflight: int = Field(20, ge=1, le=1000, description="Outbox messages handed to the broker connection before their acks come back.")
+    synchronous: Literal["full", "normal"] = Field("full", description="SQLite synchronous mode: full survives power loss, normal only process crashes.")
+
+
+class HealthConfig(Section):
+    max_stall_s: float = Field(60.0, ge=1.0, le=3600.0, description="A worker or MQTT loop silent for longer is unhealthy: the systemd watchdog is no longer fed.")
 
 
 class WindowConfig(Section):
     max_gap_periods: int = Field(10, ge=1, le=100_000, description="A longer gap restarts the device's window; shorter gaps are filled forward and count as imputed.")
     min_completeness: float = Field(0.8, ge=0.0, le=1.0, description="Windows with a smaller observed share produce forecasts but no alerts.")
+    clean_periods: int = Field(
+        2, ge=1, le=1000,
+        description="A forecast is used for scoring only when the newest N slots of its window were observed, not filled forward (a stale window mispredicts ramps).",
+    )
+    max_lateness_periods: int = Field(
+        10, ge=0, le=100_000,
+        description="A sample up to this many periods older than the device's newest slot is put in its place in the window (reordering); older ones are rejected as late_sample.",
+    )
 
 
 class InferenceConfig(Section):
-    max_batch: int = Field(512, ge=1, le=65536, description="Most windows run in one onnxruntime call.")
+    max_batch: int = Field(
+        64, ge=1, le=65536,
+        description="Most windows run in one onnxruntime call (64 measured fastest per window for the shipped LSTM on a small CPU, and far less memory than 512).",
+    )
     stride: int = Field(1, ge=1, le=10_000, description="Run the model every N-th sample of a device.")
+
+
+class PartitionConfig(Section):
+    count: int = Field(1, ge=1, le=256, description="Processes sharing the input by device hash (agent/partition.py); 1: this process takes every device.")
+    index: int = Field(0, ge=0, le=255, description="This process's partition, 0..count-1: it keeps the devices whose crc32(name) % count equals it and drops the others before decoding.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PartitionConfig":
+        if self.index >= self.count:
+            raise ValueError(f"partition.index ({self.index}) must be smaller than partition.count ({self.count})")
+        return self
 
 
 class DetectConfig(Section):
@@ -132,6 +238,17 @@ class DetectConfig(Section):
     cooldown_samples: int = Field(10, ge=0, le=100_000, description="Samples after an alert ends before a new one may open.")
     update_every_samples: int = Field(10, ge=1, le=100_000, description="Most frequent `update` event of an open alert, in samples.")
     threshold_scale: float = Field(1.0, gt=0.0, le=100.0, description="Multiplies the bundle's calibrated thresholds (>1: fewer alerts).")
+    threshold_mode: Literal["fixed", "dynamic"] = Field(
+        "fixed", description="fixed: the calibrated thresholds; dynamic: per-device nonparametric thresholds over recent scores (Hundman et al. 2018)."
+    )
+    dynamic_window_samples: int = Field(720, ge=20, le=100_000, description="Dynamic mode: scores per device the threshold is computed from.")
+    dynamic_every_samples: int = Field(30, ge=1, le=100_000, description="Dynamic mode: recompute a device's threshold every N scored samples.")
+    dynamic_floor: float = Field(1.0, gt=0.0, le=100.0, description="Dynamic mode: the warning never goes below this multiple of the calibrated warning (1: dynamic thresholds only ever raise it, for noisy devices).")
+    flatline: bool = Field(True, description="Use the bundle's calibrated flat-line check (a sensor repeating exactly the same value).")
+    flap_window_samples: int = Field(
+        240, ge=0, le=1_000_000, description="Flap suppression: when flap_max_alerts alerts opened within this many samples, the next end is followed by a cooldown of this length (0: off)."
+    )
+    flap_max_alerts: int = Field(3, ge=1, le=1000, description="Flap suppression: alerts within flap_window_samples that count as flapping.")
 
 
 class ErrorsConfig(Section):
@@ -140,6 +257,51 @@ class ErrorsConfig(Section):
 
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="text: human-readable lines; json: one JSON object per line (ts, level, logger, message, event fields). "
+        "Under systemd (JOURNAL_STREAM set) neither carries a timestamp: the journal adds its own.",
+    )
+
+
+class MetricsConfig(Section):
+    enabled: bool = Field(False, description="Serve Prometheus metrics over HTTP (needs the `metrics` extra: prometheus-client).")
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, description="Address the metrics endpoint listens on (0.0.0.0: every interface).")
+    port: int = Field(9810, ge=0, le=65535, description="TCP port of the metrics endpoint (GET /metrics); 0 picks a free one (logged).")
+
+
+class HomeAssistantConfig(Section):
+    enabled: bool = Field(False, description="Publish Home Assistant MQTT discovery: per device, forecast sensors and an alert binary_sensor.")
+    discovery_prefix: str = Field("homeassistant", min_length=1, max_length=128, description="Home Assistant's discovery prefix.")
+    birth_topic: str = Field("homeassistant/status", min_length=1, max_length=256, description="Home Assistant's birth topic: discovery is published again when it says `online`.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "HomeAssistantConfig":
+        for name in ("discovery_prefix", "birth_topic"):
+            value = getattr(self, name)
+            if "+" in value or "#" in value:
+                raise ValueError(f"homeassistant.{name} must not contain MQTT wildcards")
+        return self
+
+
+class RolloutConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Accept model bundles published over MQTT (`python -m training publish-model`); each must be signed by "
+        "model.public_key (or public_key_file), is stored in state.directory/models and swapped in like a reload.",
+    )
+    topic: str = Field(
+        "edgecast/models/pump-lstm", min_length=1, max_length=200,
+        description="Model-update topic (its retained descriptor; chunks under TOPIC/chunks/...). One topic per model family and rollout stage.",
+    )
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Larger published bundles are refused without downloading them.")
+    transfer_timeout_s: float = Field(300.0, ge=1.0, le=86400.0, description="A transfer whose chunks are not all in by then is abandoned and reported.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RolloutConfig":
+        if "+" in self.topic or "#" in self.topic:
+            raise ValueError("rollout.topic must not contain MQTT wildcards")
+        return self
 
 
 class Settings(BaseSettings):
@@ -160,9 +322,23 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     window: WindowConfig = Field(default_factory=WindowConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
     detect: DetectConfig = Field(default_factory=DetectConfig)
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @model_validator(mode="after")
+    def _check_rollout(self) -> "Settings":
+        # Bundles arriving over the network are only ever accepted with a signature.
+        if self.rollout.enabled and self.model.public_key is None and self.model.public_key_file is None:
+            raise ValueError("rollout.enabled needs model.public_key or model.public_key_file (published bundles must be signed)")
+        return self
 
     toml_file: ClassVar[Path | None] = None
 
@@ -226,7 +402,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 def masked_dump(settings: Settings) -> dict[str, Any]:
     """The effective configuration as JSON-able data, with every secret masked."""
-    data = settings.model_dump(mode="json")
+    data = settings.model_dump(mode="json")  # SecretStr dumps as "**********" already; be explicit anyway
     if settings.mqtt.password is not None:
         data["mqtt"]["password"] = "**********"
     return data

@@ -1,7 +1,20 @@
-"""Residual scoring and the alert state machine.
+"""Residual scoring, thresholds and the alert state machine.
 
 `ResidualScorer` is the single definition of the anomaly score (docs/contracts.md); training's calibration
-runs the same class over validation data so the thresholds mean the same thing on the device.
+replays validation data through the same pipeline and detector, so the thresholds mean the same thing on the
+device.
+
+Score of one arriving sample, per device:
+1. channels = (horizon step k in `steps`) x (target j): z = ((observed - forecast made k periods ago for this
+   slot) / scale - residual_mean[k-1]) / residual_std[k-1]; a channel whose forecast is missing (gap, restart,
+   forecast made from a window that ended in an imputed slot) is NaN and leaves its smoothed value unchanged;
+2. per channel, EWMA of squares (starts at 1); residual score = sqrt(max over channels);
+3. flat line (optional, calibrated per target): a target that repeats exactly the same value for
+   `flatline_repeats[j]` consecutive samples raises the score to the warning level, growing with the run
+   (capped at FLATLINE_CAP x warning: a stuck sensor is a data-quality warning, not by itself critical);
+4. score = max(residual score, flat-line score); anomaly_score = score / (score + warning) in [0, 1).
+Optional slow channels (`slow_alpha`, `slow_gain`): see ResidualScorer. Without the optional calibration keys
+(`score_steps`, `slow_alpha`, `flatline_repeats`) this is the one-step score of the first version.
 """
 
 from __future__ import annotations
@@ -13,43 +26,157 @@ import numpy as np
 
 from agent.events import AlertEvent, FeatureDeviation
 
+FLATLINE_CAP = 1.5  # flat-line score at most 1.5 x warning (below the default critical = 2 x warning)
+
 
 class ResidualScorer:
-    """Per-device EWMA of squared normalized one-step residuals; score = sqrt(max over targets)."""
+    """Per-device EWMA of squared normalized residuals over (step, target) channels; score = sqrt(max).
 
-    def __init__(self, residual_mean: np.ndarray, residual_std: np.ndarray, scale: np.ndarray, alpha: float):
-        # residual_mean / residual_std: (H, T) in scaled units; only step 0 (one step ahead) is used here.
-        self.mean0 = np.asarray(residual_mean, dtype=np.float64)[0]  # (T,)
-        self.std0 = np.maximum(np.asarray(residual_std, dtype=np.float64)[0], 1e-6)  # (T,)
+    Optional slow channels (`slow_alpha`): per target, a long EWMA of the squared residual of the first scored
+    step, clipped to +-`slow_clip`. They see a sustained rise of the residual variance (bearing wear makes vibration erratic) long before
+    it reaches the fast channels' threshold; `slow_gain` (calibrated so that both kinds peak alike on healthy
+    data) puts them on the fast channels' scale.
+    """
+
+    def __init__(self, residual_mean: np.ndarray, residual_std: np.ndarray, scale: np.ndarray, alpha: float,
+                 steps: list[int] | tuple[int, ...] = (1,), slow_alpha: float | None = None, slow_gain: float = 1.0,
+                 slow_clip: float = 3.0):
+        mean = np.asarray(residual_mean, dtype=np.float64)  # (H, T) scaled units
+        std = np.maximum(np.asarray(residual_std, dtype=np.float64), 1e-6)  # (H, T)
+        self.steps = sorted(int(k) for k in steps)
+        if not self.steps or min(self.steps) < 1 or max(self.steps) > mean.shape[0]:
+            raise ValueError(f"score steps {self.steps} must lie in 1..horizon ({mean.shape[0]})")
+        if slow_alpha is not None and not 0 < slow_alpha <= 1:
+            raise ValueError(f"slow_alpha must be in (0, 1], got {slow_alpha!r}")
+        if not slow_gain >= 0:
+            raise ValueError(f"slow_gain must be >= 0, got {slow_gain!r}")
+        index = np.array(self.steps) - 1
+        self.mean = mean[index]  # (S, T)
+        self.std = std[index]  # (S, T)
+        self.mean0, self.std0 = mean[0], std[0]  # (T,) one step ahead
         self.scale = np.asarray(scale, dtype=np.float64)  # (T,) original units per scaled unit
         self.alpha = float(alpha)
+        self.slow_clip = float(slow_clip)
+        self.n_targets = T = mean.shape[1]
+        self.n_fast = len(self.steps) * T
+        self.slow = slow_alpha is not None
+        self.n_channels = self.n_fast + (T if self.slow else 0)
+        # Per channel: EWMA weight and the weight of its value in the max (slow_gain**2 on the slow ones).
+        self.alphas = np.array([self.alpha] * self.n_fast + ([float(slow_alpha)] * T if self.slow else []))  # (C,)
+        self.weights = np.array([1.0] * self.n_fast + ([float(slow_gain) ** 2] * T if self.slow else []))  # (C,)
+        self._decay = 1.0 - self.alphas
 
     def initial_state(self, n_devices: int = 1) -> np.ndarray:
-        return np.ones((n_devices, self.mean0.shape[0]), dtype=np.float64)  # (D, T)
+        return np.ones((n_devices, self.n_channels), dtype=np.float64)  # (D, C)
 
     def z(self, observed: np.ndarray, forecast: np.ndarray) -> np.ndarray:
-        """Normalized residuals; observed and forecast in original units, (..., T)."""
+        """One-step normalized residuals; observed and forecast in original units, (..., T)."""
         return ((observed - forecast) / self.scale - self.mean0) / self.std0
 
+    def z_steps(self, observed: np.ndarray, forecasts: np.ndarray) -> np.ndarray:
+        """Normalized residuals of every step: observed (..., T), forecasts (..., S, T) (NaN where missing)."""
+        resid = (observed[..., None, :] - forecasts) / self.scale  # (..., S, T) scaled units
+        return (resid - self.mean) / self.std  # (..., S, T)
+
+    def channels(self, z: np.ndarray) -> np.ndarray:
+        """Per-channel residuals (C,) from one sample's z: (S, T) or, for a one-step scorer, (T,)."""
+        flat = np.ravel(z)
+        if not self.slow:
+            return flat
+        # Slow channels: the first scored step, clipped so that a few huge residuals (a spike, a step) cannot
+        # hold them up for their whole long memory; they are meant to see many moderately larger residuals.
+        return np.concatenate([flat, np.clip(flat[: self.n_targets], -self.slow_clip, self.slow_clip)])
+
     def update(self, state: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """One EWMA step in place; state (D, T) or (T,), z the same shape. Returns the score(s)."""
-        state *= 1.0 - self.alpha
-        state += self.alpha * np.square(z)
-        return np.sqrt(state.max(axis=-1))
+        """One EWMA step in place for one device: state (C,), z (S, T) or (T,); NaN channels keep their
+        value. Returns the score."""
+        z = self.channels(z)
+        missing = np.isnan(z)
+        if missing.any():
+            fresh = (1.0 - self.alphas) * state + self.alphas * np.square(z)
+            np.copyto(state, fresh, where=~missing)
+        else:
+            state *= 1.0 - self.alphas
+            state += self.alphas * (z * z)
+        if self.slow:
+            return float(np.sqrt((state * self.weights).max()))
+        return float(np.sqrt(state.max()))
+
+    def prepare(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Many samples' z (K, S, T) -> (alpha * z**2 per channel (K, C), rows with a missing channel (K,)),
+        so that `update_prepared` does the least per-sample work."""
+        K = z.shape[0]
+        flat = z.reshape(K, -1)  # (K, S*T)
+        if self.slow:
+            flat = np.concatenate([flat, np.clip(flat[:, : self.n_targets], -self.slow_clip, self.slow_clip)], axis=1)  # (K, C)
+        return self.alphas * (flat * flat), np.isnan(flat).any(axis=1)
+
+    def update_prepared(self, state: np.ndarray, weighted_sq: np.ndarray, missing: bool) -> float:
+        """`update` for one row of `prepare`'s output."""
+        if missing:
+            fresh = (1.0 - self.alphas) * state + weighted_sq
+            np.copyto(state, fresh, where=~np.isnan(fresh))
+        else:
+            state *= self._decay
+            state += weighted_sq
+        if self.slow:
+            return float(np.sqrt((state * self.weights).max()))
+        return float(np.sqrt(state.max()))
+
+    def split_scores(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fast score, unweighted slow score) of states (..., C); the slow one is 0 without slow channels."""
+        fast = np.sqrt(state[..., : self.n_fast].max(axis=-1))
+        slow = np.sqrt(state[..., self.n_fast :].max(axis=-1)) if self.slow else np.zeros_like(fast)
+        return fast, slow
 
     def score_series(self, observed: np.ndarray, forecast: np.ndarray) -> np.ndarray:
-        """Scores of one device's consecutive samples, (N, T) each -> (N,); the offline twin of `update`."""
+        """Scores of one device's consecutive samples (one-step scorer): (N, T) each -> (N,)."""
         zs = self.z(observed, forecast)  # (N, T)
-        state = self.initial_state(1)[0]  # (T,)
+        state = self.initial_state(1)[0]  # (C,)
         out = np.empty(zs.shape[0], dtype=np.float64)
         for i in range(zs.shape[0]):
             out[i] = self.update(state, zs[i])
         return out
 
+    def target_levels(self, state: np.ndarray) -> np.ndarray:
+        """Per target, sqrt of its largest weighted channel (T,): how much each target deviates."""
+        T = self.n_targets
+        weighted = state * self.weights
+        fast = weighted[: self.n_fast].reshape(-1, T).max(axis=0)
+        if self.slow:
+            fast = np.maximum(fast, weighted[self.n_fast :])
+        return np.sqrt(fast)
 
-def anomaly_score(score: float | np.ndarray, warning: float) -> float | np.ndarray:
+
+def anomaly_score(score: float | np.ndarray, warning: float | np.ndarray) -> float | np.ndarray:
     """Map an unbounded score to [0, 1): 0.5 exactly at the warning threshold."""
     return score / (score + warning)
+
+
+def dynamic_threshold(scores: np.ndarray, z_candidates: np.ndarray) -> float:
+    """Nonparametric threshold of Hundman et al. (2018) over a window of smoothed scores.
+
+    For each candidate eps = mean + z * std, the objective is (dmean/mean + dstd/std) / (n_above + n_runs**2):
+    the threshold whose removal of the points above it shrinks mean and spread the most, per point and
+    contiguous run it flags. Returns the best eps (the largest candidate when nothing lies above any).
+    """
+    s = np.asarray(scores, dtype=np.float64)  # (W,)
+    mean, std = s.mean(), s.std()
+    if std <= 1e-12:
+        return float(mean + z_candidates[-1] * max(std, 1e-6))
+    eps = mean + z_candidates[:, None] * std  # (Z, 1)
+    below = s[None, :] < eps  # (Z, W)
+    n_below = below.sum(axis=1)
+    n_above = s.size - n_below
+    mean_below = (s * below).sum(axis=1) / np.maximum(n_below, 1)
+    var_below = (np.square(s - mean_below[:, None]) * below).sum(axis=1) / np.maximum(n_below, 1)
+    starts = np.diff(np.concatenate([np.zeros((len(z_candidates), 1), bool), ~below], axis=1).astype(np.int8), axis=1) == 1
+    n_runs = starts.sum(axis=1)
+    gain = (mean - mean_below) / max(mean, 1e-12) + (std - np.sqrt(var_below)) / std
+    objective = np.where(n_above > 0, gain / np.maximum(n_above + n_runs**2, 1), -np.inf)
+    if not np.isfinite(objective).any():
+        return float(eps[-1, 0])
+    return float(eps[int(np.argmax(objective)), 0])
 
 
 # -- alert state machine ----------------------------------------------------------------------------------------
@@ -71,10 +198,15 @@ class _OpenAlert:
 
 
 class AlertDetector:
-    """Per-device residual score plus the alert state machine of docs/contracts.md.
+    """Per-device score plus the alert state machine of docs/contracts.md.
 
     Devices are dense indices (the pipeline's window store indices). State per device is a few numbers in
     shared arrays; only open alerts have an object.
+
+    Thresholds: `threshold_mode="fixed"` uses the calibrated warning/critical/exit; "dynamic" recomputes each
+    device's warning every `dynamic_every` scored samples from its last `dynamic_window` scores
+    (`dynamic_threshold`), never below `dynamic_floor` x the calibrated warning; critical and exit keep
+    their calibrated ratios to the warning.
     """
 
     def __init__(
@@ -89,6 +221,14 @@ class AlertDetector:
         cooldown_samples: int = 10,
         update_every_samples: int = 10,
         threshold_scale: float = 1.0,
+        flatline_repeats: list[int] | None = None,
+        flap_window_samples: int = 0,
+        flap_max_alerts: int = 3,
+        threshold_mode: str = "fixed",
+        dynamic_window: int = 720,
+        dynamic_every: int = 30,
+        dynamic_floor: float = 1.0,
+        dynamic_z: tuple[float, float, float] = (2.0, 10.0, 0.5),
         salt: str = "",
         capacity: int = 64,
     ):
@@ -102,17 +242,29 @@ class AlertDetector:
         self.min_under = min_samples_under
         self.cooldown_samples = cooldown_samples
         self.update_every = update_every_samples
+        repeats = np.asarray(flatline_repeats if flatline_repeats is not None else [0] * len(self.targets), dtype=np.float64)
+        self.flatline_repeats = np.where(repeats > 0, repeats, np.inf)  # (T,) inf: check off for that target
+        self.flatline_on = bool(np.isfinite(self.flatline_repeats).any())
+        self.flatline_min = float(self.flatline_repeats.min())
+        self.flap_window = flap_window_samples
+        self.flap_max = flap_max_alerts
+        self.dynamic = threshold_mode == "dynamic"
+        self.dynamic_window = dynamic_window
+        self.dynamic_every = dynamic_every
+        self.dynamic_floor = dynamic_floor
+        self.dynamic_z = np.arange(dynamic_z[0], dynamic_z[1] + 1e-9, dynamic_z[2])
         self.salt = salt
         self.open: dict[int, _OpenAlert] = {}
+        self.counters = {"flap_suppressed": 0, "flatline_runs": 0}
         self.capacity = 0
         self.ensure_capacity(capacity)
 
     @classmethod
-    def from_settings(cls, scorer: ResidualScorer, thresholds: dict, targets: list[str], detect, salt: str = "") -> "AlertDetector":
-        """Build from a config.DetectConfig section."""
+    def from_settings(cls, scorer: ResidualScorer, calibration: dict, targets: list[str], detect, salt: str = "") -> "AlertDetector":
+        """Build from the bundle's calibration and a config.DetectConfig section."""
         return cls(
             scorer,
-            thresholds,
+            calibration["thresholds"],
             targets,
             enabled=detect.enabled,
             min_samples_over=detect.min_samples_over,
@@ -120,6 +272,13 @@ class AlertDetector:
             cooldown_samples=detect.cooldown_samples,
             update_every_samples=detect.update_every_samples,
             threshold_scale=detect.threshold_scale,
+            flatline_repeats=calibration.get("flatline_repeats") if detect.flatline else None,
+            flap_window_samples=detect.flap_window_samples,
+            flap_max_alerts=detect.flap_max_alerts,
+            threshold_mode=detect.threshold_mode,
+            dynamic_window=detect.dynamic_window_samples,
+            dynamic_every=detect.dynamic_every_samples,
+            dynamic_floor=detect.dynamic_floor,
             salt=salt,
         )
 
@@ -127,65 +286,120 @@ class AlertDetector:
         if n <= self.capacity:
             return
         capacity = max(n, 2 * self.capacity, 16)
+        T = len(self.targets)
         fresh = {
-            "ewma": self.scorer.initial_state(capacity),  # (D, T) EWMA of squared z
+            "ewma": self.scorer.initial_state(capacity),  # (D, C) EWMA of squared z per channel
             "score": np.zeros(capacity, dtype=np.float64),  # latest score; 0 before the first
+            "warn": np.full(capacity, self.warning, dtype=np.float64),  # per-device warning (dynamic mode)
+            "scored": np.zeros(capacity, dtype=np.int64),  # scored samples so far
             "over": np.zeros(capacity, dtype=np.int32),  # consecutive scored samples >= warning
             "under": np.zeros(capacity, dtype=np.int32),  # consecutive scored samples < exit (while open)
             "cooldown": np.zeros(capacity, dtype=np.int32),  # scored samples left before a new alert may open
             "first_over_ts": np.zeros(capacity, dtype=np.float64),
             "first_under_ts": np.zeros(capacity, dtype=np.float64),
+            "last_value": np.full((capacity, T), np.nan, dtype=np.float64),  # flat-line check
+            "repeats": np.zeros((capacity, T), dtype=np.int32),  # consecutive exact repeats per target
+            "opens": np.full((capacity, max(self.flap_max, 1)), -(2**62), dtype=np.int64),  # scored index of recent opens
             # Per target, the sample that deviated most since the last event (or the start of the run): the
-            # attribution reports it, because a one-step forecaster catches up within a few samples.
-            "peak_z": np.zeros((capacity, len(self.targets)), dtype=np.float64),
-            "peak_expected": np.zeros((capacity, len(self.targets)), dtype=np.float64),
-            "peak_observed": np.zeros((capacity, len(self.targets)), dtype=np.float64),
+            # attribution reports it, because the forecaster catches up within a few samples.
+            "peak_z": np.zeros((capacity, T), dtype=np.float64),
+            "peak_expected": np.zeros((capacity, T), dtype=np.float64),
+            "peak_observed": np.zeros((capacity, T), dtype=np.float64),
         }
+        if self.dynamic:
+            fresh["history"] = np.zeros((capacity, self.dynamic_window), dtype=np.float32)  # (D, W) recent scores
         for key, array in fresh.items():
             if self.capacity:
                 array[: self.capacity] = getattr(self, key)
             setattr(self, key, array)
         self.capacity = capacity
 
+    def state_bytes(self) -> int:
+        keys = ["ewma", "score", "warn", "scored", "over", "under", "cooldown", "first_over_ts", "first_under_ts",
+                "last_value", "repeats", "opens", "peak_z", "peak_expected", "peak_observed"]
+        return sum(getattr(self, k).nbytes for k in keys + (["history"] if self.dynamic else []))
+
     def anomaly_score(self, d: int) -> float:
-        return float(anomaly_score(self.score[d], self.warning))
+        return float(anomaly_score(self.score[d], self.warn[d]))
 
     def active(self, d: int) -> AlertEvent | None:
         alert = self.open.get(d)
         return alert.last_event if alert is not None else None
 
-    def observe(self, d: int, device: str, ts: float, observed: np.ndarray, expected: np.ndarray, z: np.ndarray | None = None) -> tuple[float, AlertEvent | None]:
-        """Score one observed sample against its one-step forecast (both (T,), original units); maybe an event.
+    def observe(self, d: int, device: str, ts: float, observed: np.ndarray, expected: np.ndarray, z: np.ndarray | None = None,
+                prepared: tuple[np.ndarray, bool] | None = None) -> tuple[float, AlertEvent | None]:
+        """Score one observed sample (T,) against its forecasts, original units; maybe an alert event.
 
-        `z` may be passed when the caller computed scorer.z for many samples at once.
+        `expected` is the one-step forecast (T,) or the forecasts of every scored step (S, T), NaN where
+        missing; `z` (and `prepared`, a row of scorer.prepare) may be passed when the caller computed them for
+        many samples at once.
         """
         if z is None:
-            z = self.scorer.z(observed, expected)  # (T,)
-        score = float(self.scorer.update(self.ewma[d], z))
+            expected = np.asarray(expected, dtype=np.float64)
+            z = self.scorer.z(observed, expected) if expected.ndim == 1 else self.scorer.z_steps(observed, expected)
+        if prepared is None:
+            score = self.scorer.update(self.ewma[d], z)
+        else:
+            score = self.scorer.update_prepared(self.ewma[d], prepared[0], prepared[1])
+        if self.flatline_on:
+            score = max(score, self._flatline(d, observed))
         self.score[d] = score
+        self.scored[d] += 1
+        if self.dynamic:
+            self._dynamic(d, score)
         if not self.enabled:
             return score, None
-        if score >= self.warning or d in self.open:  # only runs over warning and open alerts report peaks
+        if score >= self.warn[d] or d in self.open:  # only runs over warning and open alerts report peaks
             self._track_peaks(d, z, observed, expected)
         event = self._step(d, device, ts, score)
         if event is not None or (d not in self.open and self.over[d] == 0):
             self.peak_z[d] = 0.0  # the next event reports deviations from here on
         return score, event
 
+    def _flatline(self, d: int, observed) -> float:
+        run = self.repeats[d]  # (T,) consecutive exact repeats, updated in place
+        same = observed == self.last_value[d]
+        run += 1
+        run *= same
+        self.last_value[d] = observed
+        if run.max() < self.flatline_min:
+            return 0.0
+        if (run == self.flatline_repeats).any():
+            self.counters["flatline_runs"] += 1
+        ratio = float((run / self.flatline_repeats).max())
+        return self.warn[d] * min(ratio, FLATLINE_CAP) if ratio >= 1.0 else 0.0
+
+    def _dynamic(self, d: int, score: float) -> None:
+        n = int(self.scored[d])
+        self.history[d, (n - 1) % self.dynamic_window] = score
+        if n >= self.dynamic_window // 2 and n % self.dynamic_every == 0:
+            window = self.history[d, : min(n, self.dynamic_window)]
+            eps = dynamic_threshold(window, self.dynamic_z)
+            self.warn[d] = max(eps, self.dynamic_floor * self.warning)
+
     def _track_peaks(self, d: int, z, observed, expected) -> None:
-        larger = np.abs(z) > np.abs(self.peak_z[d])  # (T,)
+        z = np.asarray(z, dtype=np.float64).reshape(-1, len(self.targets))  # (S, T)
+        expected = np.asarray(expected, dtype=np.float64).reshape(-1, len(self.targets))  # (S, T)
+        absz = np.where(np.isnan(z), -1.0, np.abs(z))
+        best = absz.argmax(axis=0)  # (T,) step with the largest deviation per target
+        cols = np.arange(len(self.targets))
+        zbest, ebest = z[best, cols], expected[best, cols]
+        larger = absz[best, cols] > np.abs(self.peak_z[d])  # (T,)
         if larger.any():
-            self.peak_z[d][larger] = np.asarray(z)[larger]
-            self.peak_expected[d][larger] = np.asarray(expected)[larger]
+            self.peak_z[d][larger] = zbest[larger]
+            self.peak_expected[d][larger] = ebest[larger]
             self.peak_observed[d][larger] = np.asarray(observed)[larger]
 
     def _step(self, d: int, device: str, ts: float, score: float) -> AlertEvent | None:
         alert = self.open.get(d)
+        warning = self.warn[d]
+        critical = warning * self.critical / self.warning
+        exit_level = warning * self.exit / self.warning
         if alert is None:
             if self.cooldown[d] > 0:
                 self.cooldown[d] -= 1
                 return None
-            if score < self.warning:
+            if score < warning:
                 self.over[d] = 0
                 return None
             if self.over[d] == 0:
@@ -196,24 +410,31 @@ class AlertDetector:
             self.over[d] = 0
             self.under[d] = 0
             started_at = float(self.first_over_ts[d])
-            severity = "critical" if score >= self.critical else "warning"
+            severity = "critical" if score >= critical else "warning"
             event = self._event(d, device, ts, score, alert_id_for(device, started_at, self.salt), "new", severity, started_at, None)
             self.open[d] = _OpenAlert(event.alert_id, started_at, severity, 0, event)
+            opens = self.opens[d]
+            opens[:-1] = opens[1:].copy()
+            opens[-1] = self.scored[d]
             return event
 
         alert.since_event += 1
-        if score < self.exit:
+        if score < exit_level:
             if self.under[d] == 0:
                 self.first_under_ts[d] = ts
             self.under[d] += 1
             if self.under[d] >= self.min_under:
                 self.under[d] = 0
                 self.cooldown[d] = self.cooldown_samples
+                if self.flap_window and self.scored[d] - self.opens[d, 0] <= self.flap_window:
+                    # flap_max alerts opened within the flap window: hold new ones back for a whole window
+                    self.cooldown[d] = max(self.cooldown_samples, self.flap_window)
+                    self.counters["flap_suppressed"] += 1
                 del self.open[d]
                 return self._event(d, device, ts, score, alert.alert_id, "end", alert.severity, alert.started_at, float(self.first_under_ts[d]))
         else:
             self.under[d] = 0
-        severity = "critical" if score >= self.critical else "warning"
+        severity = "critical" if score >= critical else "warning"
         escalated = severity == "critical" and alert.severity == "warning"
         if not escalated and alert.since_event < self.update_every:
             return None
@@ -222,14 +443,15 @@ class AlertDetector:
         return event
 
     def _event(self, d: int, device: str, ts: float, score: float, alert_id: str, state: str, severity: str, started_at: float, ended_at: float | None) -> AlertEvent:
+        warning = float(self.warn[d])
         return AlertEvent(
             alert_id=alert_id,
             device=device,
             state=state,
             severity=severity,
-            anomaly_score=float(anomaly_score(score, self.warning)),
+            anomaly_score=float(anomaly_score(score, warning)),
             score=score,
-            threshold=self.warning,
+            threshold=warning,
             ts=float(ts),
             started_at=float(started_at),
             ended_at=ended_at,
@@ -237,9 +459,13 @@ class AlertDetector:
         )
 
     def attribution(self, d: int) -> list[FeatureDeviation]:
-        """Targets whose smoothed |z| (sqrt of their EWMA) reaches the exit threshold, largest first (at least
-        one), each with expected, observed (original units) and z of its largest deviation since the last event."""
-        smoothed = np.sqrt(self.ewma[d])  # (T,)
+        """Targets whose smoothed |z| (sqrt of their largest channel EWMA) reaches the exit threshold, or that
+        are flat-lining, largest first (at least one), each with expected, observed (original units) and z of
+        its largest deviation since the last event."""
+        smoothed = self.scorer.target_levels(self.ewma[d])  # (T,)
+        if self.flatline_on:
+            flat = self.repeats[d] >= self.flatline_repeats
+            smoothed = np.where(flat, np.maximum(smoothed, self.score[d]), smoothed)
         order = np.argsort(-smoothed, kind="stable")
         chosen = [int(j) for j in order if smoothed[j] >= self.exit] or [int(order[0])]
         return [

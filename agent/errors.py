@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # Publishes one errors-topic payload (QoS 0, not retained).
 Sink = Callable[[bytes], None]
 
+# Faults of the agent itself (not rejected input): same errors-topic payload, not rate-limited, not counted as
+# rejections, delivered durably (through the outbox) because they are rare and someone must act on them.
+FAULT_REASONS = ("outbox_corrupt", "model_reload_failed")
+
 
 class TokenBucket:
     """`rate_per_minute` tokens per minute, holding at most `capacity`; starts full."""
@@ -59,12 +63,40 @@ class ErrorReporter:
         self._enabled = max_per_minute > 0  # 0: count only, never publish
         self._lock = threading.Lock()
         self.counts: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
+        self.faults: dict[str, int] = dict.fromkeys(FAULT_REASONS, 0)
+        self._fault_sink: Sink | None = None
+        self._waiting_faults: list[bytes] = []
         self.published = 0
         self._suppressed = 0
         self._last_suppressed: tuple[str, str, str | None, str | None] | None = None
 
     def set_sink(self, sink: Sink | None) -> None:
         self._sink = sink
+
+    def set_fault_sink(self, sink: Sink) -> None:
+        """Where fault reports go; faults reported before this are sent now, in order."""
+        with self._lock:
+            self._fault_sink = sink
+            waiting, self._waiting_faults = self._waiting_faults, []
+        for body in waiting:
+            sink(body)
+
+    def fault(self, reason: str, detail: str) -> None:
+        """Report a fault of the agent (FAULT_REASONS) on the errors topic; logged at ERROR."""
+        if reason not in FAULT_REASONS:
+            raise ValueError(f"unknown fault reason {reason!r}")
+        log.error("%s: %s", reason, detail)
+        body = payloads.error(self._clock(), None, None, reason, detail, 0)
+        with self._lock:
+            self.faults[reason] += 1
+            sink = self._fault_sink
+            if sink is None:
+                self._waiting_faults.append(body)
+                return
+        try:
+            sink(body)
+        except Exception:
+            log.exception("could not queue a fault report")
 
     @property
     def total(self) -> int:

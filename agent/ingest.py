@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from agent.config import Settings
 from agent.events import Rejected, Sample
+from agent.partition import PartitionFilter
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 PLACEHOLDER = re.compile(r"\{(device|sensor)\}")
@@ -90,6 +91,7 @@ class Ingest:
         self.routes = [compile_template(settings.topics.telemetry, "telemetry")]
         if settings.topics.sensor:
             self.routes.append(compile_template(settings.topics.sensor, "sensor"))
+        self.partition = PartitionFilter(settings.partition.count, settings.partition.index)
 
     def subscriptions(self) -> list[str]:
         """MQTT filters for the templates; a filter covered by another is dropped (no duplicate deliveries)."""
@@ -110,7 +112,10 @@ class Ingest:
         raise Rejected("unknown_topic", f"topic {topic[:200]!r} matches none of {[r.template for r in self.routes]}")
 
     def parse(self, topic: str, payload: bytes, now: float) -> list[Sample]:
+        """Samples of one message; [] for a device another partition owns (dropped before decoding)."""
         route, device, sensor = self.match(topic)
+        if self.partition.active and not self.partition.owns(device):
+            return []
         if len(payload) > self.max_payload_bytes:
             raise Rejected("oversized_payload", f"{len(payload)} bytes > ingest.max_payload_bytes={self.max_payload_bytes}", device)
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,7 @@ class Bundle:
         self.manifest = manifest
         self.session = session
         self.sha256 = sha256
+        self.signed = False  # set by load_bundle when a signature was verified
         self.name: str = manifest["name"]
         self.version: str = manifest["version"]
         self.features: list[str] = list(manifest["features"])
@@ -156,8 +159,12 @@ class Bundle:
         """Raw model call: (B, L, F) scaled float32 -> (B, H, T) scaled float32."""
         return self.session.run([self.output_name], {self.input_name: x_scaled})[0]
 
+    # Told (batch size, seconds) after every predict(); the daemon's metrics set it. None: nothing measured.
+    observer: Callable[[int, float], None] | None = None
+
     def predict(self, x_raw: np.ndarray) -> np.ndarray:
         """(B, L, F) float32 in original units -> (B, H, T) float32 forecasts in original units."""
+        started = time.perf_counter()
         x = np.asarray(x_raw, dtype=np.float32)
         if x.ndim != 3 or x.shape[1:] != (self.lookback, self.n_features):
             raise ValueError(f"predict expects (batch, {self.lookback}, {self.n_features}), got {x.shape}")
@@ -166,20 +173,63 @@ class Bundle:
         y = self.run_scaled(scaled)  # (B, H, T)
         y *= self._tscale32
         y += self._toffset32
+        if self.observer is not None:
+            self.observer(x.shape[0], time.perf_counter() - started)
         return y
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
-def load_bundle(path: str | Path, intra_op_threads: int = 1) -> Bundle:
-    """Read, verify and warm up a bundle folder; BundleError names the first thing that does not match."""
+def verify_signature(folder: Path, manifest_bytes: bytes, public_key: bytes | None, require_signature: bool) -> bool:
+    """Check `manifest.json.sig` (ed25519 over the manifest's bytes) against `public_key`.
+
+    True when a valid signature was checked; False when the bundle is unsigned and that is allowed.
+    Raises BundleError when a signature is required but missing, malformed, or made by another key.
+    """
+    from .signing import SIGNATURE_FILE, SignatureError, parse_hex, verify
+
+    sig_path = folder / SIGNATURE_FILE
+    if public_key is None:
+        _require(not require_signature, "model.require_signature is set but no public key is configured")
+        return False
+    if not sig_path.is_file():
+        _require(not require_signature, f"the bundle is not signed ({sig_path} not found) and model.require_signature is set")
+        return False
+    try:
+        signature = parse_hex(sig_path.read_text(encoding="ascii", errors="replace"), 64, f"{sig_path.name}")
+    except SignatureError as exc:
+        raise BundleError(f"bad signature file: {exc}") from None
+    _require(
+        verify(public_key, manifest_bytes, signature),
+        f"the signature in {sig_path.name} does not match manifest.json and the configured public key "
+        f"{public_key.hex()[:16]}...: the bundle was changed after signing or signed by another key",
+    )
+    return True
+
+
+def load_configured_bundle(model_config) -> Bundle:
+    """load_bundle with the [model] section's threads and signature settings (key file read here)."""
+    try:
+        key = model_config.resolved_public_key()
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read the model public key: {exc}") from None
+    return load_bundle(model_config.path, model_config.intra_op_threads, public_key=key, require_signature=model_config.require_signature)
+
+
+def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes | None = None, require_signature: bool = False) -> Bundle:
+    """Read, verify and warm up a bundle folder; BundleError names the first thing that does not match.
+
+    With `public_key`, a `manifest.json.sig` must verify (and must exist when `require_signature`).
+    """
     folder = Path(path)
     _require(folder.is_dir(), f"model bundle folder not found: {folder}")
     manifest_path = folder / "manifest.json"
     _require(manifest_path.is_file(), f"{manifest_path} not found (a bundle is model.onnx + manifest.json)")
+    manifest_bytes = manifest_path.read_bytes()  # read once: the signed bytes are the parsed bytes
+    signed = verify_signature(folder, manifest_bytes, public_key, require_signature)
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
     _require(isinstance(manifest, dict), f"{manifest_path} must hold a JSON object")
@@ -238,6 +288,7 @@ def load_bundle(path: str | Path, intra_op_threads: int = 1) -> Bundle:
     _check_calibration(manifest.get("calibration"), horizon, len(targets))
 
     bundle = Bundle(folder, manifest, session, actual_sha)
+    bundle.signed = signed
     _warm_up(bundle)
     return bundle
 

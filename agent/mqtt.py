@@ -1,14 +1,25 @@
 """The MQTT link: a thin wrapper around paho-mqtt 2.x (the only module that imports paho).
 
 paho runs its network loop in its own thread (`loop_start`); `on_message` only hands (topic, payload, time)
-to the app's callback, which parses and enqueues. Subscriptions are made in `on_connect`, so they come back
-after every reconnect. The retained status topic carries `online` while connected and the last will
+to the app's callback, which parses and enqueues (it may block for a bounded time when the ingest queue is
+full: paho then stops reading the socket and QoS 1 readings wait at the broker). Subscriptions are made in
+`on_connect`, so they come back after every reconnect (the session is clean, so the broker never keeps them).
+Retained state (the `online` status, the active-alert lists) is kept here and published again on every
+connect. Reconnects back off exponentially with jitter (a fleet of gateways does not hammer a broker that
+just came back in lockstep). The retained status topic carries `online` while connected and the last will
 (`offline`, "connection lost") when the connection dies without a clean goodbye.
+
+Besides the sensor input, the link carries *control* subscriptions (Home Assistant's birth topic, the model
+rollout topics): they go to their own handler, survive reconnects like the input, may be added and removed
+while running, and stay when the input stops. Connects, refusals, disconnects and reconnects are logged with
+their MQTT reason codes (and counted for the metrics).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import socket
 import ssl
 import threading
 import time
@@ -24,6 +35,78 @@ log = logging.getLogger(__name__)
 
 # (topic, payload, arrival time on the agent clock); must return quickly: it runs on paho's network thread.
 MessageHandler = Callable[[str, bytes, float], None]
+ControlHandler = Callable[[str, bytes], None]
+
+
+def _reason(reason_code) -> str:
+    """`135 (Not authorized)`: the number operators search for and the words that explain it."""
+    value = getattr(reason_code, "value", reason_code)
+    return f"{value} ({reason_code})"
+
+
+class _BufferedSocket:
+    """paho reads every packet with 3-4 small recv calls (type byte, length bytes, body): at thousands of messages
+    a second each is a syscall and a GIL hand-off that the busy worker thread delays. This wrapper reads up to
+    256 KiB at once and serves the small reads from memory; `pending()` makes paho's loop skip waiting in select
+    while buffered bytes remain (paho does the same for TLS sockets). Everything else goes to the socket."""
+
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos >= len(self._buffer):
+            data = self._sock.recv(self.READ_SIZE)  # BlockingIOError / b"" (closed) pass through unchanged
+            if len(data) <= bufsize:
+                return data
+            self._buffer, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buffer))
+        return self._buffer[start : self._pos]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._buffer) - self._pos + inner
+
+    def buffered(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _Client(paho.Client):
+    """paho's client, remembering why the last connect attempt failed (paho drops the exception), reading through
+    a _BufferedSocket."""
+
+    last_error: BaseException | None = None
+
+    def reconnect(self):  # type: ignore[override]
+        try:
+            result = super().reconnect()
+        except OSError as exc:  # refused, unreachable, TLS handshake or certificate verification failed
+            self.last_error = exc
+            raise
+        self.last_error = None
+        if self._sock is not None and not isinstance(self._sock, _BufferedSocket):
+            self._sock = _BufferedSocket(self._sock)  # before the loop reads anything (CONNACK included)
+        return result
+
+    READ_BURST = 256  # packets read from the buffer per select, so writes are still serviced in between
+
+    def loop_read(self, max_packets: int = 1):  # type: ignore[override]
+        rc = super().loop_read(max_packets)
+        burst = 0
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and burst < self.READ_BURST:
+            sock = self._sock
+            if not isinstance(sock, _BufferedSocket) or sock.buffered() == 0:
+                break
+            rc = super().loop_read(1)  # the next packet is (at least partly) in memory already: no select needed
+            burst += 1
+        return rc
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,23 +129,43 @@ class MqttLink:
         will: Retained,
         on_connect_publish: Callable[[], Retained | None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_ack: Callable[[int], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        control_subscriptions: list[str] | None = None,
+        on_control: ControlHandler | None = None,
     ):
         self._settings = settings
         self._subscriptions = list(subscriptions)
         self._handler = on_message
+        self._control: list[str] = list(control_subscriptions or [])  # QoS 1, routed to on_control
+        self._control_handler = on_control
+        self._sub_topics: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics (for the SUBACK log)
         self._on_connect_publish = on_connect_publish
+        self._on_ack = on_ack
+        self._on_connected = on_connected
         self._clock = clock
+        self._retained: dict[str, Retained] = {}  # topic -> latest retained state, republished on connect
+        self._retained_lock = threading.Lock()
+        self._attempt = 0  # failed connects since the last success (back-off exponent)
+        self.connected_at: float | None = None  # monotonic time of the last successful connect
+        self.disconnected_at: float | None = None
         self._lock = threading.Condition()
         self._pending: set[int] = set()  # mids of QoS 1 publishes not yet acknowledged
         self._early_acks: dict[int, float] = {}  # acks that overtook publish() returning (mid -> monotonic time)
+        self._early_ack_limit = 1024  # next size at which old early acks are pruned (amortized: doubles with the live size)
         self._unsubacks: set[int] = set()  # mids of UNSUBACKs received (one unsubscribe per life)
         self._subscribed = threading.Event()
         self.connected = threading.Event()
-        self.connects = 0
+        self.connects = 0  # successful connects (the first one included)
+        self.disconnects = 0  # lost or closed connections
+        self.connect_failures = 0  # attempts that failed (TCP/TLS error or refused by the broker)
         self.dropped_publishes = 0
 
         mqtt = settings.mqtt
-        client = paho.Client(
+        problem = mqtt.plaintext_password_problem()
+        if problem is not None:
+            raise ValueError(problem)
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.agent_id,
             protocol=paho.MQTTv311,
@@ -72,7 +175,8 @@ class MqttLink:
         if self._drop_socket_noise not in paho_log.filters:
             paho_log.addFilter(self._drop_socket_noise)
         client.enable_logger(paho_log)
-        client.reconnect_delay_set(mqtt.reconnect_min_s, mqtt.reconnect_max_s)  # type: ignore[arg-type]
+        self._client = client
+        self._set_next_delay()
         client.max_queued_messages_set(mqtt.max_queued_messages)
         if mqtt.username is not None:
             client.username_pw_set(mqtt.username, mqtt.resolved_password())
@@ -84,8 +188,8 @@ class MqttLink:
                 cert_reqs=ssl.CERT_REQUIRED,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        elif mqtt.username is not None and mqtt.resolved_password() and mqtt.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("sending the broker password without TLS to %s; set mqtt.tls.enabled", mqtt.host)
+        elif mqtt.has_password():
+            log.warning("sending the broker password without TLS to %s (mqtt.plaintext_password = %s)", mqtt.host, mqtt.plaintext_password)
         client.will_set(will.topic, will.payload, qos=will.qos, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -94,7 +198,6 @@ class MqttLink:
         client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
-        self._client = client
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -108,6 +211,57 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         """True once connected and subscribed (for tests and start-up logging)."""
         return self.connected.wait(timeout) and self._subscribed.wait(timeout)
+
+    def loop_alive(self) -> bool:
+        """paho's network thread is running (it reconnects by itself; if it died, nothing would)."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    def _set_next_delay(self) -> None:
+        """Exponential back-off with "equal jitter": half the step is fixed, half random."""
+        mqtt = self._settings.mqtt
+        step = min(mqtt.reconnect_max_s, mqtt.reconnect_min_s * (2 ** min(self._attempt, 30)))
+        delay = step / 2 + random.uniform(0, step / 2)
+        # paho waits min_delay before its next attempt when its own exponent is reset, which this call does.
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        self.next_delay_s = delay
+
+    @property
+    def reconnects(self) -> int:
+        """Connects after the first: each one followed a lost connection."""
+        return max(0, self.connects - 1)
+
+    def add_control_subscription(self, topic: str) -> None:
+        """Subscribe to `topic` (QoS 1) for the control handler, now if connected and after every reconnect."""
+        with self._retained_lock:
+            if topic in self._control:
+                return
+            self._control.append(topic)
+        if self.connected.is_set():
+            self._subscribe([topic], qos=1)
+
+    def remove_control_subscription(self, topic: str) -> None:
+        with self._retained_lock:
+            if topic not in self._control:
+                return
+            self._control.remove(topic)
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    def _is_control(self, topic: str) -> bool:
+        if not self._control:  # the usual case, checked per sensor message: no lock, no copy
+            return False
+        with self._retained_lock:
+            filters = list(self._control)
+        return any(paho.topic_matches_sub(f, topic) for f in filters)
+
+    def _subscribe(self, topics: list[str], qos: int) -> None:
+        rc, mid = self._client.subscribe([(topic, qos) for topic in topics])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.error("subscribe to %s failed: %s", ", ".join(topics), paho.error_string(rc))
+            return
+        with self._lock:
+            self._sub_topics[mid] = list(topics)
 
     def stop_input(self, timeout: float) -> bool:
         """Unsubscribe and wait (bounded) for the broker's UNSUBACK: after it, no more input arrives."""
@@ -148,6 +302,20 @@ class MqttLink:
 
     # -- publishing ------------------------------------------------------------------------------------------
 
+    def set_retained(self, message: Retained) -> None:
+        """Remember `message` as the topic's retained state; publish it now if connected, else on connect."""
+        with self._retained_lock:
+            self._retained[message.topic] = message
+        if self.connected.is_set():
+            self.publish(message.topic, message.payload, qos=message.qos, retain=True)
+
+    def publish_tracked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Publish and return the message id (its ack reaches `on_ack`); None when paho refused it."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return None
+        return info.mid
+
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         """Queue a message; False when paho refused it (its outgoing queue is full, or QoS 0 while offline)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -177,51 +345,119 @@ class MqttLink:
         return True
 
     def _forget_old_early_acks(self) -> None:
-        # QoS 0 completions written by the network thread land here too and never match a pending mid.
-        if len(self._early_acks) > 1024:
+        # QoS 0 completions written by the network thread land here too and never match a pending mid. Pruning
+        # scans the whole dict, so it runs only after it doubled: O(1) per publish even at thousands per second.
+        if len(self._early_acks) > self._early_ack_limit:
             horizon = time.monotonic() - 5.0
             for mid in [m for m, t in self._early_acks.items() if t < horizon]:
                 del self._early_acks[mid]
+            self._early_ack_limit = max(1024, 2 * len(self._early_acks))
 
     # -- paho callbacks (network thread) ---------------------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        mqtt = self._settings.mqtt
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            self._attempt += 1  # back off: retrying a refused login at the shortest delay helps nobody
+            self.connect_failures += 1
+            log.error(
+                "broker %s:%d refused the connection: reason code %s", mqtt.host, mqtt.port, _reason(reason_code),
+                extra={"event": "mqtt_connect_refused", "reason_code": getattr(reason_code, "value", None)},
+            )
             return
+        if self.connects > 0 and self.connected.is_set():
+            # paho reconnected without an on_disconnect (the socket failed inside its select): still a lost connection
+            self.disconnects += 1
+            self.disconnected_at = None
+            log.warning(
+                "the connection to the broker was lost (socket error, no reason code from the broker)",
+                extra={"event": "mqtt_disconnected", "reason_code": None},
+            )
+        first = self.connects == 0
         self.connects += 1
-        log.info("connected to the broker (session present: %s)", flags.session_present)
+        self._attempt = 0
+        self._set_next_delay()
+        self.connected_at = time.monotonic()
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            try:  # forecasts are small packets: Nagle's algorithm would hold them back for a delayed ACK (~40 ms)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        # A clean session never keeps subscriptions, and a broker that lost its state may claim none: always
+        # subscribe again, whatever session_present says.
+        if first:
+            log.info(
+                "connected to the broker %s:%d: reason code %s (session present: %s)", mqtt.host, mqtt.port, _reason(reason_code),
+                flags.session_present, extra={"event": "mqtt_connected", "reason_code": reason_code.value},
+            )
+        else:
+            away = None if self.disconnected_at is None else round(self.connected_at - self.disconnected_at, 3)
+            log.info(
+                "reconnected to the broker %s:%d%s (reconnect #%d): reason code %s", mqtt.host, mqtt.port,
+                "" if away is None else f" after {away:.1f}s away", self.reconnects, _reason(reason_code),
+                extra={"event": "mqtt_reconnected", "reason_code": reason_code.value, "away_s": away},
+            )
         if self._subscriptions:
-            rc, _ = client.subscribe([(topic, self._settings.mqtt.qos_in) for topic in self._subscriptions])
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.error("subscribe failed: %s", paho.error_string(rc))
+            self._subscribe(self._subscriptions, qos=mqtt.qos_in)
         else:
             self._subscribed.set()
+        with self._retained_lock:
+            control = list(self._control)
+        if control:
+            self._subscribe(control, qos=1)
         if self._on_connect_publish is not None:
             message = self._on_connect_publish()
             if message is not None:  # re-publish `online`: the will may have overwritten it while we were away
                 self.publish(message.topic, message.payload, qos=message.qos, retain=True)
+        with self._retained_lock:
+            retained = list(self._retained.values())
+        for message in retained:  # e.g. active-alert lists: a restarted broker without persistence lost them
+            self.publish(message.topic, message.payload, qos=message.qos, retain=True)
         self.connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
 
     def _on_connect_fail(self, client, userdata) -> None:
         mqtt = self._settings.mqtt
-        log.warning("cannot reach the broker at %s:%d; retrying (up to every %.0fs)", mqtt.host, mqtt.port, mqtt.reconnect_max_s)
+        self._attempt += 1
+        self.connect_failures += 1
+        self._set_next_delay()
+        why = getattr(client, "last_error", None) or "no answer"
+        log.warning(
+            "cannot connect to the broker at %s:%d (%s); retrying in %.1fs", mqtt.host, mqtt.port, why, self.next_delay_s,
+            extra={"event": "mqtt_connect_failed", "error": str(why), "retry_in_s": round(self.next_delay_s, 3)},
+        )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self._subscribed.clear()
+        if was_connected:  # paho also reports a failed connect attempt here; that is not a lost connection
+            self.disconnects += 1
+            self.disconnected_at = time.monotonic()
+        self._set_next_delay()
         if reason_code.is_failure:
-            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+            log.warning(
+                "disconnected from the broker: reason code %s; reconnecting in %.1fs", _reason(reason_code), self.next_delay_s,
+                extra={"event": "mqtt_disconnected", "reason_code": reason_code.value, "retry_in_s": round(self.next_delay_s, 3)},
+            )
         else:
-            log.info("disconnected from the broker")
+            log.info(
+                "disconnected from the broker: reason code %s", _reason(reason_code),
+                extra={"event": "mqtt_disconnected", "reason_code": reason_code.value},
+            )
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
-        failed = [f"{topic}: {rc}" for topic, rc in zip(self._subscriptions, reason_code_list) if rc.is_failure]
+        with self._lock:
+            topics = self._sub_topics.pop(mid, [])
+        failed = [f"{topic}: reason code {_reason(rc)}" for topic, rc in zip(topics, reason_code_list) if rc.is_failure]
         if failed:
-            log.error("the broker refused subscriptions: %s", "; ".join(failed))
+            log.error("the broker refused subscriptions: %s", "; ".join(failed), extra={"event": "mqtt_subscribe_refused"})
         else:
-            log.info("subscribed to %s", ", ".join(self._subscriptions))
-        self._subscribed.set()
+            log.info("subscribed to %s", ", ".join(topics))
+        if not topics or any(topic in self._subscriptions for topic in topics):
+            self._subscribed.set()
 
     def _on_unsubscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         with self._lock:
@@ -234,11 +470,16 @@ class MqttLink:
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "replace")  # mosquitto refuses these; keep a readable name
         try:
-            self._handler(topic, message.payload, self._clock())
+            if self._control_handler is not None and self._is_control(topic):
+                self._control_handler(topic, message.payload)
+            else:
+                self._handler(topic, message.payload, self._clock())
         except Exception:  # an exception escaping a callback would end paho's network thread
             log.exception("message handler failed on %r", topic)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self._on_ack is not None:
+            self._on_ack(mid)
         with self._lock:
             if mid in self._pending:
                 self._pending.discard(mid)

@@ -5,6 +5,7 @@ Compact separators and rounded floats keep payloads small; non-finite numbers be
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -52,6 +53,85 @@ def _model(name: str, version: str) -> dict[str, str]:
 
 
 def forecast(fc: Forecast, model_name: str, model_version: str) -> bytes:
+    """The same bytes as `_forecast_reference`, written as text directly: this runs once per forecast, thousands
+    of times a second, and json.dumps of a nested dict with per-value rounding was the daemon's largest
+    encoding cost. Anything unusual (non-finite values) takes the reference path."""
+    try:
+        values = ",".join([f"{_json_str(target)}:[{_json_sig5_list(series)}]" for target, series in fc.values.items()])
+        return (
+            f'{{"device":{_json_str(fc.device)},"model":{_json_model(model_name, model_version)},"ts":{_json_ts(fc.ts)},'
+            f'"period_s":{_json_ts(fc.period_s)},"horizon_ts":[{_json_ts_list(fc.horizon_ts)}],'
+            f'"forecast":{{{values}}},"completeness":{_json_round(fc.completeness, 4)},"staleness_s":{_json_round(fc.staleness_s, 3)}}}'
+        ).encode("utf-8")
+    except _Unusual:
+        return _forecast_reference(fc, model_name, model_version)
+
+
+class _Unusual(Exception):
+    """A value the fast forecast encoder leaves to json.dumps."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _json_model(name: str, version: str) -> str:
+    return _dumps(_model(name, version)).decode("utf-8")
+
+
+def _json_sig5(value: float) -> str:
+    """JSON of _sig(value, FORECAST_DIGITS): '%.5g' is already the shortest repr when it is positional with a '.'
+    (1e-4 <= |value| < 1e5, not whole); the other cases go through float() and repr like json.dumps."""
+    text = f"{value:.5g}"
+    if "." in text and "e" not in text and "n" not in text:
+        return text
+    rounded = _sig(value, FORECAST_DIGITS)
+    return "null" if rounded is None else repr(rounded)
+
+
+_FORMAT_SIG5 = "{:.5g}".format
+
+
+def _json_sig5_list(values: list[float]) -> str:
+    """_json_sig5 of each value, comma-joined; one C-level pass when every value is positional (the usual case)."""
+    text = ",".join(map(_FORMAT_SIG5, values))
+    if "e" in text or "n" in text or text.count(".") != len(values):
+        return ",".join([_json_sig5(v) for v in values])
+    return text
+
+
+def _json_ts_list(values: list[float]) -> str:
+    """_json_ts of each value, comma-joined; whole seconds (the sampling grid) in one pass."""
+    try:
+        whole = [int(v) for v in values]
+    except (OverflowError, ValueError):
+        raise _Unusual from None
+    if whole == values:
+        return ",".join(map(str, whole))
+    return ",".join([_json_ts(v) for v in values])
+
+
+def _json_ts(value: float) -> str:
+    value = float(value)
+    if value.is_integer():
+        return str(int(value))
+    rounded = round(value, 3)
+    if not math.isfinite(rounded):
+        raise _Unusual
+    return repr(rounded)
+
+
+def _json_round(value: float, digits: int) -> str:
+    rounded = round(float(value), digits)
+    if not math.isfinite(rounded):
+        raise _Unusual
+    return repr(rounded)
+
+
+def _forecast_reference(fc: Forecast, model_name: str, model_version: str) -> bytes:
+    """The forecast payload as the contract's plain JSON encoding: the definition `forecast` must equal."""
     return _dumps(
         {
             "device": fc.device,
@@ -107,8 +187,10 @@ def active_alerts(device: str, ts: float, alerts: Iterable[AlertEvent]) -> bytes
 
 
 def status(
-    state: str, agent_id: str, version: str, model_name: str, model_version: str, model_sha256: str, ts: float, reason: str | None = None
+    state: str, agent_id: str, version: str, model_name: str, model_version: str, model_sha256: str, ts: float, reason: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
+    """The retained status; `extra` adds fields such as "outbox" counts and the last "model_reload" outcome."""
     body: dict[str, Any] = {
         "state": state,
         "agent_id": agent_id,
@@ -118,6 +200,8 @@ def status(
     }
     if reason is not None:  # only the last will says why
         body["reason"] = reason
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
     return _dumps(body)
 
 

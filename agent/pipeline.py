@@ -5,8 +5,8 @@ several slots of the same device (a backlog after a reconnect, or a replay chunk
 1. windows: each sample is merged into its device's window; every committed slot is logged, and a device whose
    full window advanced (and whose stride allows) has its window copied into the batch buffer;
 2. inference: one predict() per `inference.max_batch` windows;
-3. in log order: each observed slot is scored against the one-step forecast made from the window that ended one
-   period earlier (docs/contracts.md), then the forecasts made at that slot are emitted.
+3. in log order: each observed slot is scored against the forecasts made for it 1..k periods earlier (the
+   calibration's `score_steps`; docs/contracts.md), then the forecasts made at that slot are emitted.
 The result is identical however the samples are split into calls.
 """
 
@@ -19,13 +19,13 @@ import numpy as np
 from agent.config import Settings
 from agent.detect import AlertDetector, ResidualScorer
 from agent.events import AlertEvent, Forecast, Rejected, Rejection, Sample
-from agent.model import Bundle
+from agent.model import Bundle, BundleError
 from agent.window import NO_SLOT, WindowStore
 
 Event = Forecast | AlertEvent | Rejection
 
 _COMMIT, _FORECAST, _REJECT = 0, 1, 2
-_NO_FORECAST, _STORED = -2, -1  # forecast source of a commit; >= 0: a batch row of the same call
+_KEY_SPAN = 1 << 34  # (device, slot) -> one int64 key: device * span + slot (slots are < 2**34)
 
 
 class Trace(Protocol):
@@ -50,11 +50,28 @@ class Pipeline:
         self.stride = settings.inference.stride
         self.max_batch = settings.inference.max_batch
         self.min_completeness = settings.window.min_completeness
+        self.clean_periods = settings.window.clean_periods
         self.max_devices = settings.ingest.max_devices
-        self.windows = WindowStore(bundle.features, bundle.lookback, bundle.period_s, settings.window.max_gap_periods, on_commit=self._on_commit)
+        self.windows = WindowStore(bundle.features, bundle.lookback, bundle.period_s, settings.window.max_gap_periods,
+                                   on_commit=self._on_commit, max_lateness_periods=settings.window.max_lateness_periods)
         calibration = bundle.calibration
-        scorer = ResidualScorer(calibration["residual_mean"], calibration["residual_std"], bundle.target_scale, calibration["ewma_alpha"])
-        self.detector = AlertDetector.from_settings(scorer, calibration["thresholds"], bundle.targets, settings.detect, salt=bundle.sha256[:16])
+        try:
+            scorer = ResidualScorer(calibration["residual_mean"], calibration["residual_std"], bundle.target_scale,
+                                    calibration["ewma_alpha"], calibration.get("score_steps", [1]),
+                                    calibration.get("slow_alpha"), calibration.get("slow_gain", 1.0),
+                                    calibration.get("slow_clip", 3.0))
+            repeats = calibration.get("flatline_repeats")
+            if repeats is not None and (len(repeats) != len(bundle.targets) or any(not isinstance(r, int) or r < 0 for r in repeats)):
+                raise ValueError(f"flatline_repeats must be one non-negative integer per target, got {repeats!r}")
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"manifest.calibration: {exc}") from None
+        self.detector = AlertDetector.from_settings(scorer, calibration, bundle.targets, settings.detect, salt=bundle.sha256[:16])
+        # Past forecasts per device, for multi-step scoring: a ring over the last `ring` forecast slots, each
+        # holding the forecasts of the looked-up steps (step 1 always, for the replay's `expected` column).
+        self.lookup_steps = sorted({1, *scorer.steps})
+        self._score_cols = np.array([self.lookup_steps.index(k) for k in scorer.steps])  # (S,)
+        self._lookup_index = np.array(self.lookup_steps) - 1  # (S',) horizon index of each looked-up step
+        self.ring = max(self.lookup_steps)
         self._capacity = 0
         self._grow(self.windows.capacity)
         self._horizon_steps = np.arange(1, self.horizon + 1, dtype=np.float64) * self.period_s  # (H,)
@@ -63,16 +80,17 @@ class Pipeline:
         self._batch = np.empty((max(1, min(self.max_batch, 64)), bundle.lookback, bundle.n_features), dtype=np.float32)  # (N, L, F)
         self._n_batch = 0
         self._current = 0
-        self._call_forecasts: dict[int, tuple[int, int, float]] = {}  # device -> (slot, batch row, completeness)
-        self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "inferences": 0, "batches": 0, "scored": 0, "alerts_opened": 0, "rejected_devices": 0}
+        self._call_forecasts: list[tuple[int, int, int, bool]] = []  # (device, slot, batch row, usable for scoring)
+        self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
+                         "scored": 0, "alerts_opened": 0, "rejected_devices": 0}
 
     # -- per-device arrays beside the window store --------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
-        T = self.bundle.n_targets
+        T, R, S = self.bundle.n_targets, self.ring, len(self.lookup_steps)
         fresh = {
-            "expected": np.zeros((capacity, T), dtype=np.float32),  # one-step forecast of the next slot
-            "expected_slot": np.full(capacity, NO_SLOT, dtype=np.int64),  # the slot `expected` was made at
-            "expected_completeness": np.zeros(capacity, dtype=np.float32),
+            "past": np.zeros((capacity, R, S, T), dtype=np.float32),  # forecasts made at slot s, at index s % R
+            "past_slot": np.full((capacity, R), NO_SLOT, dtype=np.int64),  # the slot each was made at
+            "past_ok": np.zeros((capacity, R), dtype=bool),  # made from a window fit for scoring
         }
         for key, array in fresh.items():
             if self._capacity:
@@ -93,20 +111,9 @@ class Pipeline:
 
     # -- phase 1 callback ---------------------------------------------------------------------------------------
     def _on_commit(self, d: int, slot: int, observed: bool, values) -> None:
-        # Which forecast predicted this slot: one made earlier in this call (its batch row) or the stored one.
-        source, completeness = _NO_FORECAST, 0.0
-        in_call = self._call_forecasts.get(d)
-        if in_call is not None:
-            if in_call[0] == slot - 1:
-                source, completeness = in_call[1], in_call[2]
-        elif self.expected_slot[d] == slot - 1:
-            source, completeness = _STORED, float(self.expected_completeness[d])
-        if source != _NO_FORECAST:
-            targets = [values[j] for j in self.target_list]
-            self._log.append((_COMMIT, self._current, d, slot, observed and completeness >= self.min_completeness, source, targets))
-        else:
-            self._log.append((_COMMIT, self._current, d, slot, False, _NO_FORECAST, None))
-        commits = self.windows.commits[d]
+        self._log.append((_COMMIT, self._current, d, slot, observed, [values[j] for j in self.target_list]))
+        windows = self.windows
+        commits = windows.commits[d]
         if commits < self.lookback or (commits - self.lookback) % self.stride:
             return
         n = self._n_batch
@@ -114,10 +121,14 @@ class Pipeline:
             bigger = np.empty((2 * n,) + self._batch.shape[1:], dtype=np.float32)
             bigger[:n] = self._batch
             self._batch = bigger
-        self._batch[n] = self.windows.window(d)
+        windows.copy_window(d, self._batch[n])
         self._n_batch = n + 1
-        completeness = self.windows.completeness(d)
-        self._call_forecasts[d] = (slot, n, completeness)
+        completeness = windows.completeness(d)
+        # Usable for scoring: a mostly observed window whose newest `clean_periods` slots are all observed (a
+        # window that ends in carried-forward values forecasts from a stale state).
+        imputed = windows.last_imputed[d]
+        clean = imputed is None or slot - imputed >= self.clean_periods
+        self._call_forecasts.append((d, slot, n, completeness >= self.min_completeness and clean))
         self._log.append((_FORECAST, self._current, d, slot, n, completeness))
 
     # -- the entry point ------------------------------------------------------------------------------------------
@@ -128,6 +139,7 @@ class Pipeline:
         self._call_forecasts.clear()
         self._n_batch = 0
         windows = self.windows
+        reordered = windows.reordered
         for i, sample in enumerate(samples):
             d = self._device(sample.device)
             if d is None:
@@ -141,6 +153,7 @@ class Pipeline:
                 self.counters["late_samples"] += 1
                 log.append((_REJECT, i, Rejection(exc.reason, exc.detail, exc.device)))
         self.counters["samples"] += len(samples)
+        self.counters["reordered"] += windows.reordered - reordered
         try:
             forecasts = self._infer(self._n_batch)
             return self._emit(log, forecasts, now, trace)
@@ -159,49 +172,81 @@ class Pipeline:
         self.counters["inferences"] += n
         return out
 
-    def _expected_matrix(self, log: list[tuple], forecasts: np.ndarray | None):
-        """(E, Z): one-step forecasts (K, T) and their normalized residuals (K, T), one row per commit with a source."""
-        rows = [entry for entry in log if entry[0] == _COMMIT and entry[5] != _NO_FORECAST]
-        if not rows:
-            return None, None
-        observed = np.array([entry[6] for entry in rows], dtype=np.float64)  # (K, T)
-        sources = np.fromiter((entry[5] for entry in rows), dtype=np.int64, count=len(rows))
-        devices = np.fromiter((entry[2] for entry in rows), dtype=np.int64, count=len(rows))
-        expected = np.empty_like(observed)  # (K, T)
-        stored = sources == _STORED
-        expected[stored] = self.expected[devices[stored]]
-        if forecasts is not None and not stored.all():
-            expected[~stored] = forecasts[sources[~stored], 0]
-        return expected, self.detector.scorer.z(observed, expected)
+    def _past_forecasts(self, log: list[tuple], forecasts: np.ndarray | None):
+        """For every commit of the call: the forecasts made 1..k periods earlier for its slot.
+
+        Returns (observed (K, T), looked-up forecasts (K, S', T) NaN where none, usable (K, S') bool), or None.
+        Forecasts of this call come from `forecasts` (matched by (device, slot) with a sorted key search), older
+        ones from the per-device ring.
+        """
+        commits = [entry for entry in log if entry[0] == _COMMIT]
+        if not commits:
+            return None
+        K, S, T = len(commits), len(self.lookup_steps), self.bundle.n_targets
+        devices = np.fromiter((e[2] for e in commits), dtype=np.int64, count=K)
+        slots = np.fromiter((e[3] for e in commits), dtype=np.int64, count=K)
+        observed = np.array([e[5] for e in commits], dtype=np.float64)  # (K, T)
+        steps = np.array(self.lookup_steps, dtype=np.int64)  # (S',)
+        want = slots[:, None] - steps  # (K, S') slot each forecast was made at
+        # Older forecasts: the ring.
+        pos = want % self.ring
+        dev = np.broadcast_to(devices[:, None], want.shape)
+        found = self.past_slot[dev, pos] == want  # (K, S')
+        usable = found & self.past_ok[dev, pos]
+        expected = np.full((K, S, T), np.nan, dtype=np.float64)
+        cols = np.broadcast_to(np.arange(S), want.shape)
+        expected[found] = self.past[dev[found], pos[found], cols[found]]
+        # Forecasts made earlier in this call (they shadow nothing: slots only grow per device).
+        if self._call_forecasts:
+            call = np.array([(d, s, n, ok) for d, s, n, ok in self._call_forecasts], dtype=np.int64)  # (N, 4)
+            keys = call[:, 0] * _KEY_SPAN + call[:, 1]
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            wanted = dev * _KEY_SPAN + want  # (K, S')
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            hit = keys[at] == wanted
+            rows = call[order[at], 2]
+            expected[hit] = forecasts[rows[hit], self._lookup_index[cols[hit]]]
+            usable = np.where(hit, call[order[at], 3].astype(bool), usable)
+        return observed, expected, usable
 
     def _emit(self, log: list[tuple], forecasts: np.ndarray | None, now: float, trace: Trace | None) -> list[Event]:
         events: list[Event] = []
         names = self.windows.names
         detector = self.detector
+        scorer = detector.scorer
         period = self.period_s
-        expected_rows, z_rows = self._expected_matrix(log, forecasts)
+        looked_up = self._past_forecasts(log, forecasts)
+        if looked_up is not None:
+            observed_rows, expected_all, usable = looked_up
+            score_expected = expected_all[:, self._score_cols]  # (K, S, T)
+            score_usable = usable[:, self._score_cols]  # (K, S)
+            z_rows = scorer.z_steps(observed_rows, np.where(score_usable[:, :, None], score_expected, np.nan))  # (K, S, T)
+            scorable = score_usable.any(axis=1).tolist()
+            weighted_sq, missing = scorer.prepare(z_rows)  # (K, C), (K,)
+            missing = missing.tolist()
+            one_step = expected_all[:, 0]  # (K, T) lookup step 1
+            has_one_step = ~np.isnan(one_step[:, 0])
         # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
         forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None else None  # [N][T][H]
         steps = self._horizon_steps.tolist()
-        k = 0  # next row of expected_rows / z_rows
+        k = 0  # next commit row
         scored = 0
         for entry in log:
             kind = entry[0]
             if kind == _COMMIT:
-                _, i, d, slot, scorable, source, observed = entry
-                expected = None
-                if source != _NO_FORECAST:
-                    expected = expected_rows[k]
-                    if scorable:
-                        scored += 1
-                        _, event = detector.observe(d, names[d], slot * period, observed, expected, z_rows[k])
-                        if event is not None:
-                            if event.state == "new":
-                                self.counters["alerts_opened"] += 1
-                            events.append(event)
-                    k += 1
+                _, i, d, slot, observed, _values = entry
+                if observed and scorable[k]:
+                    scored += 1
+                    _, event = detector.observe(d, names[d], slot * period, observed_rows[k], score_expected[k], z_rows[k],
+                                                (weighted_sq[k], missing[k]))
+                    if event is not None:
+                        if event.state == "new":
+                            self.counters["alerts_opened"] += 1
+                        events.append(event)
                 if trace is not None:
-                    trace.on_slot(i, d, expected, d in detector.open)
+                    trace.on_slot(i, d, one_step[k] if has_one_step[k] else None, d in detector.open)
+                k += 1
             elif kind == _FORECAST:
                 _, i, d, slot, n, completeness = entry
                 ts = slot * period
@@ -221,15 +266,22 @@ class Pipeline:
             else:
                 events.append(entry[2])
         if self._call_forecasts:
-            # Keep each device's newest one-step forecast for the next call (the loop above used expected_rows).
-            latest = np.array([(d, slot, n) for d, (slot, n, _) in self._call_forecasts.items()], dtype=np.int64)  # (K, 3)
-            self.expected[latest[:, 0]] = forecasts[latest[:, 2], 0]
-            self.expected_slot[latest[:, 0]] = latest[:, 1]
-            self.expected_completeness[latest[:, 0]] = [c for _, _, c in self._call_forecasts.values()]
-        commits = sum(1 for entry in log if entry[0] == _COMMIT)
-        self.counters["slots"] += commits
+            self._remember(forecasts)
+        self.counters["slots"] += k
         self.counters["scored"] += scored
         return events
+
+    def _remember(self, forecasts: np.ndarray) -> None:
+        """Keep each device's newest `ring` forecasts of this call for the next calls."""
+        call = np.array([(d, s, n, ok) for d, s, n, ok in self._call_forecasts], dtype=np.int64)  # (N, 4)
+        newest = np.full(self._capacity, NO_SLOT, dtype=np.int64)
+        np.maximum.at(newest, call[:, 0], call[:, 1])
+        keep = call[:, 1] > newest[call[:, 0]] - self.ring  # at most one per ring position and device
+        call = call[keep]
+        pos = call[:, 1] % self.ring
+        self.past[call[:, 0], pos] = forecasts[call[:, 2]][:, self._lookup_index]  # (N, S', T)
+        self.past_slot[call[:, 0], pos] = call[:, 1]
+        self.past_ok[call[:, 0], pos] = call[:, 3].astype(bool)
 
     # -- queries ------------------------------------------------------------------------------------------------
     def active_alerts(self, device: str) -> list[AlertEvent]:
@@ -253,6 +305,5 @@ class Pipeline:
 
     def state_bytes(self) -> int:
         """Memory held by per-device state (numpy arrays; open alerts and name index not counted)."""
-        own = self.expected.nbytes + self.expected_slot.nbytes + self.expected_completeness.nbytes
-        det = sum(getattr(self.detector, k).nbytes for k in ("ewma", "score", "over", "under", "cooldown", "first_over_ts", "first_under_ts"))
-        return self.windows.nbytes() + own + det
+        own = self.past.nbytes + self.past_slot.nbytes + self.past_ok.nbytes
+        return self.windows.nbytes() + own + self.detector.state_bytes()

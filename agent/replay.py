@@ -12,12 +12,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from agent.config import Settings
-from agent.detect import anomaly_score
 from agent.events import Sample
 from agent.ingest import parse_timestamp
 from agent.model import Bundle, load_bundle
@@ -49,6 +49,7 @@ class Table:
     ts: np.ndarray  # (N,) unix seconds
     devices: list[str]  # (N,) device name per row
     values: np.ndarray  # (N, F) float64, NaN where a cell is empty
+    labels: np.ndarray | None = None  # (N,) float64 of the optional label column (for plots and `fit`)
 
 
 def _numbers(column: list[str], name: str, first_line: int) -> np.ndarray:
@@ -70,7 +71,40 @@ def _numbers(column: list[str], name: str, first_line: int) -> np.ndarray:
     return out
 
 
-def read_table(path: str | Path, features: list[str], ts_column: str = "ts", device_column: str = "device", delimiter: str = ",") -> Table:
+TS_FORMATS = ("auto", "unix", "unix_ms", "iso")
+
+
+def parse_ts_column(texts: list[str], ts_format: str = "auto") -> np.ndarray:
+    """Timestamp cells -> unix seconds (float64). Formats: auto (numbers are unix seconds, other cells
+    ISO-8601), unix, unix_ms, iso, or a strptime format with '%' (naive times are UTC). Raises ValueError
+    whose message starts with the index of the first bad cell as `#k:`."""
+    if ts_format in ("auto", "unix", "unix_ms"):
+        try:
+            ts = np.asarray(texts, dtype=np.float64)
+            return ts / 1000.0 if ts_format == "unix_ms" else ts
+        except ValueError:
+            if ts_format != "auto":
+                for k, text in enumerate(texts):
+                    if not _is_number(text):
+                        raise ValueError(f"#{k}: {text[:40]!r} is not a number ({ts_format})") from None
+    out = np.empty(len(texts), dtype=np.float64)
+    strptime = "%" in ts_format
+    if not strptime and ts_format not in TS_FORMATS:
+        raise ValueError(f"#0: unknown timestamp format {ts_format!r}: auto, unix, unix_ms, iso or a strptime format")
+    for k, text in enumerate(texts):
+        try:
+            if strptime:
+                parsed = datetime.strptime(text.strip(), ts_format)
+                out[k] = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+            else:
+                out[k] = float(text) if ts_format == "auto" and _is_number(text) else parse_timestamp(text.strip())
+        except ValueError as exc:
+            raise ValueError(f"#{k}: {exc}") from None
+    return out
+
+
+def read_table(path: str | Path, features: list[str], ts_column: str = "ts", device_column: str = "device", delimiter: str = ",",
+               ts_format: str = "auto", label_column: str | None = None) -> Table:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
@@ -81,7 +115,8 @@ def read_table(path: str | Path, features: list[str], ts_column: str = "ts", dev
     position = {name: k for k, name in enumerate(header)}
     missing = [c for c in [ts_column, *features] if c not in position]
     if missing:
-        raise ReplayError(f"{path} lacks column(s) {missing}; it has {header}")
+        hint = "" if len(header) > 1 else f" (one column only: is the delimiter {delimiter!r} right?)"
+        raise ReplayError(f"{path} lacks column(s) {missing}; it has {header}{hint}")
     width = len(header)
     for k, row in enumerate(rows):
         if len(row) != width:
@@ -90,14 +125,10 @@ def read_table(path: str | Path, features: list[str], ts_column: str = "ts", dev
 
     ts_text = list(columns[position[ts_column]])
     try:
-        ts = np.asarray(ts_text, dtype=np.float64)
-    except ValueError:
-        ts = np.empty(len(ts_text), dtype=np.float64)
-        for k, text in enumerate(ts_text):
-            try:
-                ts[k] = parse_timestamp(text) if not _is_number(text) else float(text)
-            except ValueError as exc:
-                raise ReplayError(f"line {k + 2}: column {ts_column!r}: {exc}") from None
+        ts = parse_ts_column(ts_text, ts_format)
+    except ValueError as exc:
+        index, _, message = str(exc).partition(": ")
+        raise ReplayError(f"line {int(index[1:]) + 2}: column {ts_column!r}: {message}") from None
     if not np.isfinite(ts).all():
         bad = int(np.flatnonzero(~np.isfinite(ts))[0])
         raise ReplayError(f"line {bad + 2}: column {ts_column!r}: {ts_text[bad]!r} is not a finite timestamp")
@@ -105,7 +136,10 @@ def read_table(path: str | Path, features: list[str], ts_column: str = "ts", dev
     values = np.empty((len(rows), len(features)), dtype=np.float64)  # (N, F)
     for j, name in enumerate(features):
         values[:, j] = _numbers(list(columns[position[name]]), name, 2)
-    return Table(ts_text, ts, devices, values)
+    labels = None
+    if label_column and label_column in position:
+        labels = _numbers(list(columns[position[label_column]]), label_column, 2)
+    return Table(ts_text, ts, devices, values, labels)
 
 
 def _is_number(text: str) -> bool:
@@ -127,11 +161,12 @@ class _RowTrace:
         self.expected = np.full((n_rows, T), np.nan, dtype=np.float32)  # (N, T)
         self.forecast = np.full((n_rows, H, T), np.nan, dtype=np.float32)  # (N, H, T)
         self.rows: np.ndarray = np.empty(0, dtype=np.int64)
-        self.warning = pipeline.detector.warning
+        self.detector = pipeline.detector
 
     def on_slot(self, i, d, expected, alert_open):
         row = self.rows[i]
-        self.anomaly[row] = anomaly_score(self.pipeline.detector.score[d], self.warning)
+        detector = self.detector
+        self.anomaly[row] = detector.score[d] / (detector.score[d] + detector.warn[d])
         self.alert[row] = alert_open
         if expected is not None:
             self.expected[row] = expected
@@ -224,15 +259,23 @@ def replay(
     device_column: str = "device",
     delimiter: str = ",",
     chunk_rows: int = 8192,
+    ts_format: str = "auto",
+    plot_path: str | Path | None = None,
+    plot_device: str | None = None,
+    label_column: str = "label",
 ) -> ReplayResult:
-    """Read, run and write; returns counts and timing (the whole run, reading and writing included)."""
+    """Read, run and write; returns counts and timing (the whole run, reading and writing included, the plot not)."""
     settings = settings or Settings(model={"path": Path(model_dir)})
     bundle = load_bundle(model_dir, settings.model.intra_op_threads)
+    if plot_path is not None:
+        _pyplot()  # fail before the work, not after it
     started = time.perf_counter()
-    table = read_table(data_path, bundle.features, ts_column, device_column, delimiter)
+    table = read_table(data_path, bundle.features, ts_column, device_column, delimiter, ts_format, label_column)
     pipeline, trace = replay_table(table, bundle, settings, chunk_rows)
     write_output(out_path, table, bundle, trace)
     seconds = time.perf_counter() - started
+    if plot_path is not None:
+        plot(plot_path, table, bundle, pipeline, trace, plot_device)
     stats = pipeline.stats()
     return ReplayResult(len(table.ts), stats["devices"], seconds, stats["alerts_opened"], stats["inferences"])
 
@@ -243,3 +286,70 @@ def print_summary(result: ReplayResult, out_path: str | Path, stream=None) -> No
         f"{result.alerts_opened} alert(s) opened in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s) -> {out_path}",
         file=stream or sys.stderr,
     )
+
+
+# -- plot ---------------------------------------------------------------------------------------------------------
+
+
+class PlotUnavailable(ReplayError):
+    """matplotlib is not installed (it is part of the `training` extra, not of the edge install)."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("--plot needs matplotlib: pip install 'edgecast[training]' (or pip install matplotlib)") from None
+    return plt
+
+
+def _shade(ax, x: np.ndarray, flags: np.ndarray, color: str, label: str) -> None:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
+    for k, (begin, end) in enumerate(zip(edges[::2], edges[1::2])):
+        ax.axvspan(x[begin], x[end - 1], color=color, alpha=0.25, lw=0, label=label if k == 0 else None)
+
+
+def plot(path: str | Path, table: Table, bundle: Bundle, pipeline: Pipeline, trace: _RowTrace, device: str | None = None) -> None:
+    """One device's signals with their one-step forecasts, labeled faults and open alerts, then the anomaly
+    score with the warning, critical and exit levels (in anomaly-score units)."""
+    plt = _pyplot()
+    names = np.asarray(table.devices, dtype=object)
+    device = device if device is not None else str(names[0]) if len(names) else DEFAULT_DEVICE
+    rows = np.flatnonzero(names == device)
+    if rows.size == 0:
+        raise ReplayError(f"--plot-device {device!r} is not in the data")
+    rows = rows[np.argsort(table.ts[rows], kind="stable")]
+    x = (table.ts[rows] - table.ts[rows[0]]) / 3600.0  # hours since the device's first row
+    targets = bundle.targets
+    fig, axes = plt.subplots(len(targets) + 1, 1, figsize=(12, 2.2 * (len(targets) + 1)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    alert = trace.alert[rows] > 0
+    labeled = table.labels[rows] > 0 if table.labels is not None else np.zeros(rows.size, dtype=bool)
+    for j, name in enumerate(targets):
+        ax = axes[j]
+        ax.plot(x, table.values[rows, bundle.features.index(name)], lw=0.8, color="black", label="observed")
+        ax.plot(x, trace.expected[rows, j], lw=0.8, color="tab:blue", alpha=0.8, label="forecast (1 step)")
+        _shade(ax, x, labeled, "tab:orange", "labeled fault")
+        _shade(ax, x, alert, "tab:red", "alert open")
+        ax.set_ylabel(name)
+    axes[0].legend(loc="upper left", fontsize=8, ncol=4)
+    detector = pipeline.detector
+    ax = axes[-1]
+    ax.plot(x, trace.anomaly[rows], lw=0.8, color="tab:purple", label="anomaly_score")
+    warning = detector.warning
+    for level, style, label in ((warning, "-", "warning"), (detector.critical, "--", "critical"), (detector.exit, ":", "exit")):
+        ax.axhline(level / (level + warning), color="tab:red", ls=style, lw=0.8, label=label)
+    _shade(ax, x, labeled, "tab:orange", None)
+    _shade(ax, x, alert, "tab:red", None)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("anomaly score")
+    ax.set_xlabel(f"hours since {table.ts_text[rows[0]]} ({device})")
+    ax.legend(loc="upper left", fontsize=8, ncol=4)
+    mode = "dynamic thresholds (fixed levels shown)" if detector.dynamic else "fixed thresholds"
+    fig.suptitle(f"{bundle.name} {bundle.version}: replay of {device}, {mode}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

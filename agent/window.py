@@ -2,14 +2,20 @@
 
 All devices share a few preallocated numpy arrays (grown by doubling when devices are added), so the hot
 path writes into existing memory. For each device the store keeps:
-- a ring of the last `lookback` committed slots, values and an observed flag per slot; every slot is written
-  twice (positions p and p + L) so that the window is always one contiguous slice, oldest first;
+- a ring of the last `lookback` committed slots, values and an observed flag per slot (`copy_window` writes
+  it oldest first into the inference batch);
 - one pending slot that collects per-sensor values until it is complete or a later slot starts.
 
 Rules (docs/contracts.md): values of the same slot merge; a slot is committed when every feature is present,
 or, incomplete, when a later slot starts (missing features carried forward, slot counted as imputed); a gap of
-up to `max_gap_periods` missing slots is filled forward (imputed); a longer gap restarts the window; a slot
-older than the current one is refused as `late_sample`.
+up to `max_gap_periods` missing slots is filled forward (imputed); a longer gap restarts the window.
+
+Late and out-of-order samples (docs/contracts.md, "Gaps, late and out-of-order data"): a sample for a slot at
+most `max_lateness_periods` older than the device's newest slot, and still inside the window, is put in its
+place: it replaces the carried-forward values of an imputed slot (which then counts as observed when the
+sample has every feature) or corrects an observed one; forecasts and scores already made are not revised.
+A sample for a slot between the newest committed slot and a pending one is committed before the pending one.
+Anything older is refused as `late_sample` (the pipeline reports it on the errors topic).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class WindowStore:
         max_gap_periods: int,
         on_commit: CommitCallback | None = None,
         capacity: int = 64,
+        max_lateness_periods: int = 0,
     ):
         self.features = list(features)
         self.feature_index = {name: j for j, name in enumerate(self.features)}
@@ -51,6 +58,8 @@ class WindowStore:
         self.lookback = lookback
         self.period_s = float(period_s)
         self.max_gap = max_gap_periods
+        self.max_lateness = max_lateness_periods
+        self.reordered = 0  # late samples put in place
         self.on_commit = on_commit
         self.index: dict[str, int] = {}
         self.names: list[str] = []
@@ -61,6 +70,7 @@ class WindowStore:
         self.last_slot: list[int | None] = []  # newest committed slot
         self.pend_slot: list[int | None] = []  # slot collecting per-sensor values, None when nothing pends
         self.commits: list[int] = []  # slots committed since the window (re)started
+        self.last_imputed: list[int | None] = []  # newest slot that was filled forward (None: none since restart)
         self._scratch = np.empty(self.n_features, dtype=np.float32)
         self.capacity = 0
         self._allocate(max(1, capacity))
@@ -69,7 +79,7 @@ class WindowStore:
     def _allocate(self, capacity: int) -> None:
         L, F = self.lookback, self.n_features
         fresh = {
-            "ring": np.zeros((capacity, 2 * L, F), dtype=np.float32),  # (D, 2L, F) committed slots, mirrored
+            "ring": np.zeros((capacity, L, F), dtype=np.float32),  # (D, L, F) committed slots, newest at head - 1
             "observed": np.zeros((capacity, L), dtype=bool),  # (D, L) slot fully observed, not imputed
             "pend_vals": np.zeros((capacity, F), dtype=np.float32),  # (D, F)
             "pend_mask": np.zeros((capacity, F), dtype=bool),  # (D, F) features seen in the pending slot
@@ -90,7 +100,7 @@ class WindowStore:
                 self._allocate(self.capacity * 2)
             self.index[name] = d
             self.names.append(name)
-            for column, initial in ((self.head, 0), (self.count, 0), (self.n_observed, 0), (self.last_slot, None), (self.pend_slot, None), (self.commits, 0)):
+            for column, initial in ((self.head, 0), (self.count, 0), (self.n_observed, 0), (self.last_slot, None), (self.pend_slot, None), (self.commits, 0), (self.last_imputed, None)):
                 column.append(initial)
         return d
 
@@ -100,7 +110,7 @@ class WindowStore:
     def nbytes(self) -> int:
         """Approximate memory of the per-device state (arrays, scalar lists, names)."""
         arrays = self.ring.nbytes + self.observed.nbytes + self.pend_vals.nbytes + self.pend_mask.nbytes
-        lists = 6 * 8 * len(self.names) + sum(sys.getsizeof(x) for x in self.last_slot[:1]) * len(self.names)
+        lists = 7 * 8 * len(self.names) + sum(sys.getsizeof(x) for x in self.last_slot[:1]) * len(self.names)
         names = sum(sys.getsizeof(n) for n in self.names) + 100 * len(self.names)  # + the index dict
         return arrays + lists + names
 
@@ -112,14 +122,21 @@ class WindowStore:
         """Observed share of the lookback window (imputed and not yet filled slots count as missing)."""
         return self.n_observed[d] / self.lookback
 
-    def window(self, d: int) -> np.ndarray:
-        """View of the device's last `lookback` committed slots, oldest first: (L, F). Copy before writing."""
+    def copy_window(self, d: int, out: np.ndarray) -> None:
+        """Write the device's last `lookback` committed slots into `out` (L, F), oldest first."""
         head = self.head[d]
-        return self.ring[d, head : head + self.lookback]
+        tail = self.lookback - head
+        out[:tail] = self.ring[d, head:]
+        out[tail:] = self.ring[d, :head]
+
+    def window(self, d: int) -> np.ndarray:
+        """A copy of the device's last `lookback` committed slots, oldest first: (L, F)."""
+        head = self.head[d]
+        return np.concatenate([self.ring[d, head:], self.ring[d, :head]])
 
     def last_values(self, d: int) -> np.ndarray:
         """View of the newest committed slot (F,)."""
-        return self.ring[d, self.head[d] + self.lookback - 1]
+        return self.ring[d, self.head[d] - 1]
 
     # -- writing ---------------------------------------------------------------------------------------------
     def update(self, d: int, ts: float, values: dict[str, float]) -> None:
@@ -138,15 +155,23 @@ class WindowStore:
             if slot > pend_slot:
                 self._commit_pending(d)  # a later slot starts: the pending one is finalized as is
                 last_slot = self.last_slot[d]
-            elif slot != last_slot:
-                raise Rejected("late_sample", f"slot {slot} is older than the pending slot {pend_slot}", self.names[d])
+            elif last_slot is None or slot > last_slot:
+                if pend_slot - slot > self.max_lateness:
+                    raise Rejected("late_sample", f"slot {slot} is {pend_slot - slot} period(s) older than the pending slot {pend_slot} (tolerance {self.max_lateness})", self.names[d])
+                self._commit_between(d, slot, values)
+                return
         if last_slot is not None and slot <= last_slot:
-            if slot == last_slot:
+            back = last_slot - slot
+            if back == 0:
                 self._merge_committed(d, values)  # duplicate or correction of the newest slot
+                return
+            if back <= self.max_lateness and back < self.count[d]:
+                self._put_in_place(d, back, values)
                 return
             raise Rejected(
                 "late_sample",
-                f"ts {ts:.0f} (slot {slot}) is {last_slot - slot} period(s) older than the device's newest slot",
+                f"ts {ts:.0f} (slot {slot}) is {back} period(s) older than the device's newest slot "
+                f"(tolerance {min(self.max_lateness, max(self.count[d] - 1, 0))})",
                 self.names[d],
             )
         self.pend_slot[d] = slot
@@ -162,12 +187,33 @@ class WindowStore:
         if mask.all():
             self._commit_pending(d)
 
+    def _put_in_place(self, d: int, back: int, values: dict[str, float]) -> None:
+        """A late sample `back` slots before the newest replaces that slot's values in the window."""
+        L = self.lookback
+        p = (self.head[d] - 1 - back) % L
+        for name, value in values.items():
+            j = self.feature_index[name]
+            self.ring[d, p, j] = value
+        if len(values) == self.n_features and not self.observed[d, p]:
+            self.observed[d, p] = True
+            self.n_observed[d] += 1
+        self.reordered += 1
+
+    def _commit_between(self, d: int, slot: int, values: dict[str, float]) -> None:
+        """Commit a slot older than the pending one (and newer than the last committed one) first."""
+        mask = np.zeros(self.n_features, dtype=bool)
+        vals = np.zeros(self.n_features, dtype=np.float32)
+        for name, value in values.items():
+            j = self.feature_index[name]
+            vals[j], mask[j] = value, True
+        self._commit(d, slot, vals, bool(mask.all()), mask)
+        self.reordered += 1
+
     def _merge_committed(self, d: int, values: dict[str, float]) -> None:
         p = (self.head[d] - 1) % self.lookback
         for name, value in values.items():
             j = self.feature_index[name]
             self.ring[d, p, j] = value
-            self.ring[d, p + self.lookback, j] = value
 
     def _commit_pending(self, d: int) -> None:
         slot = self.pend_slot[d]
@@ -188,6 +234,7 @@ class WindowStore:
                     np.copyto(values, previous, where=~mask)  # carry the last values forward
                 for _ in range(min(gap, self.lookback)):
                     self._append(d, previous, False)
+                self.last_imputed[d] = slot if not complete else slot - 1
         elif not complete:
             return  # nothing to carry forward from: the incomplete first slot of a window is dropped
         self._append(d, values, complete)
@@ -203,9 +250,7 @@ class WindowStore:
                 self.n_observed[d] -= 1  # the oldest slot leaves the window
         else:
             self.count[d] += 1
-        ring = self.ring[d]
-        ring[p] = values
-        ring[p + L] = values
+        self.ring[d, p] = values
         self.observed[d, p] = observed
         if observed:
             self.n_observed[d] += 1
@@ -219,3 +264,4 @@ class WindowStore:
         self.head[d] = 0
         self.commits[d] = 0
         self.last_slot[d] = None
+        self.last_imputed[d] = None

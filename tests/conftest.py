@@ -115,6 +115,79 @@ def run_mosquitto(workdir: Path, extra_conf: str = ""):
             proc.wait()
 
 
+class RestartableBroker:
+    """mosquitto on a fixed port that a test kills (SIGKILL) and starts again on the same port.
+
+    Persistence saves after every change (autosave_interval 1, on changes), so a probe's persistent session
+    (clean_session=False) and its subscriptions survive even a SIGKILL: messages published while the probe is
+    away after the restart wait for it at the broker.
+    """
+
+    def __init__(self, workdir: Path, extra_conf: str = ""):
+        if not Path(MOSQUITTO).exists():
+            pytest.skip(f"{MOSQUITTO} not installed")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.host, self.port = "127.0.0.1", free_port()
+        self.db = workdir / "mosquitto.db"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}persistence true\n"
+            f"persistence_location {workdir}/\npersistence_file mosquitto.db\nautosave_interval 1\n"
+            f"autosave_on_changes true\nlog_dest stderr\n{extra_conf}"
+        )
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def broker(self) -> Broker:
+        return Broker(self.host, self.port)
+
+    def start(self) -> float:
+        """Start and wait until it accepts connections; returns time.monotonic() at that moment."""
+        log = open(self.workdir / f"mosquitto-{self.starts}.log", "wb")
+        self.starts += 1
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def accepts() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited with {self.proc.returncode}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(accepts, timeout=10, interval=0.01, message=f"mosquitto to listen on {self.port}")
+        return time.monotonic()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, nothing saved beyond what autosave wrote."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def restartable_broker(tmp_path: Path):
+    """A RestartableBroker, started; stopped at teardown."""
+    rb = RestartableBroker(tmp_path / "restartable-broker")
+    rb.start()
+    yield rb
+    rb.stop()
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A private mosquitto (anonymous, no persistence) on a free port; yields Broker(host, port).
@@ -149,7 +222,7 @@ class MqttProbe:
     """
 
     def __init__(self, broker: Broker, client_id: str, subscribe: str | Iterable[str] | None = "#",
-                 username: str | None = None, password: str | None = None):
+                 username: str | None = None, password: str | None = None, clean_session: bool = True):
         self.broker = broker
         self.inbox: queue.Queue[Msg] = queue.Queue()
         self.history: list[Msg] = []
@@ -157,7 +230,9 @@ class MqttProbe:
         self.callback_errors: list[BaseException] = []
         self._subacks: queue.Queue[int] = queue.Queue()
         self._connected = threading.Event()
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                             clean_session=clean_session)
+        client.reconnect_delay_set(0.1, 1)  # tests that restart the broker want the probe back quickly
         client.on_connect = self._guard(self._on_connect)
         client.on_message = self._guard(self._on_message)
         client.on_subscribe = self._guard(self._on_subscribe)
@@ -376,7 +451,7 @@ def agent_env(broker: Broker, model: Path, agent_id: str = AGENT_ID, **extra: st
 
 
 @pytest.fixture
-def agent_settings(mosquitto: Broker, model_path: Path):
+def agent_settings(mosquitto: Broker, model_path: Path, tmp_path: Path):
     """Factory: agent_settings(**overrides) -> Settings for the private broker and the shipped model.
 
     Overrides are nested dicts or section objects, e.g. agent_settings(errors={"max_per_minute": 5}).
@@ -388,6 +463,7 @@ def agent_settings(mosquitto: Broker, model_path: Path):
             "agent_id": AGENT_ID,
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
             "model": {"path": str(model_path)},
+            "state": {"directory": str(tmp_path / "agent-state")},  # the outbox: never the repository's ./state
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -495,7 +571,8 @@ def start_daemon(mosquitto: Broker, model_path: Path, tmp_path: Path):
             path = tmp_path / f"agent-{len(daemons)}.toml"
             path.write_text(config)
             argv += ["--config", str(path)]
-        daemon = Daemon(agent_env(mosquitto, model_path, **(env or {})), argv, tmp_path / f"daemon-{len(daemons)}.log")
+        env = {"EDGECAST_STATE__DIRECTORY": str(tmp_path / "daemon-state"), **(env or {})}
+        daemon = Daemon(agent_env(mosquitto, model_path, **env), argv, tmp_path / f"daemon-{len(daemons)}.log")
         daemons.append(daemon)
         return daemon
 

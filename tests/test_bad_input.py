@@ -83,9 +83,9 @@ def test_topic_under_the_filter_that_misses_the_template_is_unknown_topic(start_
 
 @pytest.mark.mqtt
 def test_late_sample_is_reported(start_agent, subscriber):
-    """A sample older than the device's newest slot is refused as late_sample (reported by the worker)."""
-    agent = start_agent()
-    rows = healthy_rows(devices=1, rows=5, seed=6)
+    """A sample older than the reordering tolerance (window.max_lateness_periods) is refused as late_sample."""
+    agent = start_agent(window={"max_lateness_periods": 2})
+    rows = healthy_rows(devices=1, rows=5, seed=6)  # rows[1] is 3 periods older than the newest
     publish_rows(subscriber, rows)
     device, ts, values = rows[1]
     subscriber.publish(f"sensors/{device}/telemetry", {"ts": ts, "values": values})

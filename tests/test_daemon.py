@@ -195,8 +195,8 @@ def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subsc
 
 
 def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscriber, manifest):
-    """With the worker stuck and the ingest queue full, extra samples are rejected as queue_full; queued ones survive."""
-    agent = start_agent(ingest={"queue_size": 10})
+    """With the worker stuck and the ingest queue full, the MQTT thread waits (bounded), then rejects as queue_full."""
+    agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 0.5})
     real_process = agent.pipeline.process
     release = threading.Event()
     entered = threading.Event()
@@ -210,8 +210,10 @@ def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscrib
     rows = healthy_rows(devices=1, rows=14, seed=10)
     publish_rows(subscriber, rows[:1])
     assert entered.wait(10), "the worker never took the first sample"
-    publish_rows(subscriber, rows[1:])  # 10 fill the queue, 3 wait QUEUE_FULL_WAIT_S each and are refused
+    publish_rows(subscriber, rows[1:])  # 10 fill the queue, 3 wait ingest.full_wait_s each and are refused
     wait_until(lambda: agent.stats()["rejected"]["queue_full"] == 3, timeout=15, message="3 queue_full rejections")
+    backpressure = agent.stats()["backpressure"]
+    assert backpressure["waits"] == 3 and backpressure["seconds"] >= 3 * 0.5 * 0.9, backpressure
     body = subscriber.expect(f"{PREFIX}/agent/{AGENT_ID}/errors", timeout=5).json()
     assert body["reason"] == "queue_full" and body["device"] == "pump-00"
     assert agent.stats()["accepted"] == 11
@@ -249,7 +251,7 @@ def test_broker_password_from_a_credentials_file(agent_settings, tmp_path, monke
     with run_mosquitto(tmp_path / "auth-broker", f"allow_anonymous false\npassword_file {passwd}\n") as broker:
         for password, should_connect in (("s3cret-wrong", False), ("s3cret-right", True)):
             (creds / "broker-pass").write_text(password + "\n")
-            settings = agent_settings(mqtt={"port": broker.port, "username": "edge", "password_file": "broker-pass"})
+            settings = agent_settings(mqtt={"port": broker.port, "username": "edge", "password_file": "broker-pass", "plaintext_password": "loopback"})
             agent = Agent(settings)
             with caplog.at_level(logging.INFO):
                 agent.start()
@@ -259,3 +261,32 @@ def test_broker_password_from_a_credentials_file(agent_settings, tmp_path, monke
                     agent.stop()
             assert "s3cret" not in caplog.text
         assert "refused the connection" in caplog.text
+
+
+def test_slow_worker_slows_reads_and_loses_nothing(start_agent, subscriber, manifest):
+    """Backpressure: with a full queue the MQTT thread stops reading (bounded wait); QoS 1 input waits, none dropped."""
+    agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 10})
+    real_process = agent.pipeline.process
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow(samples, now, *args, **kwargs):  # fault injection: inference falls behind for a while
+        entered.set()
+        release.wait(30)
+        return real_process(samples, now, *args, **kwargs)
+
+    agent.pipeline.process = slow
+    rows = healthy_rows(devices=1, rows=manifest["lookback"] + 20, seed=12)
+    publish_rows(subscriber, rows[:1])
+    assert entered.wait(10)
+    for _, ts, values in rows[1:]:  # the broker takes them all; the agent reads only as fast as it can queue
+        subscriber.publish("sensors/pump-00/telemetry", {"ts": ts, "values": values}, wait=False)
+    wait_until(lambda: agent.stats()["accepted"] == 11, timeout=10, message="the queue to fill (1 in the worker + 10)")
+    subscriber.quiet(f"{PREFIX}/#", 1.0)  # a second later: still not reading, nothing refused
+    assert agent.stats()["accepted"] == 11 and agent.stats()["rejected"]["queue_full"] == 0
+    release.set()
+    forecasts = subscriber.collect(f"{PREFIX}/pump-00/forecast", 21, timeout=30)
+    assert [m.json()["ts"] for m in forecasts] == [ts for _, ts, _ in rows[manifest["lookback"] - 1 :]]
+    stats = agent.stats()
+    assert stats["accepted"] == len(rows) and stats["rejected"]["queue_full"] == 0
+    assert stats["backpressure"]["waits"] >= 1, "the network thread waited for room instead of dropping"

@@ -160,3 +160,83 @@ def test_attribution_reports_the_largest_deviation_since_the_run_began():
     assert events[:2] == [None, None] and events[2].state == "new"
     [feature] = events[2].features
     assert (feature.name, feature.observed, feature.z) == ("temp", 130.0, pytest.approx(40.0))
+
+
+# -- multi-step channels, flat line, flap suppression, dynamic thresholds -------------------------------------------
+
+
+def test_missing_channels_keep_their_smoothed_value():
+    """A NaN residual (no forecast for that step) leaves its channel's EWMA unchanged; the others update."""
+    scorer = ResidualScorer(np.zeros((2, 2)), np.ones((2, 2)), np.ones(2), 0.5, steps=[1, 2])
+    state = scorer.initial_state(1)[0]
+    score = scorer.update(state, np.array([[2.0, np.nan], [np.nan, 0.0]]))
+    np.testing.assert_allclose(state, [2.5, 1.0, 1.0, 0.5])
+    assert score == pytest.approx(np.sqrt(2.5))
+
+
+def test_score_steps_must_lie_within_the_horizon():
+    """score_steps outside 1..horizon are refused with a message naming them."""
+    with pytest.raises(ValueError, match="1..horizon"):
+        ResidualScorer(np.zeros((3, 1)), np.ones((3, 1)), np.ones(1), 0.2, steps=[1, 4])
+
+
+def test_flat_line_raises_the_score_after_the_calibrated_repeats_and_names_the_sensor():
+    """A target repeating exactly the same value flatline_repeats times opens an alert naming it (capped below critical)."""
+    detector = make_detector(alpha=0.2, flatline_repeats=[5, 0], min_samples_over=1, update_every_samples=1000)
+    rng = np.random.default_rng(1)
+    events = []
+    for k in range(30):
+        observed = np.array([50.0 if k >= 10 else 50.0 + rng.normal(), 20.0 + rng.normal() * 0.1])
+        _, event = detector.observe(0, "pump-01", 60.0 * k, observed, np.array([50.0, 20.0]))
+        if event is not None:
+            events.append((k, event))
+    # value stuck from k = 10: repeats 1.. from k = 11, the 5th repeat at k = 15
+    assert [(k, e.state, e.severity) for k, e in events] == [(15, "new", "warning")]
+    assert events[0][1].features[0].name == "temp"
+    assert detector.score[0] <= 1.5 * detector.warning + 1e-9
+
+
+def test_flat_line_check_is_off_without_calibration():
+    """Without flatline_repeats (older bundles) exact repeats never raise the score."""
+    detector = make_detector(alpha=1.0)
+    feed(detector, [0.0] * 50)
+    assert detector.score[0] == 0.0 and detector.open == {}
+
+
+def test_flapping_alerts_are_held_back_for_a_flap_window():
+    """After flap_max_alerts alerts opened within flap_window_samples, the next end is followed by a long cooldown."""
+    detector = make_detector(cooldown_samples=0, min_samples_over=1, min_samples_under=1, update_every_samples=1000,
+                             flap_window_samples=50, flap_max_alerts=2)
+    events = feed(detector, [4, 1, 4, 1, 4, 1, 4, 1] + [1] * 50 + [4, 1])
+    assert [(k, e.state) for k, e in events] == [(0, "new"), (1, "end"), (2, "new"), (3, "end"), (58, "new"), (59, "end")]
+    assert detector.counters["flap_suppressed"] == 1
+
+
+def test_without_flap_suppression_every_burst_alerts():
+    """flap_window_samples = 0 turns flap suppression off (the cooldown alone applies)."""
+    detector = make_detector(cooldown_samples=0, min_samples_over=1, min_samples_under=1, flap_window_samples=0)
+    assert len([e for _, e in feed(detector, [4, 1] * 6) if e.state == "new"]) == 6
+
+
+def test_dynamic_threshold_sits_between_the_noise_and_an_excursion():
+    """Hundman's eps: above a window's ordinary scores, below the isolated excursion it should flag."""
+    from agent.detect import dynamic_threshold
+
+    rng = np.random.default_rng(0)
+    scores = 1.0 + 0.1 * rng.standard_normal(500)
+    scores[300:305] = 3.0
+    eps = dynamic_threshold(scores, np.arange(2.0, 10.5, 0.5))
+    assert scores[:300].max() < eps < 3.0
+
+
+def test_dynamic_mode_adapts_each_devices_warning_and_keeps_the_floor():
+    """threshold_mode=dynamic: a noisier device gets a higher warning, a quiet one never goes below the floor."""
+    detector = make_detector(alpha=1.0, threshold_mode="dynamic", dynamic_window=100, dynamic_every=10, dynamic_floor=0.5)
+    rng = np.random.default_rng(2)
+    expected = np.array([50.0, 20.0])
+    for k in range(200):
+        for d, spread in ((0, 0.2), (1, 2.0)):
+            z = abs(rng.normal()) * spread
+            detector.observe(d, f"p{d}", 60.0 * k, expected + np.array([z * SCALE[0], 0.0]), expected)
+    assert detector.warn[0] == pytest.approx(0.5 * detector.warning)  # floor
+    assert detector.warn[1] > detector.warning  # its own noise reaches the fixed warning

@@ -154,8 +154,8 @@ def test_results_do_not_depend_on_how_samples_are_split_into_calls(uni):
 
 
 def test_late_sample_is_reported_and_the_rest_of_the_call_processed(uni):
-    """A sample older than the device's newest slot becomes a late_sample Rejection; others still count."""
-    pipeline = make_pipeline(uni)
+    """A sample older than window.max_lateness_periods becomes a late_sample Rejection; others still count."""
+    pipeline = make_pipeline(uni, window={"max_lateness_periods": 5})
     samples = series_samples(healthy_series(16))
     samples.insert(10, series_samples([10.0], start=2)[0])
     events = pipeline.process(samples, now=T0)
@@ -174,13 +174,15 @@ def test_low_completeness_windows_forecast_but_do_not_score(uni):
     assert pipeline.stats()["scored"] == 0
 
 
-def test_gap_costs_the_missing_slot_and_the_next_one_their_scores(uni):
-    """A filled-forward slot is not scored, and the slot after it has no one-step forecast to be scored against."""
-    pipeline = make_pipeline(uni)
+@pytest.mark.parametrize("clean_periods", [1, 2])
+def test_gap_costs_the_missing_slot_and_the_next_ones_their_scores(uni, clean_periods):
+    """A filled-forward slot is not scored, nor are the slots whose forecast window ends within clean_periods of it."""
+    pipeline = make_pipeline(uni, window={"clean_periods": clean_periods})
     samples = [s for k, s in enumerate(series_samples(healthy_series(40))) if k != 25]
     events = pipeline.process(samples, now=T0)
-    # Slots 16..39 have a forecast from their previous slot when nothing is missing (24); 25 and 26 lose theirs.
-    assert pipeline.stats()["scored"] == 24 - 2
+    # Slots 16..39 have a forecast from their previous slot when nothing is missing (24); 25 (missing) and 26 (no
+    # forecast made at 25) lose theirs, and 27 too when the window ending at 26 is too fresh from the gap.
+    assert pipeline.stats()["scored"] == 24 - 1 - clean_periods
     assert T0 + 25 * 60 not in [e.ts for e in events if isinstance(e, Forecast)]
 
 
@@ -219,8 +221,9 @@ def test_ten_thousand_devices_fit_in_well_under_100_mib():
     finally:
         tracemalloc.stop()
     assert pipeline.stats()["devices"] == 10_000
-    assert current < 40 * 2**20, current
-    assert pipeline.state_bytes() < 40 * 2**20
+    # Windows (16 MB at capacity 16384), the past-forecast ring of 10 steps (26 MB), the batch buffer (10 MB).
+    assert current < 64 * 2**20, current
+    assert pipeline.state_bytes() < 64 * 2**20
 
 
 def test_shipped_model_stays_quiet_on_healthy_pumps_and_alerts_on_an_injected_jump():
@@ -240,6 +243,73 @@ def test_shipped_model_stays_quiet_on_healthy_pumps_and_alerts_on_an_injected_ju
     alerts = [e for e in events if isinstance(e, AlertEvent)]
     assert not [a for a in alerts if a.device == "pump-00"]
     opened = [a for a in alerts if a.device == "pump-01" and a.state == "new"]
-    assert len(opened) == 1 and jump_ts <= opened[0].started_at <= jump_ts + 180
+    # (the pump stays 15 degC off its normal afterwards, so later alerts on it are not false alarms)
+    assert opened and jump_ts <= opened[0].started_at <= jump_ts + 180
     assert opened[0].features[0].name == "bearing_temp"
     assert opened[0].features[0].observed - opened[0].features[0].expected > 5.0
+
+
+def bundle_with_calibration(source, tmp_path, **calibration):
+    """A copy of a bundle folder whose manifest calibration has extra keys (model.onnx and its sha256 unchanged)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "variant"
+    shutil.copytree(source, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["calibration"].update(calibration)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return load_bundle(folder)
+
+
+def first_alert_slot(bundle, values) -> int | None:
+    events = make_pipeline(bundle, detect={"update_every_samples": 1000}).process(series_samples(values), now=T0)
+    opened = [e for e in events if isinstance(e, AlertEvent) and e.state == "new"]
+    return int((opened[0].started_at - T0) // 60) if opened else None
+
+
+def test_multi_step_scoring_detects_a_slow_drift_that_one_step_misses(tmp_path):
+    """A drift of 1 residual sigma per period hides in one-step residuals; the 4-step residual sees it."""
+    one_step = load_bundle(univariate_bundle())
+    multi_step = bundle_with_calibration(univariate_bundle(), tmp_path, score_steps=[1, 2, 3, 4])
+    values = healthy_series(400, seed=6)
+    values[200:] += np.arange(200) * 0.15  # persistence forecaster: one-step residual 0.15 = 1 sigma, 4-step 4 sigma
+    assert first_alert_slot(one_step, values) is None
+    started = first_alert_slot(multi_step, values)
+    assert started is not None and 200 <= started <= 215
+    assert first_alert_slot(multi_step, healthy_series(400, seed=6)) is None
+
+
+def test_bundle_without_new_calibration_keys_scores_one_step_without_flat_line(uni):
+    """Older bundles (no score_steps, no flatline_repeats) keep the first version's one-step score."""
+    pipeline = make_pipeline(uni)
+    assert pipeline.detector.scorer.steps == [1] and not pipeline.detector.flatline_on
+
+
+def test_bad_score_steps_are_a_bundle_error(tmp_path):
+    """score_steps beyond the horizon make the bundle unusable, with a message naming the key."""
+    from agent.model import BundleError
+
+    bundle = bundle_with_calibration(univariate_bundle(), tmp_path, score_steps=[1, 9])
+    with pytest.raises(BundleError, match="calibration"):
+        make_pipeline(bundle)
+
+
+def test_reordered_sample_within_tolerance_is_accepted_not_rejected(uni):
+    """A sample arriving after a newer one, within window.max_lateness_periods, is put in place and counted."""
+    pipeline = make_pipeline(uni, window={"max_lateness_periods": 3})
+    samples = series_samples(healthy_series(30))
+    samples[20], samples[21] = samples[21], samples[20]
+    events = pipeline.process(samples, now=T0)
+    assert not [e for e in events if isinstance(e, Rejection)]
+    assert pipeline.stats()["reordered"] == 1 and pipeline.stats()["late_samples"] == 0
+
+
+def test_no_alerts_from_mostly_imputed_windows_even_with_large_deviations(uni):
+    """Deviations in a window below min_completeness never open an alert (forecasts are still published)."""
+    pipeline = make_pipeline(uni, window={"max_gap_periods": 10, "min_completeness": 0.8})
+    values = healthy_series(200) + np.where(np.arange(200) > 100, 5.0, 0.0)
+    sparse = [s for k, s in enumerate(series_samples(values)) if k % 2 == 0]  # half observed
+    events = pipeline.process(sparse, now=T0)
+    assert [e for e in events if isinstance(e, Forecast)]
+    assert not [e for e in events if isinstance(e, AlertEvent)]

@@ -154,3 +154,43 @@ def test_cli_prints_rows_per_second(tmp_path, capsys):
     data = two_device_csv(tmp_path / "in.csv")
     assert main(["replay", "--model", str(univariate_bundle()), "--data", str(data), "--out", str(tmp_path / "o.csv")]) == 0
     assert "rows/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "ts_format, render",
+    [
+        ("unix_ms", lambda t: str(t * 1000)),
+        ("%d/%m/%Y %H:%M", lambda t: datetime.fromtimestamp(t, tz=timezone.utc).strftime("%d/%m/%Y %H:%M")),
+        ("iso", lambda t: datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S+00:00")),
+    ],
+)
+def test_timestamp_formats_give_the_same_scores(tmp_path, ts_format, render):
+    """--ts-format unix_ms, ISO-8601 and strptime formats replay exactly like unix seconds."""
+    values = healthy_series(60, seed=7)
+    reference = write_csv(tmp_path / "ref.csv", ["ts", "value"], [[T0 + 60 * k, f"{v:.4f}"] for k, v in enumerate(values)])
+    other = write_csv(tmp_path / "other.csv", ["when", "value"], [[render(T0 + 60 * k), f"{v:.4f}"] for k, v in enumerate(values)], delimiter="\t")
+    replay(univariate_bundle(), reference, tmp_path / "a.csv")
+    replay(univariate_bundle(), other, tmp_path / "b.csv", ts_column="when", delimiter="\t", ts_format=ts_format)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "ts"} for r in rows]  # noqa: E731
+    assert strip(read_rows(tmp_path / "a.csv")) == strip(read_rows(tmp_path / "b.csv"))
+
+
+def test_bad_timestamp_format_names_the_line(tmp_path, capsys):
+    """A cell that does not match --ts-format exits 1 naming its line and column."""
+    data = write_csv(tmp_path / "in.csv", ["ts", "value"], [["2026-01-05 00:00", 1.0], ["05/01/2026", 1.0]])
+    args = ["replay", "--model", str(univariate_bundle()), "--data", str(data), "--out", str(tmp_path / "o.csv"), "--ts-format", "%Y-%m-%d %H:%M"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "line 3" in err and "'ts'" in err
+
+
+def test_plot_writes_a_png_with_the_labeled_fault(tmp_path):
+    """--plot draws signals, forecast, score, thresholds, alerts and labeled faults into a PNG."""
+    pytest.importorskip("matplotlib")
+    values = healthy_series(200, seed=8)
+    values[120:140:2] += 1.5
+    rows = [[T0 + 60 * k, f"{v:.4f}", int(120 <= k < 140)] for k, v in enumerate(values)]
+    data = write_csv(tmp_path / "in.csv", ["ts", "value", "label"], rows)
+    png = tmp_path / "replay.png"
+    assert main(["replay", "--model", str(univariate_bundle()), "--data", str(data), "--out", str(tmp_path / "o.csv"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -30,7 +30,8 @@ def test_online_status_is_retained_with_version_and_model(start_daemon, make_pro
     daemon = start_daemon()
     daemon.wait_online(make_probe())
     status = retained_status(make_probe)
-    assert set(status) == {"state", "agent_id", "version", "model", "ts"}
+    assert set(status) == {"state", "agent_id", "version", "model", "ts", "outbox"}
+    assert status["outbox"] == {"queued": 0, "sent": 0, "dropped": 0}, "a fresh agent has an empty outbox"
     assert status["state"] == "online"
     assert status["agent_id"] == AGENT_ID
     assert isinstance(status["version"], str) and status["version"]

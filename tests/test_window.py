@@ -182,3 +182,47 @@ def test_many_devices_grow_storage_without_mixing_windows():
     for d in devices:
         assert store.window(d)[:, 0].tolist() == [float(d)] * 3
         assert store.window(d)[:, 1].tolist() == [0.0, 1.0, 2.0]
+
+
+def make_tolerant_store(lookback: int = 6, max_gap: int = 3, lateness: int = 2) -> tuple[WindowStore, Recorder, int]:
+    recorder = Recorder()
+    store = WindowStore(FEATURES, lookback, P, max_gap, on_commit=recorder, max_lateness_periods=lateness)
+    return store, recorder, store.device("dev")
+
+
+def test_late_sample_within_tolerance_fills_its_imputed_slot_in_place():
+    """Reordering: a sample for a filled-forward slot within max_lateness_periods replaces it and counts as observed."""
+    store, rec, d = make_tolerant_store()
+    full(store, d, 0, 1.0)
+    full(store, d, 2, 3.0)  # slot 1 filled forward with 1.0
+    assert store.completeness(d) == pytest.approx(2 / 6)
+    full(store, d, 1, 2.0)  # arrives late, 1 period behind the newest slot
+    assert store.window(d)[-3:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert store.completeness(d) == pytest.approx(3 / 6)
+    assert store.reordered == 1
+    assert [c[0] for c in rec.commits] == [0, 2]  # no new commit: forecasts already made are not revised
+
+
+def test_late_sample_beyond_tolerance_is_rejected_and_changes_nothing():
+    """A sample more than max_lateness_periods behind the newest slot is a late_sample; the window is unchanged."""
+    store, rec, d = make_tolerant_store(lateness=2)
+    for k in range(5):
+        full(store, d, k, float(k))
+    before = store.window(d).copy()
+    with pytest.raises(Rejected) as caught:
+        full(store, d, 1, 9.0)  # 3 periods behind
+    assert caught.value.reason == "late_sample" and "tolerance 2" in caught.value.detail
+    np.testing.assert_array_equal(store.window(d), before)
+
+
+def test_late_sample_between_the_newest_and_a_pending_slot_is_committed_first():
+    """With slot 3 pending, a complete sample for slot 2 within tolerance is committed before it (not rejected)."""
+    store, rec, d = make_tolerant_store()
+    full(store, d, 0, 1.0)
+    full(store, d, 1, 1.5)
+    store.update(d, T0 + 3 * P, {"a": 3.0})  # pending
+    full(store, d, 2, 2.0)
+    assert [(c[0], c[1]) for c in rec.commits] == [(0, True), (1, True), (2, True)]
+    store.update(d, T0 + 3 * P, {"b": 3.0})
+    assert [(c[0], c[1]) for c in rec.commits][-1] == (3, True)
+    assert store.window(d)[-4:, 0].tolist() == [1.0, 1.5, 2.0, 3.0]

@@ -52,17 +52,34 @@ COMMANDS = {
     "synth": ("generate a synthetic pump fleet (CSV and/or MQTT)", _synth_args, _synth_run),
     "train": ("train, export and calibrate a bundle from a fleet CSV", _train_args, _train_run),
     "build-shipped": ("regenerate exported_models/pump-lstm from a fixed-seed synthetic fleet", _build_shipped_args, _build_shipped_run),
+    "fit": ("train on the first N rows (or a time range) of any CSV and export a bundle", lambda p: import_module("training.fit").add_arguments(p), lambda a: import_module("training.fit").run(a)),
+    "evaluate-alerts": ("point-wise and event-level alert metrics of a replay against labels", lambda p: import_module("training.evaluate_alerts").add_arguments(p), lambda a: import_module("training.evaluate_alerts").run(a)),
+    "detection-benchmark": ("held-out synthetic fleet -> replay -> evaluate-alerts, one table", lambda p: import_module("training.detection_benchmark").add_arguments(p), lambda a: import_module("training.detection_benchmark").run(a)),
+    "recalibrate": ("recompute a bundle's anomaly calibration with the current detection code (model unchanged)", lambda p: import_module("training.calibrate").add_recalibrate_arguments(p), lambda a: import_module("training.calibrate").run_recalibrate(a)),
     "broker": ("run the embedded MQTT 3.1.1 broker (for machines without mosquitto)", lambda p: import_module("training.minibroker").add_arguments(p), lambda a: import_module("training.minibroker").run(a)),
+    "keygen": ("create an ed25519 key pair for signing model bundles", lambda p: import_module("training.sign").add_keygen_arguments(p), lambda a: import_module("training.sign").run_keygen(a)),
+    "publish-model": ("publish a signed bundle to a model-update topic: agents with rollout enabled verify and swap it in", lambda p: import_module("training.publish_model").add_arguments(p), lambda a: import_module("training.publish_model").run(a)),
+    "sign-model": ("sign a bundle's manifest.json (manifest.json.sig) for agents with model.public_key", lambda p: import_module("training.sign").add_sign_arguments(p), lambda a: import_module("training.sign").run_sign(a)),
     "demo": ("the one-command demo: simulator -> broker -> edge daemon -> live view and summary", lambda p: import_module("training.demo").add_arguments(p), lambda a: import_module("training.demo").run(a)),
+    # the training toolbox (issue 3)
+    "search": ("Optuna hyperparameter search (random, TPE, grid); several workers share a study via --storage", lambda p: import_module("training.search").add_arguments(p), lambda a: import_module("training.search").run(a)),
+    "data-report": ("resample a CSV/Parquet file, report its gaps and windows per split", lambda p: import_module("training.cli").add_data_report_arguments(p), lambda a: import_module("training.cli").run_data_report(a)),
+    "compare": ("every architecture x strategy: validation/test metrics vs baselines, time per epoch", lambda p: import_module("training.compare").add_arguments(p), lambda a: import_module("training.compare").run(a)),
+    "cv": ("time-series cross-validation (expanding or sliding training windows)", lambda p: import_module("training.cli").add_cv_arguments(p), lambda a: import_module("training.cli").run_cv(a)),
+    "ensemble": ("train several forecasters and export their average as one bundle", lambda p: import_module("training.ensemble").add_arguments(p), lambda a: import_module("training.ensemble").run(a)),
+    "transfer": ("fine-tune a shipped bundle on a little data from a new machine; gain over training from scratch", lambda p: import_module("training.transfer").add_arguments(p), lambda a: import_module("training.transfer").run(a)),
+    "speed": ("training throughput (windows/s) and peak memory of the real training loop", lambda p: import_module("training.speed").add_arguments(p), lambda a: import_module("training.speed").run(a)),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     argv = sys.argv[1:] if argv is None else list(argv)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if argv[:1] == [name]:  # only the chosen command's module is imported (memory, start-up time)
+            add_arguments(command_parser)
     args = parser.parse_args(argv)
     args.invocation = "python -m training " + shlex.join(argv)  # recorded in manifests
     return COMMANDS[args.command][2](args)

@@ -1,25 +1,42 @@
-"""Anomaly calibration from validation data, with the daemon's own score (agent.detect.ResidualScorer).
+"""Anomaly calibration from validation data, run through the daemon's own code (agent.pipeline.Pipeline).
 
 1. residual_mean / residual_std per horizon step and target (scaled units) on validation windows;
-2. the one-step-ahead score over each validation device in time order (fresh state after a long gap, imputed
-   samples not scored, as in the daemon); warning = margin x the highest healthy level, critical = 2 x warning,
-   exit = 0.7 x warning;
-3. an alert check with the daemon's rule (enter after `min_over` samples >= warning, leave after `min_under`
-   samples < exit) on healthy and faulty series, for the report.
+2. slow channels (`slow_alpha`): their gain is set so that they peak like the fast channels on healthy data;
+3. flat-line check: per target, the share of exact repeats between consecutive healthy observed samples;
+   the repeat count at which a run this long would be expected less than FLATLINE_EVENTS_PER_YEAR times per
+   device and year (None: the sensor repeats too often to tell);
+4. the score over each validation device's healthy stretches, produced by agent.pipeline.Pipeline (windows,
+   gaps, multi-step lookup, EWMA: the daemon's code) with an in-memory bundle around the same model;
+   warning = margin x max(highest healthy level held for `min_samples_over` samples, 99.9 % quantile),
+   critical = 2 x warning, exit = 0.7 x warning;
+5. alert checks with the daemon's state machine on the healthy test split and on a labeled fleet (report).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from agent.detect import ResidualScorer
-from training.data import DeviceSeries, Prepared, StandardScaler
+from agent.config import Settings
+from agent.events import AlertEvent, Sample
+from agent.pipeline import Pipeline
+from training.data import DeviceSeries, Prepared
 
 EWMA_ALPHA = 0.2
+SLOW_ALPHA = 0.02  # slow channels: ~50-sample memory, for variance that rises over hours
+SLOW_CLIP = 3.0  # |z| cap of the slow channels
 MIN_SAMPLES_OVER = 3
 MIN_SAMPLES_UNDER = 5
+FLATLINE_EVENTS_PER_YEAR = 0.01  # tolerated healthy flat-line runs per device and year
+FLATLINE_MIN_REPEATS = 4
+FLATLINE_MAX_REPEATS = 1440
+
+
+def default_score_steps(horizon: int) -> list[int]:
+    """The steps scored by default: every horizon step (the longest catches drifts and stuck sensors)."""
+    return list(range(1, horizon + 1))
 
 
 def residual_stats(prepared: Prepared, predict) -> tuple[np.ndarray, np.ndarray]:
@@ -28,56 +45,131 @@ def residual_stats(prepared: Prepared, predict) -> tuple[np.ndarray, np.ndarray]
     return resid.mean(axis=0), np.maximum(resid.std(axis=0), 1e-6)  # (H, T) each
 
 
+def flatline_repeats(prepared: Prepared, period_s: float, splits=("train", "val")) -> tuple[list[int], list[float]]:
+    """Per target: (repeats that trigger the flat-line check, 0 = off; probability of one exact repeat)."""
+    t_idx = prepared.target_index
+    repeats = np.zeros(len(t_idx))
+    pairs = 0
+    for s in prepared.series:
+        for split in splits:
+            lo, hi = s.bounds[split]
+            ok = s.observed[lo:hi] & s.healthy[lo:hi]
+            both = ok[1:] & ok[:-1]  # consecutive slots both observed and healthy
+            v = s.values[lo:hi][:, t_idx]
+            repeats += ((v[1:] == v[:-1]) & both[:, None]).sum(axis=0)
+            pairs += int(both.sum())
+    p = (repeats + 1.0) / (pairs + 2.0)  # Laplace: never exactly 0
+    samples_per_year = 365 * 86400.0 / period_s
+    out = []
+    for pj in p:
+        if pj >= 0.5:
+            out.append(0)
+            continue
+        n = math.ceil(math.log(FLATLINE_EVENTS_PER_YEAR / samples_per_year) / math.log(pj))
+        out.append(int(min(max(n, FLATLINE_MIN_REPEATS), FLATLINE_MAX_REPEATS)))
+    return out, [float(x) for x in p]
+
+
+class PredictorBundle:
+    """The subset of agent.model.Bundle the pipeline uses, around a scaled-units predictor (the exported
+    ONNX model's OnnxPredictor): calibration runs the daemon's pipeline without writing a bundle first."""
+
+    def __init__(self, prepared: Prepared, predict, calibration: dict, name: str = "calibration"):
+        self.name, self.version, self.sha256 = name, "0", "0" * 64
+        self.features, self.targets = list(prepared.features), list(prepared.targets)
+        self.lookback, self.horizon, self.period_s = prepared.lookback, prepared.horizon, float(prepared.period_s)
+        self.calibration = calibration
+        self.target_index = prepared.target_index.astype(np.intp)
+        self.offset, self.scale = prepared.scaler.mean.astype(np.float64), prepared.scaler.std.astype(np.float64)
+        self.target_offset, self.target_scale = self.offset[self.target_index], self.scale[self.target_index]
+        self._predict = predict
+
+    n_features = property(lambda self: len(self.features))
+    n_targets = property(lambda self: len(self.targets))
+
+    def predict(self, x_raw: np.ndarray) -> np.ndarray:
+        scaled = ((x_raw - self.offset) / self.scale).astype(np.float32)  # (B, L, F)
+        return (self._predict(scaled) * self.target_scale + self.target_offset).astype(np.float32)  # (B, H, T)
+
+
 @dataclass
 class ScoredRun:
-    """Consecutive scored samples of one device (no long gap inside)."""
+    """Scored samples of one stretch of one device, in time order."""
 
     device: str
     ts: np.ndarray  # (N,)
     score: np.ndarray  # (N,)
 
 
-def score_device(series: DeviceSeries, scaler: StandardScaler, target_index: np.ndarray, predict,
-                 scorer: ResidualScorer, lookback: int, lo: int, hi: int, healthy_only: bool) -> list[ScoredRun]:
-    """One-step-ahead scores for rows [lo + lookback, hi) of one device, in time order."""
-    scaled = scaler.transform(series.values).astype(np.float32)  # (N, F), NaN in long gaps
-    window_rows = series.valid & (series.healthy if healthy_only else True)
-    target_rows = series.observed & (series.healthy if healthy_only else True)
-    bad = np.concatenate([[0], np.cumsum(~window_rows)])
-    t = np.arange(lo + lookback, hi)
-    window_ok = bad[t] - bad[t - lookback] == 0  # rows t-L .. t-1 usable
-    runs = []
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], window_ok.astype(np.int8), [0]])))
-    for begin, end in zip(edges[::2], edges[1::2]):
-        points = t[begin:end]
-        points = points[target_rows[points]]  # imputed samples are not scored
-        if points.size == 0:
+class _ScoreTrace:
+    """Pipeline trace that records the detector's score after every scored sample."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.detector = pipeline.detector
+        self.seen: dict[int, int] = {}
+        self.rows: list[tuple[int, int, float]] = []  # (sample index, device index, score)
+        self.states: list[np.ndarray] = []  # the detector's channel state after each of those samples
+
+    def on_slot(self, i, d, expected, alert_open):
+        n = int(self.detector.scored[d])
+        if n != self.seen.get(d, 0):
+            self.seen[d] = n
+            self.rows.append((i, d, float(self.detector.score[d])))
+            self.states.append(self.detector.ewma[d].copy())
+
+    def on_forecast(self, i, d, forecast):
+        pass
+
+
+def _settings(detect: dict | None = None) -> Settings:
+    return Settings(detect={"min_samples_over": MIN_SAMPLES_OVER, "min_samples_under": MIN_SAMPLES_UNDER, **(detect or {})})
+
+
+def stretches(series: DeviceSeries, lo: int, hi: int, healthy_only: bool, warmup: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, rows to feed, rows to keep scores of) per stretch of [lo, hi): healthy stretches only when asked
+    (each fed as its own device, starting `warmup` rows early when those rows are healthy too)."""
+    rows = np.arange(lo, hi)
+    if not healthy_only:
+        feed = np.arange(max(0, lo - warmup), hi)
+        return [(series.name, feed[series.observed[feed]], rows)]
+    out = []
+    ok = series.healthy.astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], ok, [0]])))
+    for k, (begin, end) in enumerate(zip(edges[::2], edges[1::2])):
+        keep_lo, keep_hi = max(begin, lo), min(end, hi)
+        if keep_hi - keep_lo <= 0:
             continue
-        idx = points[:, None] - lookback + np.arange(lookback)  # (N, L)
-        step0 = predict(scaled[idx])[:, 0, :]  # (N, T) scaled one-step forecasts
-        forecast = step0 * scaler.std[target_index] + scaler.mean[target_index]
-        observed = series.values[points][:, target_index]
-        runs.append(ScoredRun(series.name, series.ts[points], scorer.score_series(observed, forecast)))
-    return runs
-
-
-def alert_intervals(run: ScoredRun, warning: float, exit_level: float, min_over: int = MIN_SAMPLES_OVER,
-                    min_under: int = MIN_SAMPLES_UNDER) -> list[tuple[int, int | None]]:
-    """(start_ts, end_ts or None) of the alerts the daemon's rule would raise on this run."""
-    out, over, under, open_since = [], 0, 0, None
-    for ts, score in zip(run.ts, run.score):
-        if open_since is None:
-            over = over + 1 if score >= warning else 0
-            if over >= min_over:
-                open_since, under = int(ts), 0
-        else:
-            under = under + 1 if score < exit_level else 0
-            if under >= min_under:
-                out.append((open_since, int(ts)))
-                open_since, over = None, 0
-    if open_since is not None:
-        out.append((open_since, None))
+        feed = np.arange(max(begin, keep_lo - warmup), keep_hi)
+        out.append((f"{series.name}#{k}", feed[series.observed[feed]], np.arange(keep_lo, keep_hi)))
     return out
+
+
+def run_pipeline(bundle, settings: Settings, parts: list[tuple[str, DeviceSeries, np.ndarray]], chunk: int = 8192):
+    """Feed the rows of each (name, series, rows) through one Pipeline in time order.
+
+    Returns (pipeline, per part (N, 2 + C): row, score and the detector's channel state, alert events)."""
+    pipeline = Pipeline(bundle, settings)
+    features = bundle.features
+    samples, owner = [], []
+    for p, (name, s, rows) in enumerate(parts):
+        values = s.values[rows].tolist()
+        for r, ts, vals in zip(rows.tolist(), s.ts[rows].tolist(), values):
+            samples.append((float(ts), p, r, Sample(name, float(ts), dict(zip(features, vals)), float(ts))))
+    samples.sort(key=lambda item: (item[0], item[1]))
+    trace = _ScoreTrace(pipeline)
+    events = []
+    kept: list[tuple[int, np.ndarray]] = []  # (part, [row, score, state...])
+    for start in range(0, len(samples), chunk):
+        block = samples[start : start + chunk]
+        trace.rows.clear()
+        trace.states.clear()
+        events += [e for e in pipeline.process([b[3] for b in block], now=block[-1][0], trace=trace) if isinstance(e, AlertEvent)]
+        kept += [(block[i][1], np.concatenate([[block[i][2], score], state])) for (i, _, score), state in zip(trace.rows, trace.states)]
+    width = 2 + pipeline.detector.scorer.n_channels
+    scores = [[] for _ in parts]
+    for p, row in kept:
+        scores[p].append(row)
+    return pipeline, [np.array(x, dtype=np.float64).reshape(-1, width) for x in scores], events
 
 
 def sustained_peak(score: np.ndarray, length: int = MIN_SAMPLES_OVER) -> float:
@@ -88,65 +180,184 @@ def sustained_peak(score: np.ndarray, length: int = MIN_SAMPLES_OVER) -> float:
     return float(view.min(axis=1).max())
 
 
-def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2.0) -> tuple[dict, ResidualScorer, list[ScoredRun]]:
+@dataclass
+class Calibrator:
+    """What the alert checks need to run the pipeline again with the final calibration."""
+
+    prepared: Prepared
+    predict: object
+    calibration: dict
+
+    def bundle(self, thresholds: dict | None = None) -> PredictorBundle:
+        calibration = dict(self.calibration)
+        if thresholds is not None:
+            calibration["thresholds"] = thresholds
+        return PredictorBundle(self.prepared, self.predict, calibration)
+
+
+def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2.0, score_steps: list[int] | None = None,
+              alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA) -> tuple[dict, Calibrator, list[ScoredRun]]:
     mean, std = residual_stats(prepared, predict)
-    t_idx = prepared.target_index
-    scorer = ResidualScorer(mean, std, prepared.scaler.std[t_idx], EWMA_ALPHA)
-    runs = []
+    steps = score_steps or default_score_steps(prepared.horizon)
+    repeats, repeat_p = flatline_repeats(prepared, prepared.period_s)
+    calibration = {
+        "residual_mean": mean.round(6).tolist(), "residual_std": std.round(6).tolist(),
+        "ewma_alpha": alpha,
+        "thresholds": {"warning": 1e9, "critical": 2e9, "exit": 0.7e9},  # provisional: scoring only
+        "score_steps": steps,
+        **({"slow_alpha": slow_alpha, "slow_gain": 0.0, "slow_clip": SLOW_CLIP} if slow_alpha else {}),  # gain provisional: measured below
+        "flatline_repeats": repeats,
+        "flatline_repeat_probability": [round(p, 8) for p in repeat_p],
+    }
+    calibrator = Calibrator(prepared, predict, calibration)
+    parts = []
+    warmup = prepared.lookback + prepared.horizon + 2
     for s in prepared.series:
         lo, hi = s.bounds["val"]
-        runs += score_device(s, prepared.scaler, t_idx, predict, scorer, prepared.lookback, lo, hi, healthy_only=True)
+        for name, feed, keep in stretches(s, lo, hi, True, warmup):
+            parts.append((name, s, feed, keep))
+    pipeline, scored, _ = run_pipeline(calibrator.bundle(), _settings({"enabled": False, "flatline": False}),
+                                       [(n, s, f) for n, s, f, _ in parts])
+    scorer = pipeline.detector.scorer
+    kept = []
+    for (name, s, _, keep), rows in zip(parts, scored):
+        mask = np.isin(rows[:, 0].astype(np.int64), keep)
+        if mask.any():
+            fast, slow = scorer.split_scores(rows[mask, 2:])
+            kept.append((name, s.ts[rows[mask, 0].astype(np.int64)], fast, slow))
+    gain = 0.0
+    if slow_alpha:
+        # Slow channels on the fast channels' scale: both kinds reach the same healthy sustained peak.
+        gain = max(sustained_peak(f) for *_, f, _ in kept) / max(max(sustained_peak(w) for *_, w in kept), 1e-9)
+        calibration["slow_gain"] = round(gain, 6)
+    runs = [ScoredRun(name, ts, np.maximum(fast, gain * slow)) for name, ts, fast, slow in kept]
     scores = np.concatenate([r.score for r in runs])
     peak = max(sustained_peak(r.score) for r in runs)
     q999 = float(np.quantile(scores, 0.999))
-    # The alert rule needs 3 samples in a row, so the healthy level that matters is the sustained peak.
+    # The alert rule needs `min_samples_over` samples in a row, so the healthy level that matters is the sustained peak.
     warning = round(max(floor, margin * max(peak, q999)), 3)
-    calibration = {
-        "residual_mean": mean.round(6).tolist(), "residual_std": std.round(6).tolist(),
-        "ewma_alpha": EWMA_ALPHA,
-        "thresholds": {"warning": warning, "critical": 2 * warning, "exit": 0.7 * warning},
+    calibration.update({
+        "thresholds": {"warning": warning, "critical": round(2 * warning, 3), "exit": round(0.7 * warning, 3)},
         "min_samples_over": MIN_SAMPLES_OVER,
         "validation_score_quantiles": {"0.5": float(np.quantile(scores, 0.5)), "0.99": float(np.quantile(scores, 0.99)),
                                        "0.999": q999, "max": float(scores.max()), "sustained_max": peak},
         "validation_scored_samples": int(scores.size),
-    }
-    scorer.warning = warning
-    return calibration, scorer, runs
+    })
+    return calibration, calibrator, runs
 
 
-def healthy_alert_check(prepared: Prepared, predict, scorer: ResidualScorer, thresholds: dict, split: str = "test") -> dict:
-    """Alerts on the healthy rows of `split` (any alert here is a false alert)."""
-    t_idx = prepared.target_index
-    per_device, samples = {}, 0
+def healthy_alert_check(prepared: Prepared, predict, calibrator: Calibrator, thresholds: dict, split: str = "test") -> dict:
+    """Alerts the daemon would raise on the healthy stretches of `split` (any alert here is a false alert)."""
+    parts, names = [], []
+    warmup = prepared.lookback + prepared.horizon + 2
     for s in prepared.series:
         lo, hi = s.bounds[split]
-        runs = score_device(s, prepared.scaler, t_idx, predict, scorer, prepared.lookback, lo, hi, healthy_only=True)
-        alerts = sum(len(alert_intervals(r, thresholds["warning"], thresholds["exit"])) for r in runs)
-        samples += sum(r.ts.size for r in runs)
-        peak = max((float(r.score.max()) for r in runs), default=0.0)
-        per_device[s.name] = {"alerts": alerts, "max_score": round(peak, 3), "samples": int(sum(r.ts.size for r in runs))}
-    hours = samples * prepared.period_s / 3600.0
+        for name, feed, _ in stretches(s, lo, hi, True, warmup):
+            parts.append((name, s, feed))
+            names.append(s.name)
+    pipeline, scored, events = run_pipeline(calibrator.bundle(thresholds), _settings(), parts)
+    per_device: dict[str, dict] = {}
+    for (name, _, _), device, rows_scores in zip(parts, names, scored):
+        entry = per_device.setdefault(device, {"alerts": 0, "max_score": 0.0, "samples": 0})
+        entry["alerts"] += sum(1 for e in events if e.device == name and e.state == "new")
+        entry["samples"] += int(rows_scores.shape[0])
+        if rows_scores.size:
+            entry["max_score"] = round(max(entry["max_score"], float(rows_scores[:, 1].max())), 3)
+    samples = sum(d["samples"] for d in per_device.values())
     return {"split": split, "alerts": sum(d["alerts"] for d in per_device.values()), "scored_samples": samples,
-            "device_hours": round(hours, 1), "per_device": per_device}
+            "device_hours": round(samples * prepared.period_s / 3600.0, 1), "per_device": per_device}
 
 
 def fault_detection_check(series: list[DeviceSeries], schedule: list[dict], prepared: Prepared, predict,
-                          scorer: ResidualScorer, thresholds: dict, grace_s: int = 1800) -> dict:
+                          calibrator: Calibrator, thresholds: dict, grace_s: int = 1800) -> dict:
     """Detection delay per scheduled fault (alert opened while it lasts) and alerts outside any fault (+ grace:
     the return to normal at a fault's end is itself a surprise to the forecaster)."""
-    t_idx = prepared.target_index
-    faults, false_alerts, samples = [], 0, 0
+    parts = [(s.name, s, np.flatnonzero(s.observed)) for s in series]
+    pipeline, scored, events = run_pipeline(calibrator.bundle(thresholds), _settings(), parts)
+    opened = [(e.device, e.started_at) for e in events if e.state == "new"]
+    faults, false_alerts = [], 0
     for s in series:
-        runs = score_device(s, prepared.scaler, t_idx, predict, scorer, prepared.lookback, 0, len(s.ts), healthy_only=False)
-        samples += sum(r.ts.size for r in runs)
-        alerts = [a for r in runs for a in alert_intervals(r, thresholds["warning"], thresholds["exit"])]
         mine = [f for f in schedule if f["device"] == s.name]
+        starts = [t for device, t in opened if device == s.name]
         for fault in mine:
-            hits = [a[0] for a in alerts if fault["start_ts"] <= a[0] <= fault["end_ts"]]
+            hits = [t for t in starts if fault["start_ts"] <= t <= fault["end_ts"]]
             delay = (min(hits) - fault["start_ts"]) / 60.0 if hits else None
             faults.append({"device": s.name, "kind": fault["kind"], "duration_min": (fault["end_ts"] - fault["start_ts"]) / 60.0,
                            "detected": bool(hits), "delay_min": delay})
-        false_alerts += sum(1 for a in alerts
-                            if not any(f["start_ts"] <= a[0] <= f["end_ts"] + grace_s for f in mine))
-    return {"faults": faults, "false_alerts": false_alerts,
-            "device_hours": round(samples * prepared.period_s / 3600.0, 1)}
+        false_alerts += sum(1 for t in starts if not any(f["start_ts"] <= t <= f["end_ts"] + grace_s for f in mine))
+    samples = sum(x.shape[0] for x in scored)
+    return {"faults": faults, "false_alerts": false_alerts, "device_hours": round(samples * prepared.period_s / 3600.0, 1)}
+
+
+# -- recalibrating an existing bundle (new detection code, same model) -------------------------------------------
+
+
+def recalibrate_bundle(model_dir, rows: dict, eval_rows: dict | None = None, eval_schedule: list | None = None,
+                       command: str = "", log=print) -> dict:
+    """Replace a bundle's calibration (and its report checks) using its own model.onnx on `rows`, the data it
+    was trained on (the same temporal split gives the same validation stretches). model.onnx is unchanged."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from training.cli import model_card
+    from training.data import prepare, to_device_series
+    from training.export import OnnxPredictor, write_bundle
+
+    folder = Path(model_dir)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    prepared = prepare(rows, manifest["lookback"], manifest["horizon"], int(manifest["sampling_period_s"]),
+                       features=manifest["features"], targets=manifest["targets"])
+    predict = OnnxPredictor(folder / manifest["onnx"]["file"], threads=2)
+    calibration, calibrator, _ = calibrate(prepared, predict)
+    thresholds = calibration["thresholds"]
+    log(f"calibration: thresholds {thresholds}, score steps {calibration['score_steps']}, "
+        f"slow gain {calibration.get('slow_gain')}, flat-line repeats {calibration['flatline_repeats']}")
+    checks = {"healthy_test": healthy_alert_check(prepared, predict, calibrator, thresholds, "test")}
+    log(f"healthy test split: {checks['healthy_test']['alerts']} alerts in {checks['healthy_test']['device_hours']} device-hours")
+    if eval_rows is not None:
+        series = to_device_series(eval_rows, prepared.period_s, features=manifest["features"])
+        checks["eval_fleet"] = fault_detection_check(series, eval_schedule or [], prepared, predict, calibrator, thresholds)
+        for f in checks["eval_fleet"]["faults"]:
+            outcome = "not detected" if f["delay_min"] is None else "detected after %.0f min" % f["delay_min"]
+            log(f"eval fleet: {f['kind']:13s} on {f['device']}: {outcome}")
+    manifest["calibration"] = calibration
+    if command:
+        manifest["calibration"]["command"] = command
+    report_path = folder / "report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    report["checks"] = checks
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model.onnx"
+        staged.write_bytes((folder / manifest["onnx"]["file"]).read_bytes())
+        write_bundle(folder, staged, manifest, {"report.json": json.dumps(report, indent=2) + "\n",
+                                                "README.md": model_card(manifest, checks)})
+    return manifest
+
+
+def add_recalibrate_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="bundle folder (default: the shipped pump-lstm, with its fixed-seed fleets)")
+    parser.add_argument("--data", help="the CSV the bundle was trained on (synth columns); not needed for the shipped bundle")
+
+
+def run_recalibrate(args) -> int:
+    import sys
+
+    from training.cli import SHIPPED_DIR, SHIPPED_EVAL_FLEET, SHIPPED_TRAIN_FLEET
+    from training.synth import generate_fleet, read_csv
+
+    model = args.model or str(SHIPPED_DIR)
+    try:
+        if args.data:
+            recalibrate_bundle(model, read_csv(args.data), command=args.invocation)
+        elif args.model is None:
+            evaluation = generate_fleet(SHIPPED_EVAL_FLEET)
+            recalibrate_bundle(model, generate_fleet(SHIPPED_TRAIN_FLEET).rows, evaluation.rows, evaluation.schedule,
+                               command=args.invocation)
+        else:
+            print("recalibrate: give --data (the bundle's training CSV)", file=sys.stderr)
+            return 2
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"recalibrate: {exc}", file=sys.stderr)
+        return 2
+    return 0

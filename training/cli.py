@@ -24,6 +24,11 @@ SHIPPED_EVAL_FLEET = FleetConfig(
 )
 
 
+TOOLBOX_FIELDS = ("architecture", "strategy", "difference", "lookback", "horizon", "dropout", "weight_decay", "loss",
+                  "lr_schedule", "patience", "grad_clip", "teacher_forcing", "conv_channels", "precision", "tbptt",
+                  "progress", "checkpoint", "resume")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
     parser.add_argument("--hidden-size", type=int)
@@ -34,6 +39,48 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="torch threads (default 2)")
     parser.add_argument("--version", default="1.0.0", help="bundle version written to the manifest")
+    _add_toolbox_model_arguments(parser)
+
+
+def _add_toolbox_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The toolbox's choices; every default (None) keeps the shipped model's recipe."""
+    from training.architectures import ARCHITECTURES
+    from training.strategies import STRATEGIES
+
+    g = parser.add_argument_group("model and training")
+    g.add_argument("--architecture", choices=["lstm", *ARCHITECTURES], help="default lstm (the shipped model)")
+    g.add_argument("--strategy", choices=STRATEGIES, help="multi-step strategy, run inside the exported graph (default mimo)")
+    g.add_argument("--difference", action="store_const", const=True, help="first differences, inverted inside the graph")
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--loss", choices=("mse", "mae", "huber"))
+    g.add_argument("--lr-schedule", choices=("cosine", "plateau", "constant"))
+    g.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
+    g.add_argument("--grad-clip", type=float)
+    g.add_argument("--teacher-forcing", type=float, help="encoder_decoder: share of teacher-forced decoder steps")
+    g.add_argument("--conv-channels", type=int, help="cnn_lstm")
+    g.add_argument("--precision", choices=("fp32", "bf16"))
+    g.add_argument("--tbptt", type=int, help="many_to_one: truncated backpropagation through the last N steps")
+    g.add_argument("--progress", action="store_const", const=True, help="a progress bar with the live losses")
+    g.add_argument("--checkpoint", help="checkpoint file written after every epoch")
+    g.add_argument("--resume", action="store_const", const=True, help="continue from --checkpoint if it exists")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data preparation")
+    g.add_argument("--lookback", type=int, help="input window (default 60)")
+    g.add_argument("--horizon", type=int, help="forecast steps (default 10)")
+    g.add_argument("--timestamp-column", default="ts")
+    g.add_argument("--device-column", default="device", help="absent column = one series")
+    g.add_argument("--features", help="comma-separated input features (default: every numeric column)")
+    g.add_argument("--targets", help="comma-separated targets, a subset of the features (default: all)")
+    g.add_argument("--period", type=int, default=60, help="resampling period in seconds")
+    g.add_argument("--fill", choices=("ffill", "linear"), default="ffill", help="how gaps up to --max-fill are filled")
+    g.add_argument("--max-fill", type=int, default=10, help="longest gap (periods) filled; longer gaps drop their windows")
+    g.add_argument("--scaler", choices=("standard", "minmax"), default="standard", help="fitted on training rows only")
+    g.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions per device, in time order")
+    g.add_argument("--split-rows", help="TRAIN_END,VAL_END grid rows per device (instead of fractions)")
+    g.add_argument("--split-times", help="VAL_START,TEST_START as unix seconds or ISO-8601 (instead of fractions)")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +90,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", help="optional CSV with labeled faults to measure detection delay")
     parser.add_argument("--eval-schedule", help="fault schedule JSON of --eval-data (from synth --schedule-out)")
     _add_model_arguments(parser)
+    _add_data_arguments(parser)
 
 
 def add_build_shipped_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +103,8 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
     from training.train import TrainConfig
 
     cfg = TrainConfig(epochs=2, train_stride=8) if quick else TrainConfig()
-    for field in ("epochs", "hidden_size", "num_layers", "batch_size", "learning_rate", "train_stride", "seed", "threads"):
+    for field in ("epochs", "hidden_size", "num_layers", "batch_size", "learning_rate", "train_stride", "seed", "threads",
+                  *TOOLBOX_FIELDS):
         value = getattr(args, field, None)
         if value is not None:
             setattr(cfg, field, value)
@@ -63,17 +112,23 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
 
 
 def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data_info: dict,
-                 eval_rows=None, eval_schedule=None, log=print) -> dict:
-    """Train, export, verify, evaluate and calibrate; write the bundle; return the manifest."""
+                 eval_rows=None, eval_schedule=None, log=print, features=None, targets=None,
+                 prepare_kwargs: dict | None = None) -> dict:
+    """Train, export, verify, evaluate and calibrate; write the bundle (+ report.md and plots); return the manifest.
+
+    `prepare_kwargs` go to training.data.prepare (scaler, fill, max_fill_periods, split)."""
     import torch
 
     from training import calibrate, evaluate
     from training.data import prepare, to_device_series
     from training.export import OnnxPredictor, export_onnx, utc_now, write_bundle
+    from training.bundle import architecture_section
+    from training.report import report_files
     from training.train import fit
 
     began = time.perf_counter()
-    prepared = prepare(rows, cfg.lookback, cfg.horizon, data_info.get("period_s", 60))
+    prepared = prepare(rows, cfg.lookback, cfg.horizon, data_info.get("period_s", 60),
+                       **({"features": list(features)} if features else {}), targets=targets, **(prepare_kwargs or {}))
     log(f"data: {len(prepared.series)} devices, windows train {len(prepared.starts['train'])} "
         f"val {len(prepared.starts['val'])} test {len(prepared.starts['test'])}")
     result = fit(prepared, cfg, log=log)
@@ -106,9 +161,9 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
             "features": prepared.features, "targets": prepared.targets,
             "lookback": cfg.lookback, "horizon": cfg.horizon, "sampling_period_s": prepared.period_s,
             "scaler": prepared.scaler.manifest(prepared.features),
-            "strategy": "mimo",
-            "architecture": {"type": "lstm", "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
-                             "dropout": cfg.dropout, "head": "mlp, predicts the change from the last observed value"},
+            "strategy": getattr(result.model, "strategy", "mimo"),
+            "architecture": architecture_section(result.model, cfg),
+            "preprocessing": {"difference": bool(getattr(result.model, "difference", False)), "in_graph": True},
             "training": {"command": command, "config": cfg.to_dict(), "seed": cfg.seed, "epochs": result.epochs_run,
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                          "train_rows": prepared.rows_per_split["train"], "val_rows": prepared.rows_per_split["val"],
@@ -119,9 +174,9 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
             "metrics": {"test": test_metrics, "validation": val_metrics},
             "calibration": calibration,
         }
-        report = {"history": result.history, "checks": checks}
-        write_bundle(out_dir, onnx_path, manifest, {"report.json": json.dumps(report, indent=2) + "\n",
-                                                    "README.md": model_card(manifest, checks)})
+        files = report_files(manifest, prepared, predict, result.history, {"checks": checks})  # report.json/.md, plots
+        files["README.md"] = model_card(manifest, checks)
+        write_bundle(out_dir, onnx_path, manifest, files)
     log(f"wrote {out_dir} in {time.perf_counter() - began:.0f} s")
     return manifest
 
@@ -132,7 +187,8 @@ def model_card(manifest: dict, checks: dict) -> str:
     cal = manifest["calibration"]
     lines = [
         f"# {manifest['name']} {manifest['version']}", "",
-        f"LSTM ({manifest['architecture']['num_layers']} x {manifest['architecture']['hidden_size']}), MIMO head, "
+        f"{manifest['architecture']['type']} ({manifest['architecture']['num_layers']} x {manifest['architecture']['hidden_size']}), "
+        f"strategy {manifest['strategy']}, "
         f"lookback {manifest['lookback']} -> horizon {manifest['horizon']} at {manifest['sampling_period_s']} s.", "",
         f"Regenerate: `{manifest['training']['command']}` ({manifest['training']['seconds']:.0f} s, "
         f"{manifest['training']['epochs']} epochs, best {manifest['training']['best_epoch']}).", "",
@@ -159,20 +215,53 @@ def model_card(manifest: dict, checks: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def data_options(args: argparse.Namespace) -> dict:
+    """training.data.prepare keyword arguments from the data-preparation options."""
+    from training.data import Split
+
+    if getattr(args, "split_rows", None):
+        a, b = (int(v) for v in args.split_rows.split(","))
+        split = Split(rows=(a, b))
+    elif getattr(args, "split_times", None):
+        split = Split(times=tuple(_parse_time(v) for v in args.split_times.split(",")))
+    else:
+        fractions = tuple(float(v) for v in args.split.split(","))
+        if len(fractions) != 3:
+            raise ValueError(f"--split needs three fractions train,val,test, got {args.split!r}")
+        split = Split(fractions=fractions)
+    return {"scaler": args.scaler, "fill": args.fill, "max_fill_periods": args.max_fill, "split": split}
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        from datetime import datetime, timezone
+
+        stamp = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from training.data import load_table
     from training.synth import read_csv
 
     cfg = _train_config(args)
     try:
-        rows = read_csv(args.data)
+        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
         eval_rows = read_csv(args.eval_data) if args.eval_data else None
         schedule = json.loads(Path(args.eval_schedule).read_text()) if args.eval_schedule else []
+        options = data_options(args)
     except (OSError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     try:
-        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": 60},
-                     eval_rows, schedule)
+        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": args.period},
+                     eval_rows, schedule, features=features, targets=_names(args.targets), prepare_kwargs=options)
     except ValueError as exc:  # unusable data (too short, duplicate timestamps, ...): nothing is written
         print(f"train: {exc}", file=sys.stderr)
         return 2
@@ -189,4 +278,106 @@ def run_build_shipped(args: argparse.Namespace) -> int:
                  "faults": train_fleet.schedule, "period_s": SHIPPED_TRAIN_FLEET.period_s, "features": FEATURES}
     build_bundle(train_fleet.rows, cfg, args.out, BUNDLE_NAME, args.version, args.invocation, data_info,
                  eval_fleet.rows, eval_fleet.schedule)
+    return 0
+
+
+# ----------------------------------------------------------------------------- shared by the toolbox commands
+
+
+def add_toolbox_arguments(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
+    """Data (a file, or a synthetic fleet when --data is left out), model, training and bundle options."""
+    parser.add_argument("--data", help="CSV or Parquet with a timestamp column (default: a synthetic fleet)")
+    parser.add_argument("--synthetic-devices", type=int, default=3)
+    parser.add_argument("--synthetic-hours", type=float, default=72.0)
+    parser.add_argument("--out", required=out_required, help="output folder")
+    parser.add_argument("--name", default="edgecast-model", help="bundle name in the manifest")
+    parser.add_argument("--calibration", choices=("full", "residual"), default="full",
+                        help="full: the daemon's detector sets the thresholds on validation data; residual: statistics only")
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+
+
+def toolbox_config(args: argparse.Namespace, **overrides):
+    """TrainConfig from the options: the toolbox defaults (many_to_one, plateau schedule) unless given."""
+    cfg = _train_config(args)
+    if getattr(args, "architecture", None) is None:
+        cfg.architecture = "many_to_one"
+    if getattr(args, "lr_schedule", None) is None:
+        cfg.lr_schedule = "plateau"
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def load_training_data(args: argparse.Namespace):
+    """(Prepared, data description) from --data or a synthetic fleet, with the data-preparation options."""
+    from training.data import load_table, prepare
+    from training.synth import generate_fleet
+
+    cfg = toolbox_config(args)
+    if args.data:
+        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        info = {"file": args.data}
+    else:
+        fleet_cfg = FleetConfig(devices=args.synthetic_devices, hours=args.synthetic_hours, seed=0, faults="auto")
+        rows, features = generate_fleet(fleet_cfg).rows, list(FEATURES)
+        info = {"synthetic": {k: v for k, v in asdict(fleet_cfg).items() if k != "faults"}}
+    prepared = prepare(rows, cfg.lookback, cfg.horizon, args.period, features=features, targets=_names(args.targets),
+                       **data_options(args))
+    info.update({"period_s": args.period, "train_windows": int(len(prepared.starts["train"])),
+                 "val_windows": int(len(prepared.starts["val"])), "test_windows": int(len(prepared.starts["test"]))})
+    return prepared, info
+
+
+def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--mode", choices=("expanding", "sliding"), default="expanding")
+    parser.add_argument("--initial", type=float, default=0.5, help="share of each series before the first fold")
+    add_toolbox_arguments(parser)
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    """Time-series cross-validation of one configuration."""
+    from training.data import load_table
+    from training.evaluate import cross_validate
+    from training.synth import generate_fleet
+
+    cfg = toolbox_config(args)
+    if args.data:
+        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+    else:
+        rows = generate_fleet(FleetConfig(devices=args.synthetic_devices, hours=args.synthetic_hours, seed=0, faults="auto")).rows
+        features = list(FEATURES)
+    options = {k: v for k, v in data_options(args).items() if k != "split"}
+    result = cross_validate(rows, cfg, args.folds, args.mode, args.initial,
+                            prepare_kwargs={"features": features, "targets": _names(args.targets), "period_s": args.period, **options})
+    print(json.dumps(result["mean"]))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "cv.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def add_data_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="CSV or Parquet with a timestamp column")
+    _add_data_arguments(parser)
+
+
+def run_data_report(args: argparse.Namespace) -> int:
+    """Resample, report gaps and the windows per split, without training."""
+    from training.data import gap_report, load_table, prepare
+
+    try:
+        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        options = data_options(args)
+        prepared = prepare(rows, args.lookback or 60, args.horizon or 10, args.period, features=features,
+                           targets=_names(args.targets), required_splits=(), **options)
+    except (OSError, ValueError) as exc:
+        print(f"data-report: {exc}", file=sys.stderr)
+        return 2
+    report = {"features": features, "targets": prepared.targets, "period_s": args.period,
+              "gaps": gap_report(prepared.series, args.max_fill),
+              "windows": {k: int(len(v)) for k, v in prepared.starts.items()},
+              "scaler": prepared.scaler.manifest(features)}
+    print(json.dumps(report, indent=2))
     return 0

@@ -515,6 +515,7 @@ class Demo:
             "EDGECAST_AGENT_ID": AGENT_ID,
         })
         env.setdefault("EDGECAST_LOG__LEVEL", "INFO")
+        env.setdefault("EDGECAST_STATE__DIRECTORY", str(workdir / "agent-state"))  # the outbox, beside the demo's files
         if self.args.model:
             env["EDGECAST_MODEL__PATH"] = str(Path(self.args.model).resolve())
         log = open(workdir / "agent.log", "wb")

@@ -85,7 +85,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def write_bundle(out_dir: str | Path, staged_onnx: str | Path, manifest: dict, extra_files: dict[str, str] | None = None) -> Path:
+def write_bundle(out_dir: str | Path, staged_onnx: str | Path, manifest: dict, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write model.onnx + manifest.json (+ report files) into out_dir, replacing it as a whole."""
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.staging"
@@ -96,8 +96,11 @@ def write_bundle(out_dir: str | Path, staged_onnx: str | Path, manifest: dict, e
     if sha256_of(staging / "model.onnx") != manifest["onnx"]["sha256"]:
         raise ExportError("model.onnx changed between verification and writing")
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    for name, text in (extra_files or {}).items():
-        (staging / name).write_text(text, encoding="utf-8")
+    for name, content in (extra_files or {}).items():  # text (reports) or bytes (plots)
+        if isinstance(content, bytes):
+            (staging / name).write_bytes(content)
+        else:
+            (staging / name).write_text(content, encoding="utf-8")
     previous = out_dir.parent / f".{out_dir.name}.previous"
     if previous.exists():
         shutil.rmtree(previous)

@@ -1,0 +1,600 @@
+"""`python -m agent bench`: the daemon's throughput, latency, CPU and memory next to the ceilings it is measured
+against, all in one run on one machine (docs/benchmarks.md explains the method and holds the last results).
+
+Parts, each its own process: a private mosquitto (free port, unbounded queues), the load generator
+(`agent.loadgen publish`), the daemon under test (`python -m agent run`, the real thing), and this process's
+subscriber, which timestamps every forecast on arrival.
+
+Throughput is measured as *capacity*: the process under test is paused (SIGSTOP) while the generator queues a
+phase's readings at the broker, then resumed; readings / (time from resume to the last forecast) is what it can
+sustain, without the generator competing for the same cores. Latency is measured *live*: the generator paces
+readings at half the measured capacity and records each publication time (a side channel, the payloads stay
+as the contract says); latency = the forecast's arrival - the publication of the newest reading in its window.
+
+Ceilings, in the same run: (a) receive, a bare paho subscriber that only decodes the JSON; (b) inference,
+onnxruntime alone on full batches (the daemon's session options and max_batch); (c) a naive daemon running the
+model once per message at batch 1; and the generator's own publishing rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so `python -m agent...` children find this agent
+
+
+@dataclass
+class Plan:
+    """Sizes of one benchmark run (slots are per device; one slot = one reading per device)."""
+
+    devices: int = 1000
+    receive_slots: int = 40
+    naive_slots: int = 6
+    capacity_slots: int = 24  # stride 1 (multiple of every stride used below)
+    stride: int = 8
+    stride_slots: int = 64
+    latency_slots: int = 16
+    latency_load: float = 0.5  # share of the measured capacity the latency phase runs at
+    partitions: int = 2
+    partition_slots: int = 32
+    rss_devices: int = 10_000
+    infer_seconds: float = 3.0
+    max_batch: int | None = None  # None: the configured default
+    threads: int | None = None
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(devices=40, receive_slots=20, naive_slots=4, capacity_slots=8, stride_slots=16, latency_slots=4,
+                   partition_slots=8, rss_devices=200, infer_seconds=0.3)
+
+
+# -- processes ------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECAST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Broker:
+    """mosquitto on a free port; queues unbounded so a paused subscriber loses nothing."""
+
+    def __init__(self, workdir: Path):
+        if not Path(MOSQUITTO).exists():
+            raise RuntimeError(f"{MOSQUITTO} not found: the benchmark needs mosquitto")
+        self.port = free_port()
+        conf = workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}persistence false\n"
+                        "max_queued_messages 0\nmax_queued_bytes 0\nset_tcp_nodelay true\nlog_type error\n")
+        self.log = open(workdir / "mosquitto.log", "wb")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class Collector:
+    """This process's subscriber: every forecast with its arrival time; the agents' status messages."""
+
+    def __init__(self, port: int):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._lock = threading.Condition()
+        self.arrivals: list[tuple[float, bytes]] = []
+        self.online: set[str] = set()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"edgecast-bench-{os.getpid()}",
+                                  protocol=paho.MQTTv311, clean_session=True)
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([("edgecast/+/forecast", 0), ("edgecast/agent/+/status", 1)])
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=120)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("the benchmark's subscriber could not subscribe")
+
+    def _on_message(self, client, userdata, message) -> None:
+        now = time.time()
+        topic = message.topic
+        with self._lock:
+            if topic.endswith("/forecast"):
+                self.arrivals.append((now, message.payload))
+            elif topic.endswith("/status"):
+                status = json.loads(message.payload)
+                if status.get("state") == "online":
+                    self.online.add(status.get("agent_id", ""))
+            self._lock.notify_all()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.arrivals = []
+
+    def wait_forecasts(self, n: int, timeout: float, alive=None) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.arrivals) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (alive is not None and not alive()):
+                    return False
+                self._lock.wait(min(remaining, 0.5))
+        return True
+
+    def wait_online(self, agent_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while agent_id not in self.online:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(min(remaining, 0.5))
+        return True
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+STOPPED_LINE = re.compile(r"stopped: (\d+) samples accepted, (\d+) processed, (\d+) forecasts, (\d+) alert events, (\d+) rejected")
+
+
+class Daemon:
+    """`python -m agent run` with a configuration written here; pause/resume for capacity phases."""
+
+    def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, stride: int = 1,
+                 partition: tuple[int, int] = (1, 0), max_batch: int | None = None, threads: int | None = None):
+        self.agent_id = agent_id
+        folder = workdir / agent_id
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'agent_id = "{agent_id}"',
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120',
+            f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {threads}" if threads is not None else ""),
+            f"[inference]\nstride = {stride}" + (f"\nmax_batch = {max_batch}" if max_batch is not None else ""),
+            f'[state]\ndirectory = "{folder / "state"}"',
+            f"[partition]\ncount = {partition[0]}\nindex = {partition[1]}",
+        ]
+        config = folder / "agent.toml"
+        config.write_text("\n".join(lines) + "\n")
+        self.log_path = folder / "agent.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=folder,
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=_child_env())
+        if not collector.wait_online(agent_id, 60):
+            self.stop()
+            raise RuntimeError(f"daemon {agent_id} did not come online:\n{self.log_path.read_text()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> dict:
+        """SIGTERM, wait; the daemon's own counters from its last log line."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        match = STOPPED_LINE.search(self.log_path.read_text(errors="replace"))
+        if match is None:
+            return {}
+        keys = ("accepted", "processed", "forecasts", "alert_events", "rejected")
+        return dict(zip(keys, map(int, match.groups())))
+
+
+class Helper:
+    """A loadgen role that prints READY when subscribed and its JSON result at the end."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.loadgen", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=_child_env(), text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"loadgen {args[0]} did not start: {line}{self.proc.stderr.read()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def result(self, timeout: float = 120) -> dict:
+        out, err = self.proc.communicate(timeout=timeout)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"loadgen gave no result: {err[-2000:]}")
+        return json.loads(lines[-1])
+
+    def terminate(self) -> dict:
+        self.proc.terminate()
+        return self.result(30)
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    plan: Plan
+    model: Path
+    workdir: Path
+    port: int
+    collector: Collector
+    period_s: float
+    lookback: int
+    next_slot: int
+    publish_rates: list[float] = field(default_factory=list)
+
+    def publish(self, devices: int, slots: int, rate: float = 0.0, times: Path | None = None) -> tuple[int, dict]:
+        """Run the generator for `slots` new slots of `devices` devices; returns (first slot, its result)."""
+        first = self.next_slot
+        self.next_slot += slots
+        args = [sys.executable, "-m", "agent.loadgen", "publish", "--port", str(self.port), "--model", str(self.model),
+                "--devices", str(devices), "--first-slot", str(first), "--slots", str(slots), "--rate", str(rate)]
+        if times is not None:
+            args += ["--times", str(times)]
+        done = subprocess.run(args, capture_output=True, text=True, env=_child_env(), timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if rate == 0:
+            self.publish_rates.append(result["rate"])
+        return first, result
+
+    def warm(self, devices: int, expected: int, alive) -> None:
+        """Fill every device's window (lookback slots, live); the first forecast per device marks the end."""
+        self.collector.reset()
+        self.publish(devices, self.lookback)
+        if not self.collector.wait_forecasts(expected, 300, alive):
+            raise RuntimeError(f"warm-up: {len(self.collector.arrivals)} of {expected} forecasts arrived")
+
+    def capacity(self, pids: list[int], readings: int, devices: int, slots: int, expected: int, alive) -> dict:
+        """Pause, queue `slots` slots at the broker, resume, time until the `expected`-th forecast."""
+        self.collector.reset()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            _, generated = self.publish(devices, slots)
+        finally:
+            cpu0 = sum(cpu_seconds(pid) for pid in pids)
+            resumed = time.time()
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        complete = self.collector.wait_forecasts(expected, 300, alive)
+        cpu1 = sum(cpu_seconds(pid) for pid in pids)
+        arrivals = self.collector.arrivals
+        if not complete:
+            raise RuntimeError(f"capacity phase: {len(arrivals)} of {expected} forecasts arrived")
+        last = max(t for t, _ in arrivals[:expected])
+        seconds = last - resumed
+        return {"readings": readings, "forecasts": expected, "seconds": round(seconds, 3),
+                "readings_per_s": readings / seconds, "forecasts_per_s": expected / seconds,
+                "cpu_cores": (cpu1 - cpu0) / seconds, "generator_rate": generated["rate"]}
+
+    def latency(self, pid: int, devices: int, slots: int, rate: float, alive) -> dict:
+        """Live: readings paced at `rate`; per forecast, arrival - publication of its newest reading."""
+        self.collector.reset()
+        times_file = self.workdir / "publish-times.npy"
+        cpu0, started = cpu_seconds(pid), time.time()
+        first, generated = self.publish(devices, slots, rate=rate, times=times_file)
+        expected = devices * slots
+        complete = self.collector.wait_forecasts(expected, 120, alive)
+        elapsed, cpu1 = time.time() - started, cpu_seconds(pid)
+        published = np.load(times_file)
+        latencies = []
+        for arrived, payload in self.collector.arrivals:
+            body = json.loads(payload)
+            slot = round(body["ts"] / self.period_s)
+            k = (slot - first) * devices + int(body["device"].rsplit("-", 1)[1])
+            if 0 <= k < len(published):
+                latencies.append(arrived - published[k])
+        ms = np.array(latencies) * 1000.0
+        return {"rate": rate, "achieved_rate": generated["rate"], "readings": expected, "forecasts": len(latencies),
+                "complete": complete, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "cpu_cores": (cpu1 - cpu0) / elapsed}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    except (OSError, ValueError, IndexError):
+        mem = float("nan")
+    import onnxruntime
+
+    import paho.mqtt
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "os": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "paho_mqtt": getattr(paho.mqtt, "__version__", "?"), "load_average_start": list(os.getloadavg())}
+
+
+def run_bench(plan: Plan, model: Path, progress=print) -> dict:
+    from agent.config import Settings
+    from agent.model import load_bundle
+
+    settings = Settings()
+    max_batch = plan.max_batch or settings.inference.max_batch
+    threads = plan.threads if plan.threads is not None else settings.model.intra_op_threads
+    bundle = load_bundle(model, threads)
+    period, lookback = bundle.period_s, bundle.lookback
+    D = plan.devices
+    started = time.monotonic()
+    result: dict = {"plan": asdict(plan), "model": {"path": str(model), "name": bundle.name, "version": bundle.version,
+                                                     "lookback": lookback, "horizon": bundle.horizon, "features": len(bundle.features)},
+                    "settings": {"max_batch": max_batch, "intra_op_threads": threads, "stride": plan.stride},
+                    "machine": machine()}
+    del bundle
+    workdir = Path(tempfile.mkdtemp(prefix="edgecast-bench-"))
+    broker = Broker(workdir)
+    collector = Collector(broker.port)
+    first_slot = math.floor((time.time() - 5 * 86400) / period)  # readings of the last days: inside max_age_s
+    run = Run(plan, model, workdir, broker.port, collector, period, lookback, first_slot)
+    daemons: list[Daemon] = []
+
+    def alive() -> bool:
+        return all(d.alive() for d in daemons)
+
+    try:
+        # (b) inference ceiling, alone on the machine.
+        progress("inference ceiling: onnxruntime alone, full batches")
+        done = subprocess.run([sys.executable, "-m", "agent.loadgen", "infer", "--model", str(model), "--batch", str(max_batch),
+                               "--threads", str(threads), "--seconds", str(plan.infer_seconds)],
+                              capture_output=True, text=True, env=_child_env(), timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"inference ceiling failed: {done.stderr[-2000:]}")
+        result["inference_ceiling"] = json.loads(done.stdout.strip().splitlines()[-1])
+
+        # (a) receive ceiling, capacity style.
+        progress("receive ceiling: bare paho subscriber decoding JSON")
+        n = D * plan.receive_slots
+        receiver = Helper("receive", "--port", str(broker.port), "--expect", str(n))
+        os.kill(receiver.pid, signal.SIGSTOP)
+        try:
+            _, generated = run.publish(D, plan.receive_slots)
+        finally:
+            resumed = time.time()
+            os.kill(receiver.pid, signal.SIGCONT)
+        got = receiver.result()
+        if got["received"] < n:
+            raise RuntimeError(f"receive ceiling: {got['received']} of {n} messages arrived")
+        result["receive_ceiling"] = {"readings": n, "seconds": got["last"] - resumed, "readings_per_s": n / (got["last"] - resumed)}
+
+        # (c) the naive daemon.
+        progress("naive daemon: one model call per message, batch 1")
+        naive = Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", str(threads))
+        naive_alive = lambda: naive.proc.poll() is None  # noqa: E731
+        run.warm(D, D, naive_alive)
+        result["naive"] = run.capacity([naive.pid], D * plan.naive_slots, D, plan.naive_slots, D * plan.naive_slots, naive_alive)
+        naive.terminate()
+
+        # The daemon, inference on every reading: capacity, then latency at half of it.
+        progress("daemon, inference on every reading: capacity")
+        daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, 1, max_batch=plan.max_batch, threads=plan.threads)
+        daemons[:] = [daemon]
+        run.warm(D, D, alive)
+        s1 = run.capacity([daemon.pid], D * plan.capacity_slots, D, plan.capacity_slots, D * plan.capacity_slots, alive)
+        rate = plan.latency_load * s1["readings_per_s"]
+        progress(f"daemon, inference on every reading: latency at {rate:.0f} readings/s")
+        s1["latency"] = run.latency(daemon.pid, D, plan.latency_slots, rate, alive)
+        s1["peak_rss_mib"] = peak_rss_mib(daemon.pid)
+        s1["counters"] = daemon.stop()
+        result["daemon"] = s1
+
+        # Inference every `stride`-th reading.
+        progress(f"daemon, inference every {plan.stride}th reading: capacity")
+        daemon = Daemon(workdir, broker.port, model, f"bench-s{plan.stride}", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads)
+        daemons[:] = [daemon]
+        run.warm(D, D, alive)
+        strided = run.capacity([daemon.pid], D * plan.stride_slots, D, plan.stride_slots, D * plan.stride_slots // plan.stride, alive)
+        strided["peak_rss_mib"] = peak_rss_mib(daemon.pid)
+        strided["counters"] = daemon.stop()
+        result["daemon_stride"] = strided
+
+        # N processes, device-hash partitioned.
+        if plan.partitions > 1:
+            progress(f"{plan.partitions} daemon processes, device-hash partitions: capacity")
+            daemons[:] = [Daemon(workdir, broker.port, model, f"bench-p{i}", collector, 1, (plan.partitions, i), plan.max_batch, plan.threads)
+                          for i in range(plan.partitions)]
+            run.warm(D, D, alive)
+            parts = run.capacity([d.pid for d in daemons], D * plan.partition_slots, D, plan.partition_slots, D * plan.partition_slots, alive)
+            parts["peak_rss_mib"] = [peak_rss_mib(d.pid) for d in daemons]
+            parts["counters"] = [d.stop() for d in daemons]
+            parts["processes"] = plan.partitions
+            result["partitioned"] = parts
+
+        # Memory with many devices (every window full, one forecast each).
+        progress(f"daemon with {plan.rss_devices} devices: peak resident memory")
+        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads)
+        daemons[:] = [daemon]
+        run.warm(plan.rss_devices, plan.rss_devices, alive)
+        result["memory"] = {"devices": plan.rss_devices, "peak_rss_mib": peak_rss_mib(daemon.pid)}
+        result["memory"]["counters"] = daemon.stop()
+        daemons.clear()
+        result["loadgen_ceiling"] = {"readings_per_s": max(run.publish_rates)}
+    finally:
+        for d in daemons:
+            d.stop()
+        collector.stop()
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["seconds"] = round(time.monotonic() - started, 1)
+    result["ratios"] = ratios(result)
+    result["targets"] = targets(result)
+    return result
+
+
+def ratios(r: dict) -> dict:
+    """The headline: the daemon against each ceiling, from the measured rates."""
+    daemon = r["daemon"]["readings_per_s"]
+    out = {
+        "daemon_vs_inference_ceiling": daemon / r["inference_ceiling"]["windows_per_s"],
+        "daemon_vs_naive": daemon / r["naive"]["readings_per_s"],
+        "stride_vs_receive_ceiling": r["daemon_stride"]["readings_per_s"] / r["receive_ceiling"]["readings_per_s"],
+        "loadgen_vs_daemon": r["loadgen_ceiling"]["readings_per_s"] / daemon,
+    }
+    if "partitioned" in r:
+        out["partitioned_vs_one_process"] = r["partitioned"]["readings_per_s"] / daemon
+    return out
+
+
+def targets(r: dict) -> list[dict]:
+    q = r["ratios"]
+    rows = [
+        ("throughput >= 80% of the inference ceiling", q["daemon_vs_inference_ceiling"], ">=", 0.8),
+        ("throughput >= 3x the naive daemon", q["daemon_vs_naive"], ">=", 3.0),
+        (f"stride {r['plan']['stride']}: >= 60% of the receive ceiling", q["stride_vs_receive_ceiling"], ">=", 0.6),
+        ("p99 latency at half the capacity (ms)", r["daemon"]["latency"]["p99_ms"], "<=", 25.0),
+        (f"peak RSS with {r['memory']['devices']} devices (MiB)", r["memory"]["peak_rss_mib"], "<=", 120.0),
+    ]
+    if "partitioned" in r:
+        rows.append((f"{r['partitioned']['processes']} processes vs one", q["partitioned_vs_one_process"], ">=", 1.7))
+    return [{"target": name, "value": value, "bound": f"{op} {bound}", "met": value >= bound if op == ">=" else value <= bound}
+            for name, value, op, bound in rows]
+
+
+def markdown(r: dict) -> str:
+    m, d, s = r["machine"], r["daemon"], r["daemon_stride"]
+    lat = d["latency"]
+    f = lambda x: f"{x:,.0f}"  # noqa: E731
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, onnxruntime "
+        f"{m['onnxruntime']}, numpy {m['numpy']}. Load average (1 min) {m['load_average_start'][0]:.2f} at the start, "
+        f"{m['load_average_end'][0]:.2f} at the end.",
+        f"Model {r['model']['name']} {r['model']['version']} (lookback {r['model']['lookback']}, horizon {r['model']['horizon']}, "
+        f"{r['model']['features']} features); {r['plan']['devices']} devices; max_batch {r['settings']['max_batch']}, "
+        f"intra_op_threads {r['settings']['intra_op_threads']}; run took {r['seconds']} s.",
+        "",
+        "| what | readings/s | forecasts/s | CPU (cores) | notes |",
+        "|---|---:|---:|---:|---|",
+        f"| daemon, inference every reading | {f(d['readings_per_s'])} | {f(d['forecasts_per_s'])} | {d['cpu_cores']:.2f} | peak RSS {d['peak_rss_mib']:.0f} MiB |",
+        f"| daemon, inference every {r['plan']['stride']}th reading | {f(s['readings_per_s'])} | {f(s['forecasts_per_s'])} | {s['cpu_cores']:.2f} | peak RSS {s['peak_rss_mib']:.0f} MiB |",
+    ]
+    if "partitioned" in r:
+        p = r["partitioned"]
+        lines.append(f"| {p['processes']} daemon processes (device-hash partitions) | {f(p['readings_per_s'])} | {f(p['forecasts_per_s'])} | "
+                     f"{p['cpu_cores']:.2f} | inference every reading |")
+    lines += [
+        f"| (a) receive ceiling: paho + JSON decode | {f(r['receive_ceiling']['readings_per_s'])} | | | |",
+        f"| (b) inference ceiling: onnxruntime alone, batch {r['inference_ceiling']['batch']} | {f(r['inference_ceiling']['windows_per_s'])} | "
+        f"{f(r['inference_ceiling']['windows_per_s'])} | | windows/s, {r['inference_ceiling']['threads']} thread(s) |",
+        f"| (c) naive daemon: batch 1 per message | {f(r['naive']['readings_per_s'])} | {f(r['naive']['forecasts_per_s'])} | {r['naive']['cpu_cores']:.2f} | |",
+        f"| load generator (publishing alone) | {f(r['loadgen_ceiling']['readings_per_s'])} | | | |",
+        "",
+        f"Latency at {f(lat['rate'])} readings/s ({r['plan']['latency_load']:.0%} of capacity, inference every reading), publication "
+        f"to forecast: p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms (max {lat['max_ms']:.1f} ms; "
+        f"{lat['forecasts']} forecasts; daemon CPU {lat['cpu_cores']:.2f} cores).",
+        f"Peak RSS with {r['memory']['devices']:,} devices: {r['memory']['peak_rss_mib']:.0f} MiB.",
+        "",
+        "| target | measured | bound | met |",
+        "|---|---:|---:|---|",
+    ]
+    for t in r["targets"]:
+        lines.append(f"| {t['target']} | {t['value']:.2f} | {t['bound']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmark the daemon against its ceilings (broker, load generator, daemon, subscriber)")
+    bench.add_argument("--model", metavar="DIR", help="model bundle (default: the shipped pump-lstm)")
+    bench.add_argument("--quick", action="store_true", help="a small smoke run (seconds): every figure, not meaningful values")
+    bench.add_argument("--devices", type=int, help="devices (default 1000)")
+    bench.add_argument("--stride", type=int, help="inference.stride of the strided run (default 8)")
+    bench.add_argument("--partitions", type=int, help="processes of the partitioned run (default 2; 1 skips it)")
+    bench.add_argument("--rss-devices", type=int, help="devices of the memory run (default 10000)")
+    bench.add_argument("--max-batch", type=int, help="inference.max_batch (default: the configured default)")
+    bench.add_argument("--threads", type=int, help="model.intra_op_threads (default: the configured default)")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.config import shipped_model_path
+
+    plan = Plan.quick() if args.quick else Plan()
+    for name in ("devices", "stride", "partitions", "rss_devices", "max_batch", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(plan, name, value)
+    if plan.stride_slots % plan.stride:
+        plan.stride_slots = plan.stride * max(1, round(plan.stride_slots / plan.stride))
+    model = Path(args.model) if args.model else shipped_model_path()
+    try:
+        result = run_bench(plan, model.resolve(), progress=lambda text: print(f"bench: {text}", file=sys.stderr, flush=True))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"edgecast-agent: error: bench: {exc}", file=sys.stderr)
+        return 1
+    table = markdown(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0

@@ -1,0 +1,108 @@
+"""The benchmark command (`python -m agent bench`) and the fast paths it motivated.
+
+Speed targets are checked by the benchmark itself, not here: these tests check that the report is complete and
+computed from what was measured, and that the faster code produces exactly what the plain code did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from agent import payloads
+from agent.events import Forecast
+
+FIGURES = {
+    "daemon": ("readings_per_s", "forecasts_per_s", "cpu_cores", "peak_rss_mib"),
+    "daemon_stride": ("readings_per_s", "forecasts_per_s", "cpu_cores", "peak_rss_mib"),
+    "partitioned": ("readings_per_s", "forecasts_per_s", "cpu_cores"),
+    "receive_ceiling": ("readings_per_s",),
+    "inference_ceiling": ("windows_per_s",),
+    "naive": ("readings_per_s", "forecasts_per_s", "cpu_cores"),
+    "loadgen_ceiling": ("readings_per_s",),
+    "memory": ("peak_rss_mib",),
+}
+
+
+@pytest.mark.timeout(180)
+def test_quick_bench_reports_every_figure_and_ratios_from_measured_values(tmp_path, model_path):
+    """`bench --quick` runs every part and reports each figure; each ratio is the quotient of two measured rates."""
+    out = tmp_path / "bench.json"
+    table = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, "-m", "agent", "bench", "--quick", "--json", str(out), "--markdown", str(table)],
+                          cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for section, keys in FIGURES.items():
+        for key in keys:
+            value = r[section][key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (section, key, value)
+    latency = r["daemon"]["latency"]
+    assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert latency["forecasts"] == latency["readings"]  # every paced reading's forecast was matched to its publication
+    assert r["daemon"]["counters"]["processed"] >= r["daemon"]["readings"]
+    assert r["daemon"]["counters"]["rejected"] == 0
+    # Ratios are recomputed here from the measured values.
+    q = r["ratios"]
+    assert q["daemon_vs_inference_ceiling"] == pytest.approx(r["daemon"]["readings_per_s"] / r["inference_ceiling"]["windows_per_s"])
+    assert q["daemon_vs_naive"] == pytest.approx(r["daemon"]["readings_per_s"] / r["naive"]["readings_per_s"])
+    assert q["stride_vs_receive_ceiling"] == pytest.approx(r["daemon_stride"]["readings_per_s"] / r["receive_ceiling"]["readings_per_s"])
+    assert q["partitioned_vs_one_process"] == pytest.approx(r["partitioned"]["readings_per_s"] / r["daemon"]["readings_per_s"])
+    assert q["loadgen_vs_daemon"] == pytest.approx(r["loadgen_ceiling"]["readings_per_s"] / r["daemon"]["readings_per_s"])
+    for target in r["targets"]:
+        op, bound = target["bound"].split()
+        assert target["met"] == (target["value"] >= float(bound) if op == ">=" else target["value"] <= float(bound))
+    assert len(r["targets"]) == 6
+    text = table.read_text()
+    assert text in done.stdout
+    for row in ("receive ceiling", "inference ceiling", "naive daemon", "load generator", "p99", "Machine:"):
+        assert row in text
+
+
+def _value(rng: random.Random) -> float:
+    if rng.random() < 0.1:
+        return rng.choice([0.0, -0.0, 55.0, 1e5, 123456.7, 1e-5, -2.5e-7, math.nan, math.inf, -math.inf, 99999.5, 9.99995, 1e-4, 9.9999e-5])
+    return rng.uniform(-1, 1) * 10 ** rng.uniform(-6, 7)
+
+
+def test_fast_forecast_encoding_is_byte_identical_to_the_reference():
+    """payloads.forecast (text written directly) equals the plain json.dumps encoding for any values."""
+    rng = random.Random(7)
+    for i in range(3000):
+        fc = Forecast(
+            device=f"pump-{i}", ts=rng.choice([1.7e9, 1.7e9 + 0.1234, 1700000000.0005, 12.5]), period_s=rng.choice([60.0, 0.5, 2.25]),
+            horizon_ts=[1.7e9 + k * rng.choice([60.0, 60.5]) for k in range(10)],
+            values={"bearing_temp": [_value(rng) for _ in range(10)], 'odd "ü" name': [_value(rng) for _ in range(3)]},
+            completeness=rng.random(), staleness_s=rng.uniform(0, 1e4),
+        )
+        assert payloads.forecast(fc, "pump-lstm", "1.0.0") == payloads._forecast_reference(fc, "pump-lstm", "1.0.0")
+
+
+def test_buffered_socket_serves_small_reads_from_one_receive():
+    """The MQTT link's socket wrapper returns the same bytes as the socket, in the sizes asked, and reports what it holds."""
+    from agent.mqtt import _BufferedSocket
+
+    left, right = socket.socketpair()
+    try:
+        data = bytes(range(256)) * 40
+        left.sendall(data)
+        wrapped = _BufferedSocket(right)
+        got = bytearray()
+        for size in (1, 1, 2, 300, 5000):
+            got += wrapped.recv(size)
+        assert wrapped.pending() == len(data) - len(got) == wrapped.buffered()
+        while len(got) < len(data):
+            got += wrapped.recv(7)
+        assert bytes(got) == data and wrapped.pending() == 0
+        assert wrapped.fileno() == right.fileno()  # everything else is the socket's
+        left.close()
+        assert wrapped.recv(10) == b""  # the peer's close passes through
+    finally:
+        right.close()
