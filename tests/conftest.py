@@ -79,7 +79,7 @@ class Broker(NamedTuple):
 def run_mosquitto(workdir: Path, extra_conf: str = ""):
     """Start /usr/sbin/mosquitto with a config written here (anonymous unless `extra_conf` says otherwise)."""
     if not Path(MOSQUITTO).exists():
-        pytest.skip(f"{MOSQUITTO} not installed")
+        pytest.fail(f"{MOSQUITTO} not installed: the MQTT tests need a real broker (apt-get install mosquitto)")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "mosquitto.conf"
@@ -125,7 +125,7 @@ class RestartableBroker:
 
     def __init__(self, workdir: Path, extra_conf: str = ""):
         if not Path(MOSQUITTO).exists():
-            pytest.skip(f"{MOSQUITTO} not installed")
+            pytest.fail(f"{MOSQUITTO} not installed: the MQTT tests need a real broker (apt-get install mosquitto)")
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.host, self.port = "127.0.0.1", free_port()

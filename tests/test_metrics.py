@@ -11,7 +11,7 @@ import pytest
 from conftest import PREFIX, REPO, free_port, healthy_rows, publish_rows, wait_until
 
 pytestmark = pytest.mark.mqtt
-prometheus_client = pytest.importorskip("prometheus_client")
+import prometheus_client  # noqa: E402,F401  (dev extra)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 

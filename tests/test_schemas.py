@@ -10,7 +10,7 @@ import pytest
 from conftest import AGENT_ID, PREFIX, healthy_rows, publish_rows, wait_until
 
 pytestmark = pytest.mark.mqtt
-jsonschema = pytest.importorskip("jsonschema")
+import jsonschema  # noqa: E402  (dev extra)
 try:
     import prometheus_client
 except ImportError:  # the metrics part of the test needs the metrics extra

@@ -19,7 +19,7 @@ import pytest
 from conftest import AGENT_ID, PREFIX, REPO, Broker, MqttProbe, free_port, healthy_rows, publish_rows, run_mosquitto
 
 pytestmark = pytest.mark.mqtt
-x509 = pytest.importorskip("cryptography.x509")
+from cryptography import x509  # noqa: E402  (dev extra)
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
