@@ -29,6 +29,19 @@ TOPIC_FORMAT = "sensors/{}/telemetry"
 SENSOR_FILTER = "sensors/+/telemetry"
 
 
+def _subscribe_to_sensors(client) -> None:
+    """Subscribe to every sensor topic on (re)connect; print READY for the bench once the broker confirmed it."""
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            client.subscribe(SENSOR_FILTER, qos=1)
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        print("READY", flush=True)
+
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+
+
 def device_name(i: int) -> str:
     return DEVICE_FORMAT.format(i)
 
@@ -135,13 +148,6 @@ def receive(args: argparse.Namespace) -> dict:
     state = {"n": 0, "first": 0.0, "last": 0.0, "values": 0}
     loads = json.loads
 
-    def on_connect(client, userdata, flags, reason_code, properties):
-        if not reason_code.is_failure:
-            client.subscribe(SENSOR_FILTER, qos=1)
-
-    def on_subscribe(client, userdata, mid, reason_codes, properties):
-        print("READY", flush=True)
-
     def on_message(client, userdata, message):
         data = loads(message.payload)
         state["values"] += len(data["values"])
@@ -152,7 +158,8 @@ def receive(args: argparse.Namespace) -> dict:
             state["last"] = time.time()
             done.set()
 
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    _subscribe_to_sensors(client)
+    client.on_message = on_message
     client.connect("127.0.0.1", args.port, keepalive=120)
     client.loop_start()
     done.wait(args.timeout)
@@ -182,13 +189,6 @@ def naive(args: argparse.Namespace) -> dict:
     stop = threading.Event()
     counts = {"messages": 0, "forecasts": 0}
 
-    def on_connect(client, userdata, flags, reason_code, properties):
-        if not reason_code.is_failure:
-            client.subscribe(SENSOR_FILTER, qos=1)
-
-    def on_subscribe(client, userdata, mid, reason_codes, properties):
-        print("READY", flush=True)
-
     def on_message(client, userdata, message):
         device = message.topic.split("/")[1]
         data = json.loads(message.payload)
@@ -207,7 +207,8 @@ def naive(args: argparse.Namespace) -> dict:
         counts["forecasts"] += 1
 
     client = _client(f"edgecast-naive-{time.monotonic_ns()}")
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    _subscribe_to_sensors(client)
+    client.on_message = on_message
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     client.connect("127.0.0.1", args.port, keepalive=120)
     client.loop_start()

@@ -38,8 +38,21 @@ class DeviceSeries:
 # older code (calibration) uses, so every consumer works with either scaler.
 
 
+class _AffineScaler:
+    """scaled = (x - offset) / scale; subclasses say what offset and scale are."""
+
+    offset: np.ndarray
+    scale: np.ndarray
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.offset) / self.scale
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        return x * self.scale + self.offset
+
+
 @dataclass
-class StandardScaler:
+class StandardScaler(_AffineScaler):
     mean: np.ndarray  # (F,)
     std: np.ndarray  # (F,)
     type = "standard"
@@ -59,19 +72,13 @@ class StandardScaler:
     def scale(self) -> np.ndarray:
         return self.std
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.offset) / self.scale
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        return x * self.scale + self.offset
-
     def manifest(self, features: list[str]) -> dict:
         return {"type": "standard",
                 "params": {f: {"mean": float(m), "std": float(s)} for f, m, s in zip(features, self.mean, self.std)}}
 
 
 @dataclass
-class MinMaxScaler:
+class MinMaxScaler(_AffineScaler):
     min: np.ndarray  # (F,)
     max: np.ndarray  # (F,)
     type = "minmax"
@@ -93,12 +100,6 @@ class MinMaxScaler:
 
     mean = offset  # aliases: see the note above
     std = scale
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.offset) / self.scale
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        return x * self.scale + self.offset
 
     def manifest(self, features: list[str]) -> dict:
         return {"type": "minmax",
