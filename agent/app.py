@@ -473,17 +473,18 @@ class Agent:
         durable_forecasts = self.outbox is not None and self.settings.outbox.forecasts
         stored: list[Message] = []  # one outbox transaction per batch
         active: list[Retained] = []
+        bodies = iter(payloads.forecasts([e for e in events if isinstance(e, Forecast)], name, version))  # encoded together
+        published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together after the loop
         for event in events:
             if isinstance(event, Forecast):
                 if self.hass is not None and self.hass.device_seen(event.device, list(event.values), f"{name} {version}"):
                     if event.device not in self._open_alerts:  # the alert entity needs a state from the start
                         active.append(Retained(f"{prefix}/{event.device}/alerts/active", payloads.active_alerts(event.device, event.ts, [])))
-                topic, body = f"{prefix}/{event.device}/forecast", payloads.forecast(event, name, version)
+                topic, body = f"{prefix}/{event.device}/forecast", next(bodies)
                 if durable_forecasts:
                     stored.append(Message("forecast", topic, body, event.device))
                 else:
-                    self._publish(topic, body, qos=0)
-                self.counters.add("forecasts")
+                    published.append((topic, body))
             elif isinstance(event, AlertEvent):
                 topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version)
                 if self.outbox is not None:
@@ -512,6 +513,11 @@ class Agent:
                 self._active_by_severity = counts
             elif isinstance(event, Rejection):
                 self.errors.rejection(event)
+        if published and self.link is not None:
+            self.link.publish_many(published)
+        forecasts = len(published) + sum(1 for m in stored if m.kind == "forecast")
+        if forecasts:
+            self.counters.add("forecasts", forecasts)
         if stored:
             self._store(stored)
         for message in active:  # after the alerts are safe on disk; republished on every connect

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_until
 
 from agent import payloads
 from agent.events import Forecast
@@ -106,3 +106,47 @@ def test_buffered_socket_serves_small_reads_from_one_receive():
         assert wrapped.recv(10) == b""  # the peer's close passes through
     finally:
         right.close()
+
+
+def test_batch_forecast_encoding_is_byte_identical_to_the_reference():
+    """payloads.forecasts (numbers written by numpy for a whole batch) equals the plain json.dumps encoding, value by value."""
+    import numpy as np
+
+    rng = random.Random(11)
+    batch = []
+    for i in range(4000):
+        values = {"bearing_temp": [_value(rng) for _ in range(10)], 'odd "%s" ü': [_value(rng) for _ in range(10)]}
+        if i % 2:  # the daemon's forecasts are float32 values
+            values = {k: np.array(v, dtype=np.float32).astype(float).tolist() for k, v in values.items()}
+        if i % 7 == 0:  # ties and powers of ten, where rounding to 5 digits is decided by the last bit
+            values["bearing_temp"] = [rng.choice([1.00005, 12.3455, 99999.5, 9999.95, 0.00012345, 1e-4, 0.99999, 10.0, 0.1]) for _ in range(10)]
+        batch.append(Forecast(
+            device=f"pump-{i}", ts=rng.choice([1.7e9, 1.7e9 + 0.1234, 12.5]), period_s=rng.choice([60.0, 0.5]),
+            horizon_ts=[1.7e9 + k * 60.0 for k in range(10)], values=values, completeness=rng.random(), staleness_s=rng.uniform(0, 1e4),
+        ))
+    batch.append(Forecast("short", 1.7e9, 60.0, [1.7e9], {"bearing_temp": [1.5]}, 1.0, 0.0))  # shaped unlike the others
+    got = payloads.forecasts(batch, "pump-lstm", "1.0.0")
+    assert got == [payloads._forecast_reference(fc, "pump-lstm", "1.0.0") for fc in batch]
+
+
+def test_forecasts_published_together_arrive_in_order_and_whole(mosquitto, make_probe, agent_settings):
+    """MqttLink.publish_many writes many QoS 0 messages in one go; each arrives intact, in order, after a reconnect too."""
+    from agent.mqtt import MqttLink, Retained
+
+    probe = make_probe(subscribe="edgecast/#")
+    link = MqttLink(agent_settings(), [], lambda *a: None, will=Retained("edgecast/agent/t/status", b"offline"))
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        sizes = [0, 1, 126, 127, 128, 16383, 16384, 70000]  # the remaining-length field takes 1, 2 and 3 bytes
+        messages = [(f"edgecast/dev-{i}/forecast", bytes([65 + i % 26]) * n) for i, n in enumerate(sizes * 50)]
+        assert link.publish_many(messages) == 0
+        got = probe.collect("edgecast/+/forecast", len(messages), timeout=20)
+        assert [(m.topic, m.payload) for m in got] == messages
+        link._client._sock.close()  # the connection dies; paho reconnects by itself
+        wait_until(lambda: link.connects >= 2 and link.connected.is_set(), timeout=20, message="the reconnect")
+        assert link.publish_many(messages[:3]) == 0
+        got = probe.collect("edgecast/+/forecast", 3, timeout=10)
+        assert [(m.topic, m.payload) for m in got] == messages[:3]
+    finally:
+        link.stop(None, 2.0)
