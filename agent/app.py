@@ -8,8 +8,9 @@
 
 paho's network thread only parses and enqueues (`_on_message`), waiting a bounded time for room when the
 queue is full (backpressure: paho stops reading, readings wait at the broker); numpy and onnxruntime run on the
-worker thread. Alerts (and, by configuration, forecasts) are written to the outbox in the worker's batch and
-leave it only when the broker acknowledged them. A new model bundle (SIGHUP or a change in the model folder)
+worker thread, which hands each batch's events to the publisher thread (encoding, sending and the outbox overlap
+the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the outbox in
+one transaction per batch and leave it only when the broker acknowledged them. A new model bundle (SIGHUP or a change in the model folder)
 is loaded and verified beside the running one on the watcher thread and swapped in by the worker between two
 batches; per-device windows restart with the new pipeline. Periodic jobs wait on a stop event, never sleep.
 
@@ -58,7 +59,7 @@ class Counters:
     """What the daemon did so far (read by tests and logged at shutdown); updated under `lock`."""
 
     accepted: int = 0  # samples put in the ingest queue
-    processed: int = 0  # samples handed to the pipeline
+    processed: int = 0  # samples through the pipeline whose outputs were handed on (published or in the outbox)
     forecasts: int = 0
     alerts: int = 0
     worker_errors: int = 0
@@ -103,6 +104,9 @@ class Agent:
         self.ingest = None
         self.link: MqttLink | None = None
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize=settings.ingest.queue_size)
+        # Worker -> publisher: (events, samples, bundle) of one batch, or None to finish. Two batches at most, so
+        # the model runs on the next batch while the publisher encodes and sends the previous one.
+        self._outgoing: queue.Queue[tuple[list, int, object] | None] = queue.Queue(maxsize=2)
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
         self._drain_and_exit = threading.Event()
         self._stop_jobs = threading.Event()
@@ -151,7 +155,8 @@ class Agent:
         else:
             self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
         control = self._make_control_parts()
-        self._spawn("edgecast-worker", self._work)
+        self._publisher = self._spawn("edgecast-publisher", self._publish_loop)
+        self._worker = self._spawn("edgecast-worker", self._work)
         self._spawn("edgecast-errors-flush", self._periodic_jobs)
         try:
             self.link = MqttLink(
@@ -203,7 +208,7 @@ class Agent:
         self._accepting.clear()
         log.info("input closed: %d samples not processed yet (%d queued)", self._unprocessed(), self._queue.qsize())
         self._drain_and_exit.set()
-        worker = self._threads[0]
+        worker = self._worker
         worker.join(STOP_DRAIN_TIMEOUT_S)
         if worker.is_alive():
             log.error("the worker did not finish the queue within %.0fs; %d samples lost", STOP_DRAIN_TIMEOUT_S, self._queue.qsize())
@@ -214,7 +219,7 @@ class Agent:
             if not self.forwarder.wait_delivered(STOP_ACK_TIMEOUT_S):
                 log.warning("outbox: %d messages not delivered before shutdown; they are sent after the next start", self.outbox.count)
         self._stop_forwarder.set()
-        for thread in self._threads[1:]:
+        for thread in self._threads[2:]:  # after the publisher and the worker
             thread.join(5.0)
         link.stop(Retained(self.status_topic, self._status_payload("offline")), STOP_ACK_TIMEOUT_S)
         if self.outbox is not None:
@@ -389,10 +394,11 @@ class Agent:
         with self.counters.lock:
             return self.counters.accepted - self.counters.processed
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     # -- network thread ----------------------------------------------------------------------------------------
 
@@ -437,10 +443,19 @@ class Agent:
     # -- worker thread -----------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        """Drain the queue in batches into the pipeline and publish its events, until told to finish."""
+        """Drain the queue in batches into the pipeline and hand its events to the publisher, until told to
+        finish; then wait until the publisher has handed on everything."""
+        try:
+            self._work_until_drained()
+        finally:
+            self._outgoing.put(None)
+            self._publisher.join()
+
+    def _work_until_drained(self) -> None:
         while True:
             self._worker_beat = time.monotonic()
             if self._pending_bundle is not None:
+                self._outgoing.join()  # the publisher owns the open-alert lists until it is idle
                 self._swap_bundle()
             try:
                 first = self._queue.get(timeout=WORKER_POLL_S)
@@ -463,12 +478,32 @@ class Agent:
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
         events = self.pipeline.process(batch, self.clock())
-        self.counters.add("processed", len(batch))
-        self._publish_events(events)
+        self._outgoing.put((events, len(batch), self.bundle))
 
-    def _publish_events(self, events: list) -> None:
-        assert self.bundle is not None
-        name, version = self.bundle.name, self.bundle.version
+    # -- publisher thread ------------------------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        """Encode and send (or store) each batch's events in order, while the worker runs the next batch."""
+        while True:
+            item = self._outgoing.get()
+            try:
+                if item is None:
+                    return
+                events, samples, bundle = item
+                try:
+                    self._publish_events(events, bundle)
+                except Exception:  # a bug on one batch must not end the daemon
+                    self.counters.add("worker_errors")
+                    log.exception("publishing the events of a batch of %d samples failed", samples)
+                self.counters.add("processed", samples)
+            finally:
+                self._outgoing.task_done()
+
+    def _publish_events(self, events: list, bundle=None) -> None:
+        """Publish (or store) a batch's events in order; `bundle` is the model that made them (the running one)."""
+        bundle = bundle or self.bundle
+        assert bundle is not None
+        name, version = bundle.name, bundle.version
         prefix = self.settings.topics.output_prefix
         durable_forecasts = self.outbox is not None and self.settings.outbox.forecasts
         stored: list[Message] = []  # one outbox transaction per batch
