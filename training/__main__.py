@@ -68,6 +68,7 @@ COMMANDS = {
     "cv": ("time-series cross-validation (expanding or sliding training windows)", lambda p: import_module("training.cli").add_cv_arguments(p), lambda a: import_module("training.cli").run_cv(a)),
     "ensemble": ("train several forecasters and export their average as one bundle", lambda p: import_module("training.ensemble").add_arguments(p), lambda a: import_module("training.ensemble").run(a)),
     "transfer": ("fine-tune a shipped bundle on a little data from a new machine; gain over training from scratch", lambda p: import_module("training.transfer").add_arguments(p), lambda a: import_module("training.transfer").run(a)),
+    "benchmark": ("public benchmarks: `benchmark ett` trains, exports and scores the ETTh1 horizons vs NLinear", lambda p: import_module("training.ett").add_arguments(p), lambda a: import_module("training.ett").run(a)),
     "speed": ("training throughput (windows/s) and peak memory of the real training loop", lambda p: import_module("training.speed").add_arguments(p), lambda a: import_module("training.speed").run(a)),
 }
 

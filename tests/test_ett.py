@@ -1,0 +1,110 @@
+"""The ETTh1 benchmark (training/ett.py): protocol borders and scaling, the closed-form NLinear check, and the
+SegmentLSTM bundle through the daemon's loader."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from training import ett
+
+
+
+@pytest.fixture(scope="module")
+def splits() -> ett.EttSplits:
+    return ett.EttSplits.from_series(ett.load_target(ett.DEFAULT_DATA))
+
+
+def test_shipped_data_is_the_published_file():
+    """data/ETTh1.csv is the unmodified public file (its sha256), with the protocol's row count."""
+    assert hashlib.sha256(ett.DEFAULT_DATA.read_bytes()).hexdigest() == ett.ETTH1_SHA256
+    assert len(ett.load_target(ett.DEFAULT_DATA)) == 17420
+
+
+def test_borders_and_scaling_follow_the_protocol(splits):
+    """z-score from the train rows only (ddof 0) and stride-1 windows inside each split's row range."""
+    assert splits.mean == pytest.approx(17.128262, abs=1e-6)
+    assert splits.std == pytest.approx(9.176491, abs=1e-6)
+    assert splits.raw[: ett.TRAIN_END].std() == pytest.approx(splits.std)  # ddof 0
+    for horizon in ett.HORIZONS:
+        x_test, y_test = splits.windows("test", horizon)
+        assert len(x_test) == 2881 - horizon
+        x_val, _ = splits.windows("val", horizon)
+        assert len(x_val) == 2881 - horizon
+        x_train, _ = splits.windows("train", horizon)
+        assert len(x_train) == ett.TRAIN_END - ett.LOOKBACK - horizon + 1
+    x_test, y_test = splits.windows("test", 96)
+    scaled = splits.scaled
+    # first test window: inputs are rows [11520 - 336, 11520), its first target is row 11520; the last target is row 14399
+    np.testing.assert_array_equal(x_test[0], scaled[11520 - 336 : 11520])
+    assert y_test[0, 0] == scaled[11520]
+    assert y_test[-1, -1] == scaled[ett.TEST_END - 1]
+
+
+def test_closed_form_nlinear_reproduces_the_published_figure(splits):
+    """Closed-form NLinear (ridge chosen on validation) is within 0.001 of the published NLinear at H=96 and H=720."""
+    for horizon in (96, 720):
+        model, _ = ett.select_nlinear(splits, horizon)
+        x_test, y_test = splits.windows("test", horizon)
+        got = ett.mse_mae(model.predict(x_test), y_test)
+        published_mse, published_mae = ett.PUBLISHED["NLinear"][horizon]
+        assert abs(got["mse"] - published_mse) <= 0.001, (horizon, got)
+        assert abs(got["mae"] - published_mae) <= 0.001, (horizon, got)
+
+
+def test_untrained_segment_lstm_is_exactly_the_linear_path(splits):
+    """Before training, the model's forecast is the closed-form NLinear's (the LSTM head starts at zero)."""
+    horizon = 96
+    nlinear, _ = ett.select_nlinear(splits, horizon)
+    for decoder in ("last", "pmr"):
+        model = ett.build_model(ett.EttConfig(horizon=horizon, decoder=decoder, hidden_size=8), nlinear).eval()
+        x_val, _ = splits.windows("val", horizon)
+        with torch.no_grad():
+            got = model(torch.from_numpy(x_val[:64, :, None]))[..., 0].numpy()  # (64, H)
+        np.testing.assert_allclose(got, nlinear.predict(x_val[:64]), atol=2e-5)
+
+
+@pytest.mark.parametrize("decoder", ["last", "pmr"])
+def test_trained_bundle_runs_in_the_daemon_loader(splits, tmp_path, decoder):
+    """A briefly trained SegmentLSTM exports, loads with agent.model.load_bundle, and its metrics are the loader's."""
+    cfg = ett.EttConfig(horizon=96, decoder=decoder, hidden_size=8, epochs=1, patience=1, threads=1)
+    nlinear, _ = ett.select_nlinear(splits, cfg.horizon)
+    model, history = ett.train(cfg, splits, nlinear, log=lambda *_: None)
+    assert [h["epoch"] for h in history] == [0, 1]
+    manifest = ett.write_ett_bundle(model, cfg, splits, tmp_path / "etth1-h96", command="pytest", history=history, extra={})
+    assert manifest["scaler"]["params"]["OT"] == {"mean": splits.mean, "std": splits.std}
+    assert manifest["onnx"]["verified"]["max_abs_diff"] <= 1e-5
+    from agent.model import load_bundle
+
+    bundle = load_bundle(tmp_path / "etth1-h96")
+    assert (bundle.lookback, bundle.horizon, bundle.features) == (336, 96, ["OT"])
+    x_raw, _ = splits.windows("test", 96, scaled=False)
+    x_scaled, _ = splits.windows("test", 96)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x_scaled[:32, :, None]))[..., 0].numpy() * splits.std + splits.mean
+    np.testing.assert_allclose(bundle.predict(x_raw[:32, :, None])[..., 0], expected, atol=1e-3)  # degrees
+    assert manifest["metrics"]["test"]["windows"] == 2785
+    assert manifest["metrics"]["validation"]["mse"] <= history[0]["val_mse"] + 1e-6  # the best epoch is kept
+
+
+def test_bad_data_gets_a_clear_error(tmp_path):
+    """A missing file, a missing column, a non-number or too few rows is named in the error."""
+    with pytest.raises(ett.EttDataError, match="not found"):
+        ett.load_target(tmp_path / "nope.csv")
+    (tmp_path / "nocol.csv").write_text("date,HUFL\n2016-07-01 00:00:00,1\n")
+    with pytest.raises(ett.EttDataError, match="no 'OT' column"):
+        ett.load_target(tmp_path / "nocol.csv")
+    (tmp_path / "text.csv").write_text("date,OT\n2016-07-01 00:00:00,1.5\n2016-07-01 01:00:00,warm\n")
+    with pytest.raises(ett.EttDataError, match="line 3"):
+        ett.load_target(tmp_path / "text.csv")
+    (tmp_path / "short.csv").write_text("date,OT\n" + "".join(f"t{i},{i}\n" for i in range(100)))
+    with pytest.raises(ett.EttDataError, match="needs at least 14400"):
+        ett.load_target(tmp_path / "short.csv")
+    done = subprocess.run([sys.executable, "-m", "training", "benchmark", "ett", "--data", str(tmp_path / "nope.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not found" in done.stderr

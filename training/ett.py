@@ -1,0 +1,574 @@
+"""`python -m training benchmark ett`: the standard univariate ETTh1 long-horizon benchmark, end to end.
+
+Protocol (data/README.md, as in Informer / DLinear / PatchTST): target OT, lookback 336, horizons 96, 192, 336,
+720; train rows [0, 8640), validation [8640 - L, 11520), test [11520 - L, 14400); z-score fitted on the train
+rows; every stride-1 test window; MSE and MAE on z-scored values over all windows and steps.
+
+For each horizon, in one run:
+1. baselines: repeat-last, and a closed-form NLinear (subtract the window's last value, ridge regression with an
+   intercept from the L inputs to the H outputs, add the last value back; ridge strength chosen on validation);
+2. our model, `SegmentLSTM`: the NLinear solution as a frozen linear skip path plus a segment-wise LSTM
+   (SegRNN-style: the lookback cut into day-long segments, one LSTM step per segment) whose direct multi-output
+   head predicts a correction, in instance-normalized units (centred on the last value, divided by the window's
+   spread, so what it learns carries over to the test period's shifted level and spread);
+3. hyperparameters chosen on validation with seed 0, then 3 seeds trained with the chosen ones;
+4. every seed exported to ONNX (verified against PyTorch at batch 1, 7, 64) and evaluated through the daemon's
+   own loader (agent.model.load_bundle, original units in, original units out) on the validation and test
+   windows; the seed with the best validation MSE becomes `exported_models/etth1-h<H>`;
+5. the table (JSON + markdown) with the baselines, the ablation without the LSTM (the linear path alone) and
+   our model, plus the spread over seeds.
+The test rows are touched only by step 4's final evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import itertools
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+LOOKBACK = 336
+HORIZONS = (96, 192, 336, 720)
+TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
+TARGET = "OT"
+PERIOD_S = 3600
+ETTH1_SHA256 = "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "ETTh1.csv"
+RIDGE_GRID = (10.0, 100.0, 1000.0, 10000.0)
+# Published univariate results (MSE, MAE), OT target, L = 336 (Zeng et al. 2023, "Are Transformers Effective
+# for Time Series Forecasting?").
+PUBLISHED = {
+    "NLinear": {96: (0.053, 0.177), 192: (0.069, 0.204), 336: (0.081, 0.226), 720: (0.080, 0.226)},
+    "DLinear": {96: (0.056, 0.180), 192: (0.071, 0.204), 336: (0.098, 0.244), 720: (0.189, 0.359)},
+}
+
+
+class EttDataError(ValueError):
+    """The ETTh1 file is missing or does not have the shape the protocol needs."""
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def load_target(path: str | Path, target: str = TARGET) -> np.ndarray:
+    """The target column as float64, checked: header, numbers, enough rows for the protocol's borders."""
+    path = Path(path)
+    if not path.is_file():
+        raise EttDataError(f"{path} not found (the ETTh1 CSV: columns date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT)")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or target not in header:
+            raise EttDataError(f"{path}: no {target!r} column in the header {header}")
+        column = header.index(target)
+        values = []
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                values.append(float(row[column]))
+            except (IndexError, ValueError):
+                raise EttDataError(f"{path} line {line_no}: {target} is not a number: {row!r}") from None
+    series = np.asarray(values, dtype=np.float64)
+    if len(series) < TEST_END:
+        raise EttDataError(f"{path} has {len(series)} rows; the protocol needs at least {TEST_END}")
+    if not np.isfinite(series[:TEST_END]).all():
+        raise EttDataError(f"{path}: non-finite {target} values in the first {TEST_END} rows")
+    return series
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class EttSplits:
+    """The z-scored target and the protocol's windows. `mean`/`std` are fitted on the train rows (ddof 0)."""
+
+    raw: np.ndarray  # (N,) original units
+    mean: float
+    std: float
+    lookback: int = LOOKBACK
+
+    @classmethod
+    def from_series(cls, raw: np.ndarray, lookback: int = LOOKBACK) -> "EttSplits":
+        train = raw[:TRAIN_END]
+        return cls(raw=raw, mean=float(train.mean()), std=float(train.std()), lookback=lookback)
+
+    @property
+    def scaled(self) -> np.ndarray:
+        return ((self.raw - self.mean) / self.std).astype(np.float32)
+
+    def segment(self, split: str) -> tuple[int, int]:
+        """Row range [start, end) whose windows (input and output inside it) form the split."""
+        return {"train": (0, TRAIN_END), "val": (TRAIN_END - self.lookback, VAL_END),
+                "test": (VAL_END - self.lookback, TEST_END)}[split]
+
+    def windows(self, split: str, horizon: int, scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every stride-1 window of the split: inputs (W, L) and targets (W, H)."""
+        start, end = self.segment(split)
+        series = (self.scaled if scaled else self.raw.astype(np.float32))[start:end]
+        count = len(series) - self.lookback - horizon + 1
+        index = np.arange(count)[:, None] + np.arange(self.lookback + horizon)[None, :]  # (W, L + H)
+        both = series[index]
+        return both[:, : self.lookback], both[:, self.lookback :]
+
+
+def mse_mae(pred: np.ndarray, obs: np.ndarray) -> dict:
+    err = np.asarray(pred, np.float64) - np.asarray(obs, np.float64)
+    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err)))}
+
+
+# ---------------------------------------------------------------------------------------- closed-form NLinear
+
+
+@dataclass
+class NLinear:
+    """y = last + (x - last) @ weight + bias: the NLinear forecaster as ridge regression (intercept unpenalized)."""
+
+    weight: np.ndarray  # (L, H)
+    bias: np.ndarray  # (H,)
+    ridge: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, ridge: float) -> "NLinear":
+        last = x[:, -1:]  # (W, 1)
+        design = np.hstack([x - last, np.ones((len(x), 1))]).astype(np.float64)  # (W, L + 1)
+        target = (y - last).astype(np.float64)  # (W, H)
+        penalty = ridge * np.eye(design.shape[1])
+        penalty[-1, -1] = 0.0
+        solution = np.linalg.solve(design.T @ design + penalty, design.T @ target)  # (L + 1, H)
+        return cls(weight=solution[:-1], bias=solution[-1], ridge=ridge)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        last = x[:, -1:].astype(np.float64)
+        return (x - last) @ self.weight + self.bias + last
+
+
+def select_nlinear(splits: EttSplits, horizon: int, grid=RIDGE_GRID) -> tuple[NLinear, dict]:
+    """Closed-form NLinear with the ridge strength of lowest validation MSE."""
+    x_train, y_train = splits.windows("train", horizon)
+    x_val, y_val = splits.windows("val", horizon)
+    scores = {}
+    best = None
+    for ridge in grid:
+        model = NLinear.fit(x_train, y_train, ridge)
+        scores[ridge] = mse_mae(model.predict(x_val), y_val)["mse"]
+        if best is None or scores[ridge] < scores[best.ridge]:
+            best = model
+    return best, {str(k): v for k, v in scores.items()}
+
+
+# ------------------------------------------------------------------------------------------------ our model
+
+
+@dataclass
+class EttConfig:
+    horizon: int = 96
+    lookback: int = LOOKBACK
+    segment: int = 24  # hours per LSTM step: 336 h = 14 day-long segments
+    hidden_size: int = 32
+    num_layers: int = 1
+    decoder: str = "last"  # last: a direct head on the last LSTM state; pmr: SegRNN's parallel multi-step decoding
+    dropout: float = 0.3
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    epochs: int = 30
+    patience: int = 10  # epochs without a validation improvement before stopping (the first ones often add noise)
+    members: int = 3  # independently trained LSTM branches whose corrections are averaged (variance reduction)
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+
+
+def _torch():
+    import torch  # the training extra; kept out of module import so `--help` and the data checks need no torch
+
+    return torch
+
+
+def build_model(cfg: EttConfig, linear: NLinear):
+    torch = _torch()
+    nn = torch.nn
+
+    class SegmentLSTM(nn.Module):
+        """(B, L, 1) z-scored history -> (B, H, 1) z-scored forecast: frozen NLinear path + LSTM correction."""
+
+        strategy = "mimo"
+
+        def __init__(self) -> None:
+            super().__init__()
+            if cfg.lookback % cfg.segment:
+                raise ValueError(f"lookback {cfg.lookback} must be a multiple of segment {cfg.segment}")
+            self.segments = cfg.lookback // cfg.segment
+            self.linear = nn.Linear(cfg.lookback, cfg.horizon)
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.from_numpy(linear.weight.T.astype(np.float32)))  # (H, L)
+                self.linear.bias.copy_(torch.from_numpy(linear.bias.astype(np.float32)))
+            self.linear.requires_grad_(False)  # the closed-form optimum of the linear path stays as it is
+            self.embed = nn.Linear(cfg.segment, cfg.hidden_size)
+            self.lstm = nn.LSTM(cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
+                                dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+            self.dropout = nn.Dropout(cfg.dropout)
+            if cfg.decoder == "pmr":
+                # One more LSTM step per output segment, all in parallel, each from the encoder's state with a
+                # learned position embedding as input; the head maps each step to its segment of the horizon.
+                self.out_segments = -(-cfg.horizon // cfg.segment)
+                self.position = nn.Parameter(0.1 * torch.randn(self.out_segments, cfg.hidden_size))
+                self.head = nn.Linear(cfg.hidden_size, cfg.segment)
+            elif cfg.decoder == "last":
+                self.head = nn.Linear(cfg.hidden_size, cfg.horizon)
+            else:
+                raise ValueError(f"decoder must be 'last' or 'pmr', got {cfg.decoder!r}")
+            nn.init.zeros_(self.head.weight)  # training starts from the linear path alone
+            nn.init.zeros_(self.head.bias)
+
+        def forward(self, x):
+            series = x[:, :, 0]  # (B, L)
+            last = series[:, -1:]  # (B, 1)
+            centred = series - last  # (B, L)
+            spread = torch.sqrt(((centred - centred.mean(dim=1, keepdim=True)) ** 2).mean(dim=1, keepdim=True)) + 1e-3  # (B, 1)
+            segments = (centred / spread).reshape(-1, self.segments, cfg.segment)  # (B, N, S)
+            embedded = self.dropout(torch.relu(self.embed(segments)))  # (B, N, D)
+            _, (hidden, cell) = self.lstm(embedded)  # hidden, cell: (layers, B, D)
+            if cfg.decoder == "pmr":
+                batch, m = series.shape[0], self.out_segments
+                steps = self.position.unsqueeze(0).expand(batch, -1, -1).reshape(batch * m, 1, -1)  # (B*M, 1, D)
+                state = (hidden.repeat_interleave(m, dim=1), cell.repeat_interleave(m, dim=1))  # (layers, B*M, D) each
+                decoded, _ = self.lstm(steps, state)  # (B*M, 1, D)
+                correction = self.head(self.dropout(decoded)).reshape(batch, m * cfg.segment)[:, : cfg.horizon]  # (B, H)
+            else:
+                correction = self.head(self.dropout(hidden[-1]))  # (B, H)
+            correction = correction * spread  # back from instance-normalized units
+            forecast = last + self.linear(centred) + correction  # (B, H)
+            return forecast.unsqueeze(-1)  # (B, H, 1)
+
+        def describe(self) -> dict:
+            return {"type": "segment_lstm", "segment": cfg.segment, "hidden_size": cfg.hidden_size, "decoder": cfg.decoder,
+                    "num_layers": cfg.num_layers, "dropout": cfg.dropout,
+                    "head": "direct multi-output head on the last LSTM state, in instance-normalized units",
+                    "skip": f"frozen closed-form NLinear path (ridge {linear.ridge:g})",
+                    "normalization": "subtract the last value; LSTM branch divided by the window's spread"}
+
+    return SegmentLSTM()
+
+
+def _mse(model, x, y) -> float:
+    torch = _torch()
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + 1024]) for i in range(0, len(x), 1024)])
+    return float(((pred - y) ** 2).mean())
+
+
+def train(cfg: EttConfig, splits: EttSplits, linear: NLinear, log=print) -> tuple[object, list[dict]]:
+    """Adam(W) on the LSTM branch, MSE, clipping, early stopping on validation MSE; returns the best model."""
+    torch = _torch()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    model = build_model(cfg, linear)
+    x_train, y_train = (torch.from_numpy(a[..., None]) for a in splits.windows("train", cfg.horizon))  # (W, L, 1), (W, H, 1)
+    x_val, y_val = (torch.from_numpy(a[..., None]) for a in splits.windows("val", cfg.horizon))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    best_val = _mse(model, x_val, y_val)  # epoch 0 = the linear path alone
+    best_state, best_epoch, stale = copy.deepcopy(model.state_dict()), 0, 0
+    history = [{"epoch": 0, "val_mse": best_val}]
+    for epoch in range(1, cfg.epochs + 1):
+        began = time.perf_counter()
+        model.train()
+        order = torch.from_numpy(np_rng.permutation(len(x_train)))
+        total = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            batch = order[i : i + cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+        val = _mse(model, x_val, y_val)
+        history.append({"epoch": epoch, "train_mse": total / len(order), "val_mse": val,
+                        "seconds": round(time.perf_counter() - began, 2)})
+        if val < best_val:
+            best_val, best_state, best_epoch, stale = val, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+        log(f"  H={cfg.horizon} seed {cfg.seed} epoch {epoch}: train {total / len(order):.4f} val {val:.5f}"
+            f"{' *' if best_epoch == epoch else ''}")
+        if stale >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    model.best_epoch, model.best_val = best_epoch, best_val
+    return model, history
+
+
+def build_average(members: list):
+    """One module averaging members that share the linear path: linear path + the mean of their corrections."""
+    torch = _torch()
+
+    class AveragedSegmentLSTM(torch.nn.Module):
+        strategy = "mimo"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = torch.nn.ModuleList(members)
+
+        def forward(self, x):
+            return torch.stack([member(x) for member in self.members]).mean(dim=0)  # (B, H, 1)
+
+        def describe(self) -> dict:
+            return {**members[0].describe(), "members": len(members),
+                    "ensemble": "mean of independently trained members (seeds seed*100 + k)"}
+
+    return AveragedSegmentLSTM().eval()
+
+
+def train_ensemble(cfg: EttConfig, splits: EttSplits, linear: NLinear, log=print) -> tuple[object, list[dict]]:
+    """`cfg.members` models with seeds cfg.seed*100 + k, averaged; the history of each member, tagged."""
+    if cfg.members == 1:
+        return train(cfg, splits, linear, log=log)
+    members, history = [], []
+    for k in range(cfg.members):
+        member, member_history = train(replace(cfg, seed=cfg.seed * 100 + k), splits, linear, log=log)
+        members.append(member)
+        history += [{"member": k, **h} for h in member_history]
+    model = build_average(members)
+    x_val, y_val = (_torch().from_numpy(a[..., None]) for a in splits.windows("val", cfg.horizon))
+    model.best_epoch = [m.best_epoch for m in members]
+    model.best_val = _mse(model, x_val, y_val)
+    return model, history
+
+
+# ---------------------------------------------------------------------------------------- bundle and loader
+
+
+def write_ett_bundle(model, cfg: EttConfig, splits: EttSplits, out_dir: str | Path, *, command: str,
+                     history: list[dict], extra: dict) -> dict:
+    """Export (verified against PyTorch), measure the exported model through the daemon's loader, write the bundle."""
+    from training.bundle import DEFAULT_THRESHOLDS, EWMA_ALPHA
+    from training.export import OnnxPredictor, export_onnx, utc_now, write_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_info = export_onnx(model, onnx_path, cfg.lookback, 1, cfg.seed)
+        x_val, y_val = splits.windows("val", cfg.horizon)
+        residual = y_val - OnnxPredictor(onnx_path, threads=cfg.threads)(x_val[..., None])[..., 0]  # (W, H)
+        manifest = {
+            "schema_version": 1, "name": f"etth1-h{cfg.horizon}", "version": "1.0.0", "created_at": utc_now(),
+            "features": [TARGET], "targets": [TARGET], "lookback": cfg.lookback, "horizon": cfg.horizon,
+            "sampling_period_s": PERIOD_S,
+            "scaler": {"type": "standard", "params": {TARGET: {"mean": splits.mean, "std": splits.std}},
+                       "fitted_on": f"train rows [0, {TRAIN_END}) (ddof 0)"},
+            "strategy": "mimo",
+            "architecture": model.describe(),
+            "preprocessing": {"difference": False, "in_graph": True},
+            "training": {"command": command, "config": asdict(cfg), "seed": cfg.seed, "best_epoch": model.best_epoch,
+                         "train_rows": TRAIN_END, "val_rows": VAL_END - TRAIN_END, "test_rows": TEST_END - VAL_END,
+                         "train_windows": int(TRAIN_END - cfg.lookback - cfg.horizon + 1),
+                         "data": {"file": "ETTh1.csv", "target": TARGET, "protocol": "Informer/DLinear long-horizon, L=336"},
+                         "history": history},
+            "onnx": onnx_info,
+            "metrics": {},
+            "calibration": {"residual_mean": residual.mean(axis=0)[:, None].tolist(),
+                            "residual_std": np.maximum(residual.std(axis=0), 1e-6)[:, None].tolist(),
+                            "ewma_alpha": EWMA_ALPHA, "thresholds": dict(DEFAULT_THRESHOLDS),
+                            "source": "validation residual statistics, default thresholds"},
+        }
+        staged = Path(tmp) / "bundle"
+        write_bundle(staged, onnx_path, manifest)
+        metrics = evaluate_bundle(staged, splits, threads=cfg.threads)
+        manifest["metrics"] = {**metrics, **extra}
+        write_bundle(out_dir, onnx_path, manifest)
+    return manifest
+
+
+def evaluate_bundle(folder: str | Path, splits: EttSplits, threads: int = 2) -> dict:
+    """MSE/MAE of a bundle on the validation and test windows through agent.model.load_bundle (original units)."""
+    from agent.model import load_bundle
+
+    bundle = load_bundle(folder, intra_op_threads=threads)
+    out = {}
+    for split in ("val", "test"):
+        x_raw, _ = splits.windows(split, bundle.horizon, scaled=False)
+        _, y_scaled = splits.windows(split, bundle.horizon)
+        forecast = np.concatenate([bundle.predict(x_raw[i : i + 512, :, None]) for i in range(0, len(x_raw), 512)])  # (W, H, 1)
+        forecast_scaled = (forecast[..., 0].astype(np.float64) - splits.mean) / splits.std  # (W, H)
+        out[split] = {**mse_mae(forecast_scaled, y_scaled), "windows": int(len(x_raw))}
+    return {"validation": out["val"], "test": out["test"]}
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+SEARCH_SPACE = {"decoder": ("last", "pmr"), "segment": (24, 48), "hidden_size": (32, 64)}
+
+
+def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: Path, command: str, *,
+                search: bool = True, base: EttConfig | None = None, log=print) -> dict:
+    began = time.perf_counter()
+    base = replace(base or EttConfig(), horizon=horizon)
+    x_val, y_val = splits.windows("val", horizon)
+    x_test, y_test = splits.windows("test", horizon)
+    repeat_last = {"validation": mse_mae(np.repeat(x_val[:, -1:], horizon, 1), y_val),
+                   "test": mse_mae(np.repeat(x_test[:, -1:], horizon, 1), y_test)}
+    nlinear, ridge_scores = select_nlinear(splits, horizon)
+    closed_form = {"validation": mse_mae(nlinear.predict(x_val), y_val), "test": mse_mae(nlinear.predict(x_test), y_test),
+                   "ridge": nlinear.ridge, "ridge_validation_mse": ridge_scores}
+    log(f"H={horizon}: repeat-last val {repeat_last['validation']['mse']:.4f}; NLinear (closed form, ridge "
+        f"{nlinear.ridge:g}) val {closed_form['validation']['mse']:.4f}")
+
+    # Hyperparameters: validation MSE of seed 0 over a small grid (the test rows are not looked at).
+    trials = []
+    chosen = base
+    if search:
+        best_val = None
+        for values in itertools.product(*SEARCH_SPACE.values()):
+            point = dict(zip(SEARCH_SPACE, values))
+            cfg = replace(base, seed=seeds[0], **point)
+            model, _ = train(replace(cfg, members=1), splits, nlinear, log=lambda *_: None)  # one member per point: cheaper
+            trials.append({**point, "val_mse": model.best_val, "best_epoch": model.best_epoch})
+            log(f"  search H={horizon} {point}: val {model.best_val:.5f} (epoch {model.best_epoch})")
+            if best_val is None or model.best_val < best_val:
+                best_val, chosen = model.best_val, cfg
+
+    runs = []
+    for seed in seeds:
+        cfg = replace(chosen, seed=seed)
+        model, history = train_ensemble(cfg, splits, nlinear, log=log)
+        folder = models_dir / f".etth1-h{horizon}-seed{seed}"
+        extra = {"repeat_last": repeat_last, "nlinear_closed_form": closed_form,
+                 "published": {k: {"mse": v[horizon][0], "mae": v[horizon][1]} for k, v in PUBLISHED.items()}}
+        manifest = write_ett_bundle(model, cfg, splits, folder, command=command, history=history, extra=extra)
+        m = manifest["metrics"]
+        runs.append({"seed": seed, "folder": folder, "best_epoch": model.best_epoch, "torch_val_mse": model.best_val,
+                     "validation": m["validation"], "test": m["test"], "onnx_max_abs_diff": manifest["onnx"]["verified"]["max_abs_diff"]})
+        log(f"H={horizon} seed {seed}: exported model (daemon loader) val {m['validation']['mse']:.5f} "
+            f"test {m['test']['mse']:.5f} (best epoch {model.best_epoch})")
+
+    chosen_run = min(runs, key=lambda r: r["validation"]["mse"])  # the shipped bundle: best validation
+    final = models_dir / f"etth1-h{horizon}"
+    import shutil
+
+    if final.exists():
+        shutil.rmtree(final)
+    chosen_run["folder"].rename(final)
+    for r in runs:
+        if r is not chosen_run and r["folder"].exists():
+            shutil.rmtree(r["folder"])
+        r["folder"] = str(final) if r is chosen_run else None
+    test_mse = np.array([r["test"]["mse"] for r in runs])
+    test_mae = np.array([r["test"]["mae"] for r in runs])
+    val_mse = np.array([r["validation"]["mse"] for r in runs])
+    return {
+        "horizon": horizon, "windows": {"validation": int(len(x_val)), "test": int(len(x_test))},
+        "repeat_last": repeat_last, "nlinear_closed_form": closed_form,
+        "published": {k: {"mse": v[horizon][0], "mae": v[horizon][1]} for k, v in PUBLISHED.items()},
+        "search": trials, "config": asdict(chosen),
+        "seeds": [{k: v for k, v in r.items()} for r in runs],
+        "model": {"bundle": str(final), "seed": chosen_run["seed"], "validation": chosen_run["validation"], "test": chosen_run["test"],
+                  "test_mse_mean": float(test_mse.mean()), "test_mse_std": float(test_mse.std()),
+                  "test_mae_mean": float(test_mae.mean()), "test_mae_std": float(test_mae.std()),
+                  "val_mse_mean": float(val_mse.mean()), "val_mse_std": float(val_mse.std())},
+        "ablation": {"linear_path_alone_val_mse": closed_form["validation"]["mse"],
+                     "with_lstm_val_mse_per_seed": [r["validation"]["mse"] for r in runs],
+                     "lstm_improves_validation": bool((val_mse < closed_form["validation"]["mse"]).all())},
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+
+
+def markdown_table(results: list[dict], meta: dict) -> str:
+    lines = [f"ETTh1, univariate (OT), lookback {LOOKBACK}; MSE / MAE on z-scored values over every stride-1 test window.",
+             f"Our model: the exported ONNX bundle run through the daemon's loader; the bundle is the seed with the best "
+             f"validation MSE of seeds {meta['seeds']}; mean ± std over those seeds below it.",
+             f"`{meta['command']}`: {meta['seconds'] / 60:.1f} min on {meta['machine']}.", "",
+             "| model | " + " | ".join(f"H={r['horizon']}" for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+
+    def row(label, cells):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("repeat last value", [f"{r['repeat_last']['test']['mse']:.4f} / {r['repeat_last']['test']['mae']:.4f}" for r in results])
+    for name in PUBLISHED:
+        row(f"{name} (published)", [f"{r['published'][name]['mse']:.3f} / {r['published'][name]['mae']:.3f}" for r in results])
+    row("NLinear, closed form (ours; = ablation: linear path alone)",
+        [f"{r['nlinear_closed_form']['test']['mse']:.4f} / {r['nlinear_closed_form']['test']['mae']:.4f}" for r in results])
+    row("**SegmentLSTM (ours), the bundle**", [f"**{r['model']['test']['mse']:.4f}** / {r['model']['test']['mae']:.4f}" for r in results])
+    row("SegmentLSTM, mean ± std over seeds",
+        [f"{r['model']['test_mse_mean']:.4f} ± {r['model']['test_mse_std']:.4f}" for r in results])
+    row("met: bundle MSE <= NLinear published", ["yes" if r["model"]["test"]["mse"] <= r["published"]["NLinear"]["mse"] else "NO" for r in results])
+    lines += ["", "Validation MSE (model selection; the ablation):", "",
+              "| | " + " | ".join(f"H={r['horizon']}" for r in results) + " |", "|---|" + "---:|" * len(results)]
+    row("repeat last value", [f"{r['repeat_last']['validation']['mse']:.4f}" for r in results])
+    row("linear path alone (closed-form NLinear)", [f"{r['nlinear_closed_form']['validation']['mse']:.5f}" for r in results])
+    row("with the LSTM, per seed", [", ".join(f"{v:.5f}" for v in r["ablation"]["with_lstm_val_mse_per_seed"]) for r in results])
+    row("chosen (decoder, segment, hidden)", [f"{r['config']['decoder']}, {r['config']['segment']}, {r['config']['hidden_size']}" for r in results])
+    return "\n".join(lines) + "\n"
+
+
+def machine_line() -> str:
+    import os
+    import platform
+
+    import onnxruntime
+
+    torch = _torch()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__.split('+')[0]}, onnxruntime {onnxruntime.__version__}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=("ett",), help="the benchmark: ett = ETTh1 univariate long-horizon")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="ETTh1.csv (default: the copy in data/)")
+    parser.add_argument("--horizons", type=int, nargs="+", default=list(HORIZONS), choices=HORIZONS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models-dir", default="exported_models", help="where the etth1-h<H> bundles go")
+    parser.add_argument("--out", default="runs/ett", help="folder for results.json and results.md")
+    parser.add_argument("--no-search", action="store_true", help="skip the validation grid; use the defaults")
+    parser.add_argument("--epochs", type=int, default=EttConfig.epochs)
+    parser.add_argument("--members", type=int, default=EttConfig.members, help="LSTM branches averaged per model")
+    parser.add_argument("--threads", type=int, default=EttConfig.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    try:
+        raw = load_target(args.data)
+    except EttDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    digest = file_sha256(args.data)
+    if digest != ETTH1_SHA256:
+        print(f"warning: {args.data} sha256 {digest} differs from the published file's {ETTH1_SHA256}", file=sys.stderr)
+    splits = EttSplits.from_series(raw)
+    print(f"ETTh1 {args.data}: {len(raw)} rows; train z-score mean {splits.mean:.6f} std {splits.std:.6f}")
+    command = "python -m training benchmark " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:])
+    models_dir = Path(args.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if args.members < 1 or args.epochs < 1:
+        print("error: --members and --epochs must be at least 1", file=sys.stderr)
+        return 2
+    base = EttConfig(epochs=args.epochs, threads=args.threads, members=args.members)
+    results = [run_horizon(splits, h, args.seeds, models_dir, command, search=not args.no_search, base=base) for h in args.horizons]
+    meta = {"command": command, "data_sha256": digest, "seeds": args.seeds, "machine": machine_line(),
+            "seconds": round(time.perf_counter() - began, 1), "train_mean": splits.mean, "train_std": splits.std}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, meta)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(table, encoding="utf-8")
+    print()
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}; bundles in {models_dir}/etth1-h*")
+    return 0
