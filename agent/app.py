@@ -8,8 +8,8 @@
 
 paho's network thread only parses and enqueues (`_on_message`), waiting a bounded time for room when the
 queue is full (backpressure: paho stops reading, readings wait at the broker); numpy and onnxruntime run on the
-worker thread, which hands each batch's events to the publisher thread (encoding, sending and the outbox overlap
-the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the outbox in
+worker thread, which hands each batch to the publisher thread for scoring, encoding, sending and the outbox (they
+overlap the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the outbox in
 one transaction per batch and leave it only when the broker acknowledged them. A new model bundle (SIGHUP or a change in the model folder)
 is loaded and verified beside the running one on the watcher thread and swapped in by the worker between two
 batches; per-device windows restart with the new pipeline. Periodic jobs wait on a stop event, never sleep.
@@ -104,9 +104,9 @@ class Agent:
         self.ingest = None
         self.link: MqttLink | None = None
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize=settings.ingest.queue_size)
-        # Worker -> publisher: (events, samples, bundle) of one batch, or None to finish. Two batches at most, so
-        # the model runs on the next batch while the publisher encodes and sends the previous one.
-        self._outgoing: queue.Queue[tuple[list, int, object] | None] = queue.Queue(maxsize=2)
+        # Worker -> publisher: (the pipeline's function that finishes a batch, samples, bundle), or None to stop.
+        # Two batches at most: the model runs on the next batch while the publisher scores, encodes and sends.
+        self._outgoing: queue.Queue[tuple[Callable[[], list], int, object] | None] = queue.Queue(maxsize=2)
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
         self._drain_and_exit = threading.Event()
         self._stop_jobs = threading.Event()
@@ -477,24 +477,25 @@ class Agent:
 
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
-        events = self.pipeline.process(batch, self.clock())
-        self._outgoing.put((events, len(batch), self.bundle))
+        finish = self.pipeline.process(batch, self.clock(), finish_later=True)
+        self._outgoing.put((finish, len(batch), self.bundle))
 
     # -- publisher thread ------------------------------------------------------------------------------------
 
     def _publish_loop(self) -> None:
-        """Encode and send (or store) each batch's events in order, while the worker runs the next batch."""
+        """Score (the pipeline's last phase), encode and send (or store) each batch's events in order, while the
+        worker runs the model on the next batch."""
         while True:
             item = self._outgoing.get()
             try:
                 if item is None:
                     return
-                events, samples, bundle = item
+                finish, samples, bundle = item
                 try:
-                    self._publish_events(events, bundle)
+                    self._publish_events(finish(), bundle)
                 except Exception:  # a bug on one batch must not end the daemon
                     self.counters.add("worker_errors")
-                    log.exception("publishing the events of a batch of %d samples failed", samples)
+                    log.exception("worker failed on a batch of %d samples", samples)
                 self.counters.add("processed", samples)
             finally:
                 self._outgoing.task_done()

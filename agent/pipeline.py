@@ -8,10 +8,17 @@ several slots of the same device (a backlog after a reconnect, or a replay chunk
 3. in log order: each observed slot is scored against the forecasts made for it 1..k periods earlier (the
    calibration's `score_steps`; docs/contracts.md), then the forecasts made at that slot are emitted.
 The result is identical however the samples are split into calls.
+
+The daemon asks for phase 3 to be left to it (`finish_later`): its worker thread then runs the model on the next
+call while its publisher thread scores and emits the previous one. Phases 1-2 touch only the windows and the batch
+buffer, phase 3 only the detector and the ring of past forecasts; the two meet only when new devices grow the
+per-device arrays, under a lock.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -75,12 +82,14 @@ class Pipeline:
         self._capacity = 0
         self._grow(self.windows.capacity)
         self._horizon_steps = np.arange(1, self.horizon + 1, dtype=np.float64) * self.period_s  # (H,)
-        # Phase-1 log and batch buffer, reused across calls.
+        # Phase-1 log and forecasts of the call being prepared (a new list per call: the previous call's may still
+        # be finishing on another thread); the batch buffer is reused (the model has read it before a call ends).
         self._log: list[tuple] = []
         self._batch = np.empty((max(1, min(self.max_batch, 64)), bundle.lookback, bundle.n_features), dtype=np.float32)  # (N, L, F)
         self._n_batch = 0
         self._current = 0
         self._call_forecasts: list[tuple[int, int, int, bool]] = []  # (device, slot, batch row, usable for scoring)
+        self._state_lock = threading.Lock()  # phase 3 against the growth of the per-device arrays
         self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
                          "scored": 0, "alerts_opened": 0, "rejected_devices": 0}
 
@@ -106,7 +115,8 @@ class Pipeline:
                 return None
             d = self.windows.device(name)
             if self.windows.capacity > self._capacity:
-                self._grow(self.windows.capacity)
+                with self._state_lock:
+                    self._grow(self.windows.capacity)
         return d
 
     # -- phase 1 callback ---------------------------------------------------------------------------------------
@@ -132,11 +142,22 @@ class Pipeline:
         self._log.append((_FORECAST, self._current, d, slot, n, completeness))
 
     # -- the entry point ------------------------------------------------------------------------------------------
-    def process(self, samples: list[Sample], now: float, trace: Trace | None = None) -> list[Event]:
-        """Samples in arrival order -> events in the same order (per sample: rejection | score alerts, forecast)."""
-        log = self._log
-        log.clear()
-        self._call_forecasts.clear()
+    def process(self, samples: list[Sample], now: float, trace: Trace | None = None,
+                finish_later: bool = False) -> list[Event] | Callable[[], list[Event]]:
+        """Samples in arrival order -> events in the same order (per sample: rejection | score alerts, forecast).
+
+        With `finish_later`, phases 1-2 run now and a function is returned that runs phase 3 and returns the
+        events; the functions of successive calls must be called in call order, on any one thread.
+        """
+        log, call_forecasts, forecasts = self._prepare(samples)
+        if finish_later:
+            return lambda: self._finish(log, call_forecasts, forecasts, now, trace)
+        return self._finish(log, call_forecasts, forecasts, now, trace)
+
+    def _prepare(self, samples: list[Sample]) -> tuple[list[tuple], list[tuple], np.ndarray | None]:
+        """Phases 1-2: windows, then the model on every window that advanced."""
+        log = self._log = []
+        self._call_forecasts = []
         self._n_batch = 0
         windows = self.windows
         reordered = windows.reordered
@@ -154,12 +175,13 @@ class Pipeline:
                 log.append((_REJECT, i, Rejection(exc.reason, exc.detail, exc.device)))
         self.counters["samples"] += len(samples)
         self.counters["reordered"] += windows.reordered - reordered
-        try:
-            forecasts = self._infer(self._n_batch)
-            return self._emit(log, forecasts, now, trace)
-        finally:
-            log.clear()
-            self._call_forecasts.clear()
+        return log, self._call_forecasts, self._infer(self._n_batch)
+
+    def _finish(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
+                trace: Trace | None) -> list[Event]:
+        """Phase 3."""
+        with self._state_lock:
+            return self._emit(log, call_forecasts, forecasts, now, trace)
 
     def _infer(self, n: int) -> np.ndarray | None:
         if n == 0:
@@ -172,7 +194,7 @@ class Pipeline:
         self.counters["inferences"] += n
         return out
 
-    def _past_forecasts(self, log: list[tuple], forecasts: np.ndarray | None):
+    def _past_forecasts(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None):
         """For every commit of the call: the forecasts made 1..k periods earlier for its slot.
 
         Returns (observed (K, T), looked-up forecasts (K, S', T) NaN where none, usable (K, S') bool), or None.
@@ -197,8 +219,8 @@ class Pipeline:
         cols = np.broadcast_to(np.arange(S), want.shape)
         expected[found] = self.past[dev[found], pos[found], cols[found]]
         # Forecasts made earlier in this call (they shadow nothing: slots only grow per device).
-        if self._call_forecasts:
-            call = np.array([(d, s, n, ok) for d, s, n, ok in self._call_forecasts], dtype=np.int64)  # (N, 4)
+        if call_forecasts:
+            call = np.array(call_forecasts, dtype=np.int64)  # (N, 4)
             keys = call[:, 0] * _KEY_SPAN + call[:, 1]
             order = np.argsort(keys, kind="stable")
             keys = keys[order]
@@ -210,13 +232,14 @@ class Pipeline:
             usable = np.where(hit, call[order[at], 3].astype(bool), usable)
         return observed, expected, usable
 
-    def _emit(self, log: list[tuple], forecasts: np.ndarray | None, now: float, trace: Trace | None) -> list[Event]:
+    def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
+              trace: Trace | None) -> list[Event]:
         events: list[Event] = []
         names = self.windows.names
         detector = self.detector
         scorer = detector.scorer
         period = self.period_s
-        looked_up = self._past_forecasts(log, forecasts)
+        looked_up = self._past_forecasts(log, call_forecasts, forecasts)
         if looked_up is not None:
             observed_rows, expected_all, usable = looked_up
             score_expected = expected_all[:, self._score_cols]  # (K, S, T)
@@ -265,15 +288,15 @@ class Pipeline:
                     trace.on_forecast(i, d, forecasts[n])
             else:
                 events.append(entry[2])
-        if self._call_forecasts:
-            self._remember(forecasts)
+        if call_forecasts:
+            self._remember(call_forecasts, forecasts)
         self.counters["slots"] += k
         self.counters["scored"] += scored
         return events
 
-    def _remember(self, forecasts: np.ndarray) -> None:
+    def _remember(self, call_forecasts: list[tuple], forecasts: np.ndarray) -> None:
         """Keep each device's newest `ring` forecasts of this call for the next calls."""
-        call = np.array([(d, s, n, ok) for d, s, n, ok in self._call_forecasts], dtype=np.int64)  # (N, 4)
+        call = np.array(call_forecasts, dtype=np.int64)  # (N, 4)
         newest = np.full(self._capacity, NO_SLOT, dtype=np.int64)
         np.maximum.at(newest, call[:, 0], call[:, 1])
         keep = call[:, 1] > newest[call[:, 0]] - self.ring  # at most one per ring position and device
