@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # (topic, payload, arrival time on the agent clock); must return quickly: it runs on paho's network thread.
 MessageHandler = Callable[[str, bytes, float], None]
+# Many messages in arrival order, [(topic, payload)], and their arrival time: the same contract for a whole read.
+BatchHandler = Callable[[list[tuple[str, bytes]], float], None]
 ControlHandler = Callable[[str, bytes], None]
 
 
@@ -81,9 +83,11 @@ class _BufferedSocket:
 
 class _Client(paho.Client):
     """paho's client, remembering why the last connect attempt failed (paho drops the exception), reading through
-    a _BufferedSocket."""
+    a _BufferedSocket, and taking the QoS 0/1 PUBLISH packets that lie complete in the read buffer in one pass
+    (`on_publishes`) instead of paho's per-packet reads, message objects and callback locks."""
 
     last_error: BaseException | None = None
+    on_publishes: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # [(topic bytes, payload)], in order
 
     def reconnect(self):  # type: ignore[override]
         try:
@@ -117,9 +121,56 @@ class _Client(paho.Client):
             sock = self._sock
             if not isinstance(sock, _BufferedSocket) or sock.buffered() == 0:
                 break
+            self._take_buffered_publishes(sock)
+            if sock.buffered() == 0:
+                break
             rc = super().loop_read(1)  # the next packet is (at least partly) in memory already: no select needed
             burst += 1
         return rc
+
+    def _take_buffered_publishes(self, sock: _BufferedSocket) -> None:
+        """Hand every complete QoS 0/1 PUBLISH at the head of the read buffer to `on_publishes` (then acknowledge
+        the QoS 1 ones, as paho does after its callback); stop at anything else (another packet type, QoS 2, a
+        packet not wholly read yet, a malformed one), which paho's own reading then takes, in order."""
+        if self.on_publishes is None or self._in_packet["command"] != 0:
+            return
+        data, pos, end = sock._buffer, sock._pos, len(sock._buffer)
+        messages: list[tuple[bytes, bytes]] = []
+        acks: list[bytes] = []
+        while pos < end:
+            command = data[pos]
+            qos = (command >> 1) & 3
+            if command & 0xF0 != 0x30 or qos == 2:
+                break
+            length, shift, i = 0, 0, pos + 1
+            while i < end and shift <= 21:
+                byte = data[i]
+                length |= (byte & 127) << shift
+                i += 1
+                if byte < 128:
+                    break
+                shift += 7
+            else:
+                break  # length not complete in the buffer (or more than 4 bytes: left to paho to refuse)
+            packet_end = i + length
+            if packet_end > end or length < 2:
+                break
+            topic_end = i + 2 + ((data[i] << 8) | data[i + 1])
+            payload_start = topic_end + (2 if qos else 0)
+            if payload_start > packet_end:
+                break
+            messages.append((data[i + 2 : topic_end], data[payload_start:packet_end]))
+            if qos:
+                acks.append(b"\x40\x02" + data[topic_end:payload_start])  # PUBACK with the message id
+            pos = packet_end
+        if not messages:
+            return
+        sock._pos = pos
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        self.on_publishes(messages)
+        if acks:
+            self._packet_queue(paho.PUBACK, b"".join(acks), 0, 0)
 
 
 def _publish_header(topic_length: int, payload_length: int) -> bytes:
@@ -161,10 +212,12 @@ class MqttLink:
         on_connected: Callable[[], None] | None = None,
         control_subscriptions: list[str] | None = None,
         on_control: ControlHandler | None = None,
+        on_messages: BatchHandler | None = None,
     ):
         self._settings = settings
         self._subscriptions = list(subscriptions)
         self._handler = on_message
+        self._batch_handler = on_messages
         self._control: list[str] = list(control_subscriptions or [])  # QoS 1, routed to on_control
         self._control_handler = on_control
         self._sub_topics: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics (for the SUBACK log)
@@ -225,6 +278,7 @@ class MqttLink:
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
+        client.on_publishes = self._on_publishes
         client.on_publish = self._on_publish
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -521,6 +575,41 @@ class MqttLink:
                 self._handler(topic, message.payload, self._clock())
         except Exception:  # an exception escaping a callback would end paho's network thread
             log.exception("message handler failed on %r", topic)
+
+    def _on_publishes(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """The messages of one read, in order: control topics to their handler, the rest to the batch handler."""
+        received_at = self._clock()
+        batch: list[tuple[str, bytes]] = []
+        for raw_topic, payload in messages:
+            try:
+                topic = raw_topic.decode("utf-8")
+            except UnicodeDecodeError:
+                topic = raw_topic.decode("utf-8", "replace")  # mosquitto refuses these; keep a readable name
+            if self._control_handler is not None and self._is_control(topic):
+                self._deliver(batch, received_at)
+                batch = []
+                try:
+                    self._control_handler(topic, payload)
+                except Exception:  # an exception escaping a callback would end paho's network thread
+                    log.exception("message handler failed on %r", topic)
+            else:
+                batch.append((topic, payload))
+        self._deliver(batch, received_at)
+
+    def _deliver(self, batch: list[tuple[str, bytes]], received_at: float) -> None:
+        if not batch:
+            return
+        if self._batch_handler is not None:
+            try:
+                self._batch_handler(batch, received_at)
+            except Exception:
+                log.exception("message handler failed on a read of %d messages", len(batch))
+            return
+        for topic, payload in batch:
+            try:
+                self._handler(topic, payload, received_at)
+            except Exception:
+                log.exception("message handler failed on %r", topic)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if self._on_ack is not None:
