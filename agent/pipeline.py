@@ -101,9 +101,10 @@ class Pipeline:
             "past_slot": np.full((capacity, R), NO_SLOT, dtype=np.int64),  # the slot each was made at
             "past_ok": np.zeros((capacity, R), dtype=bool),  # made from a window fit for scoring
         }
+        used = min(len(self.windows), self._capacity)  # rows past it were never written: copying would only touch memory
         for key, array in fresh.items():
             if self._capacity:
-                array[: self._capacity] = getattr(self, key)
+                array[:used] = getattr(self, key)[:used]
             setattr(self, key, array)
         self._capacity = capacity
         self.detector.ensure_capacity(capacity)
@@ -253,6 +254,7 @@ class Pipeline:
         # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
         forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None else None  # [N][T][H]
         steps = self._horizon_steps.tolist()
+        horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
         k = 0  # next commit row
         scored = 0
         for entry in log:
@@ -273,12 +275,15 @@ class Pipeline:
             elif kind == _FORECAST:
                 _, i, d, slot, n, completeness = entry
                 ts = slot * period
+                horizon = horizons.get(ts)
+                if horizon is None:
+                    horizon = horizons[ts] = [ts + step for step in steps]
                 events.append(
                     Forecast(
                         device=names[d],
                         ts=ts,
                         period_s=period,
-                        horizon_ts=[ts + step for step in steps],
+                        horizon_ts=horizon,
                         values=dict(zip(self.targets, forecast_lists[n])),
                         completeness=completeness,
                         staleness_s=now - ts,

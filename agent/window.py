@@ -97,7 +97,7 @@ class WindowStore:
         if d is None:
             d = len(self.names)
             if d == self.capacity:
-                self._allocate(self.capacity * 2)
+                self._allocate(self.capacity + max(64, self.capacity // 2))  # x1.5: less unused room at 10,000s of devices
             self.index[name] = d
             self.names.append(name)
             for column, initial in ((self.head, 0), (self.count, 0), (self.n_observed, 0), (self.last_slot, None), (self.pend_slot, None), (self.commits, 0), (self.last_imputed, None)):
