@@ -121,23 +121,17 @@ def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[
 
 
 @functools.cache
-def _sig5_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Digits of every 5-digit integer (90000, 5) as ASCII, its trailing zeros (90000,), and per decimal places k
-    (0..8) where each output character comes from: a row [5 digits, '.', '0'] -> d0 d1 d2 d3 d4 . 0 (k=0),
-    d0 . d1 d2 d3 d4 (k=4), 0 . 0 0 0 d0 d1 d2 d3 d4 (k=8)."""
+def _sig5_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For every 5-digit integer (10000..99999): its ASCII digits packed in a little-endian uint64 (byte j is the
+    j-th digit), and its trailing zeros."""
     r = np.arange(10000, 100000)
-    digits = np.stack([(r // 10 ** (4 - j)) % 10 for j in range(5)], axis=1).astype(np.uint8) + ord("0")
+    digits = np.zeros((r.size, 8), dtype=np.uint8)
+    for j in range(5):
+        digits[:, j] = ord("0") + (r // 10 ** (4 - j)) % 10
     zeros = np.zeros(r.shape, dtype=np.int64)
     for j in range(1, 5):
         zeros += r % 10**j == 0
-    patterns = np.full((9, 14), 6, dtype=np.intp)
-    for k in range(9):
-        if k <= 4:
-            pattern = list(range(5 - k)) + [5] + list(range(5 - k, 5)) + ([6] if k == 0 else [])
-        else:
-            pattern = [6, 5] + [6] * (k - 5) + list(range(5))
-        patterns[k, : len(pattern)] = pattern
-    return digits, zeros, patterns
+    return digits.view("<u8").ravel(), zeros
 
 
 def _sig5_texts(values: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -146,9 +140,11 @@ def _sig5_texts(values: np.ndarray) -> tuple[list[str], np.ndarray]:
 
     Fast path: finite, 1e-4 <= |v| < 1e5 after rounding to 5 significant digits, and not within 1e-7 of a rounding
     tie (there the exact binary value decides: '%.5g' is asked). The rounded value is the double nearest to the
-    decimal d * 10**-k (d of 5 digits), and its shortest repr is that decimal without trailing zeros."""
+    decimal d * 10**-k (d of 5 digits, k decimals), and its shortest repr is that decimal without trailing zeros.
+    Each text is assembled from the packed digits with integer shifts (bytes in little-endian uint64 lanes), then
+    the NUL padding is deleted from the whole batch at once."""
     N, T, H = values.shape
-    digits, trailing, patterns = _sig5_tables()
+    digits, trailing = _sig5_tables()
     a = np.abs(values).ravel()
     with np.errstate(all="ignore"):
         k = np.clip(4 - np.floor(np.log10(a)), 0, 8)
@@ -160,23 +156,32 @@ def _sig5_texts(values: np.ndarray) -> tuple[list[str], np.ndarray]:
         d = np.rint(scaled)
         ok = (d >= 1e4) & (d < 1e5) & (np.abs(scaled - np.floor(scaled) - 0.5) > 1e-7) & np.isfinite(a)
     d = np.where(ok, d, 1e4).astype(np.intp) - 10000
-    source = np.empty((a.size, 7), dtype=np.uint8)
-    source[:, :5] = digits[d]
-    source[:, 5] = ord(".")
-    source[:, 6] = ord("0")
-    chars = np.zeros((a.size, 16), dtype=np.uint8)  # sign, up to 14 characters, separator
-    for places in np.flatnonzero(np.bincount(k, minlength=9)):  # one or two: a batch's values share their magnitude
-        placed = source[:, patterns[places]]
-        if places == k[0] and (k == places).all():
-            chars[:, 1:15] = placed
-        else:
-            np.copyto(chars[:, 1:15], placed, where=(k == places)[:, None])
-    decimals = np.maximum(k - trailing[d], 1)
-    length = np.where(k <= 4, 5 - k, 1) + 1 + decimals
-    chars[:, 1:15] *= np.arange(14) < length[:, None]  # cut trailing zeros
-    chars[:, 0] = np.where(values.ravel() < 0, ord("-"), 0)
-    chars[:, 15] = ord(",")
-    chars.reshape(N * T, H, 16)[:, -1, 15] = ord("\n")
+    packed = digits[d]  # (M,) bytes 0..4: the digits
+    places = k.astype(np.uint64)
+    length = np.maximum(k - trailing[d], 1)  # decimals kept (at least one: repr writes 12346.0)
+    # 1 <= |v| (k <= 4): 5 - k integer digits, '.', the other digits (k = 0: '.0'); fits in one lane.
+    split = 8 * (5 - np.minimum(places, 5))  # bits of the integer digits
+    whole = packed & ((np.uint64(1) << split) - np.uint64(1))
+    fraction = (packed >> split) << (split + np.uint64(8))
+    point = np.uint64(ord(".")) << split
+    zero = np.where(places == 0, np.uint64(ord("0")) << (split + np.uint64(8)), np.uint64(0))
+    large = whole | point | fraction | zero
+    # |v| < 1 (k >= 5): '0.', k - 5 zeros, the 5 digits from byte k - 3 on; up to 10 bytes, over two lanes.
+    shift = 8 * (np.maximum(places, 5) - np.uint64(3))  # 16..40 bits
+    zeros = (np.uint64(0x3030303030303030) << np.uint64(16)) & ((np.uint64(1) << shift) - np.uint64(1))
+    small_low = np.uint64(ord("0")) | (np.uint64(ord(".")) << np.uint64(8)) | zeros | (packed << shift)
+    small_high = packed >> (np.uint64(64) - shift)
+    is_large = k <= 4
+    chars = np.zeros((a.size, 4), dtype="<u8")  # lanes: sign, text (2), separator
+    length += np.where(is_large, 5 - k, 1) + 1  # characters of the text
+    bits = 8 * np.minimum(length, 8).astype(np.uint64)
+    low_mask = np.where(bits == 64, np.uint64(0xFFFFFFFFFFFFFFFF), (np.uint64(1) << (bits % np.uint64(64))) - np.uint64(1))
+    high_mask = (np.uint64(1) << (8 * np.maximum(length - 8, 0)).astype(np.uint64)) - np.uint64(1)
+    chars[:, 1] = np.where(is_large, large, small_low) & low_mask  # cuts the trailing zeros
+    chars[:, 2] = np.where(is_large, np.uint64(0), small_high & high_mask)
+    chars[:, 0] = np.where(values.ravel() < 0, np.uint64(ord("-")), np.uint64(0))
+    chars[:, 3] = ord(",")
+    chars.reshape(N * T, H, 4)[:, -1, 3] = ord("\n")
     texts = chars.tobytes().translate(None, b"\0").decode("ascii").split("\n")
     return texts, ok.reshape(N, T * H).all(axis=1)
 
