@@ -84,7 +84,7 @@ class Counters:
     """What the daemon did so far (read by tests and logged at shutdown); updated under `lock`."""
 
     accepted: int = 0  # samples put in the ingest queue
-    processed: int = 0  # samples through the pipeline whose outputs were handed on (published or in the outbox)
+    processed: int = 0  # samples through the pipeline (their events are published next)
     forecasts: int = 0
     alerts: int = 0
     worker_errors: int = 0
@@ -537,11 +537,12 @@ class Agent:
                     return
                 finish, samples, bundle = item
                 try:
-                    self._publish_events(finish(), bundle)
+                    events = finish()
+                    self.counters.add("processed", samples)
+                    self._publish_events(events, bundle)
                 except Exception:  # a bug on one batch must not end the daemon
                     self.counters.add("worker_errors")
                     log.exception("worker failed on a batch of %d samples", samples)
-                self.counters.add("processed", samples)
             finally:
                 self._outgoing.task_done()
 
