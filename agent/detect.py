@@ -13,8 +13,8 @@ Score of one arriving sample, per device:
    `flatline_repeats[j]` consecutive samples raises the score to the warning level, growing with the run
    (capped at FLATLINE_CAP x warning: a stuck sensor is a data-quality warning, not by itself critical);
 4. score = max(residual score, flat-line score); anomaly_score = score / (score + warning) in [0, 1).
-Optional slow channels (`slow_alpha`, `slow_gain`): see ResidualScorer. Without the optional calibration keys
-(`score_steps`, `slow_alpha`, `flatline_repeats`) this is the one-step score of the first version.
+Optional slow channels (`slow_alpha`, `slow_gain`, `slow_recent_alpha`): see ResidualScorer. Without the optional
+calibration keys (`score_steps`, `slow_alpha`, `flatline_repeats`) this is the one-step score of the first version.
 """
 
 from __future__ import annotations
@@ -36,11 +36,16 @@ class ResidualScorer:
     step, clipped to +-`slow_clip`. They see a sustained rise of the residual variance (bearing wear makes vibration erratic) long before
     it reaches the fast channels' threshold; `slow_gain` (calibrated so that both kinds peak alike on healthy
     data) puts them on the fast channels' scale.
+
+    With `slow_recent_alpha`, each target's slow level is the smaller of that long EWMA and a shorter one (the
+    same clipped residuals): a variance rise counts only while the recent residuals still show it. The long
+    memory alone holds the score over the warning for hours after a fault has ended (on the synthetic fleet,
+    most false-positive rows were such tails); the shorter one lets it fall within a few tens of samples.
     """
 
     def __init__(self, residual_mean: np.ndarray, residual_std: np.ndarray, scale: np.ndarray, alpha: float,
                  steps: list[int] | tuple[int, ...] = (1,), slow_alpha: float | None = None, slow_gain: float = 1.0,
-                 slow_clip: float = 3.0):
+                 slow_clip: float = 3.0, slow_recent_alpha: float | None = None):
         mean = np.asarray(residual_mean, dtype=np.float64)  # (H, T) scaled units
         std = np.maximum(np.asarray(residual_std, dtype=np.float64), 1e-6)  # (H, T)
         self.steps = sorted(int(k) for k in steps)
@@ -50,6 +55,8 @@ class ResidualScorer:
             raise ValueError(f"slow_alpha must be in (0, 1], got {slow_alpha!r}")
         if not slow_gain >= 0:
             raise ValueError(f"slow_gain must be >= 0, got {slow_gain!r}")
+        if slow_recent_alpha is not None and (slow_alpha is None or not 0 < slow_recent_alpha <= 1):
+            raise ValueError(f"slow_recent_alpha must be in (0, 1] and needs slow_alpha, got {slow_recent_alpha!r}")
         index = np.array(self.steps) - 1
         self.mean = mean[index]  # (S, T)
         self.std = std[index]  # (S, T)
@@ -60,10 +67,14 @@ class ResidualScorer:
         self.n_targets = T = mean.shape[1]
         self.n_fast = len(self.steps) * T
         self.slow = slow_alpha is not None
-        self.n_channels = self.n_fast + (T if self.slow else 0)
-        # Per channel: EWMA weight and the weight of its value in the max (slow_gain**2 on the slow ones).
-        self.alphas = np.array([self.alpha] * self.n_fast + ([float(slow_alpha)] * T if self.slow else []))  # (C,)
-        self.weights = np.array([1.0] * self.n_fast + ([float(slow_gain) ** 2] * T if self.slow else []))  # (C,)
+        self.recent = slow_recent_alpha is not None
+        # Channels: fast (S*T, step-major), then per target the long slow EWMA (T), then the recent one (T).
+        slow_alphas = ([float(slow_alpha)] * T if self.slow else []) + ([float(slow_recent_alpha)] * T if self.recent else [])
+        self.n_slow_copies = len(slow_alphas) // T if T else 0
+        self.n_channels = self.n_fast + len(slow_alphas)
+        self.alphas = np.array([self.alpha] * self.n_fast + slow_alphas)  # (C,) EWMA weight per channel
+        self.weights = np.array([1.0] * self.n_fast + [float(slow_gain) ** 2] * len(slow_alphas))  # (C,) weight in the max
+        self.slow_weight = float(slow_gain) ** 2
         self._decay = 1.0 - self.alphas
 
     def initial_state(self, n_devices: int = 1) -> np.ndarray:
@@ -85,7 +96,24 @@ class ResidualScorer:
             return flat
         # Slow channels: the first scored step, clipped so that a few huge residuals (a spike, a step) cannot
         # hold them up for their whole long memory; they are meant to see many moderately larger residuals.
-        return np.concatenate([flat, np.clip(flat[: self.n_targets], -self.slow_clip, self.slow_clip)])
+        clipped = np.clip(flat[: self.n_targets], -self.slow_clip, self.slow_clip)
+        return np.concatenate([flat] + [clipped] * self.n_slow_copies)
+
+    def slow_levels(self, state: np.ndarray) -> np.ndarray:
+        """Unweighted slow level per target (..., T) of states (..., C): the long EWMA, or with recent channels
+        the smaller of long and recent."""
+        T = self.n_targets
+        long = state[..., self.n_fast : self.n_fast + T]
+        return np.minimum(long, state[..., self.n_fast + T :]) if self.recent else long
+
+    def _score(self, state: np.ndarray) -> float:
+        if not self.slow:
+            return float(np.sqrt(state.max()))
+        if not self.recent:
+            return float(np.sqrt((state * self.weights).max()))
+        fast = state[: self.n_fast].max()
+        slow = self.slow_weight * self.slow_levels(state).max()
+        return float(np.sqrt(fast if fast > slow else slow))
 
     def update(self, state: np.ndarray, z: np.ndarray) -> np.ndarray:
         """One EWMA step in place for one device: state (C,), z (S, T) or (T,); NaN channels keep their
@@ -98,9 +126,7 @@ class ResidualScorer:
         else:
             state *= 1.0 - self.alphas
             state += self.alphas * (z * z)
-        if self.slow:
-            return float(np.sqrt((state * self.weights).max()))
-        return float(np.sqrt(state.max()))
+        return self._score(state)
 
     def prepare(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Many samples' z (K, S, T) -> (alpha * z**2 per channel (K, C), rows with a missing channel (K,)),
@@ -108,7 +134,8 @@ class ResidualScorer:
         K = z.shape[0]
         flat = z.reshape(K, -1)  # (K, S*T)
         if self.slow:
-            flat = np.concatenate([flat, np.clip(flat[:, : self.n_targets], -self.slow_clip, self.slow_clip)], axis=1)  # (K, C)
+            clipped = np.clip(flat[:, : self.n_targets], -self.slow_clip, self.slow_clip)
+            flat = np.concatenate([flat] + [clipped] * self.n_slow_copies, axis=1)  # (K, C)
         return self.alphas * (flat * flat), np.isnan(flat).any(axis=1)
 
     def update_prepared(self, state: np.ndarray, weighted_sq: np.ndarray, missing: bool) -> float:
@@ -119,14 +146,12 @@ class ResidualScorer:
         else:
             state *= self._decay
             state += weighted_sq
-        if self.slow:
-            return float(np.sqrt((state * self.weights).max()))
-        return float(np.sqrt(state.max()))
+        return self._score(state)
 
     def split_scores(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fast score, unweighted slow score) of states (..., C); the slow one is 0 without slow channels."""
         fast = np.sqrt(state[..., : self.n_fast].max(axis=-1))
-        slow = np.sqrt(state[..., self.n_fast :].max(axis=-1)) if self.slow else np.zeros_like(fast)
+        slow = np.sqrt(self.slow_levels(state).max(axis=-1)) if self.slow else np.zeros_like(fast)
         return fast, slow
 
     def score_series(self, observed: np.ndarray, forecast: np.ndarray) -> np.ndarray:
@@ -141,10 +166,9 @@ class ResidualScorer:
     def target_levels(self, state: np.ndarray) -> np.ndarray:
         """Per target, sqrt of its largest weighted channel (T,): how much each target deviates."""
         T = self.n_targets
-        weighted = state * self.weights
-        fast = weighted[: self.n_fast].reshape(-1, T).max(axis=0)
+        fast = state[: self.n_fast].reshape(-1, T).max(axis=0)
         if self.slow:
-            fast = np.maximum(fast, weighted[self.n_fast :])
+            fast = np.maximum(fast, self.slow_weight * self.slow_levels(state))
         return np.sqrt(fast)
 
 

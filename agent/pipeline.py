@@ -66,7 +66,7 @@ class Pipeline:
             scorer = ResidualScorer(calibration["residual_mean"], calibration["residual_std"], bundle.target_scale,
                                     calibration["ewma_alpha"], calibration.get("score_steps", [1]),
                                     calibration.get("slow_alpha"), calibration.get("slow_gain", 1.0),
-                                    calibration.get("slow_clip", 3.0))
+                                    calibration.get("slow_clip", 3.0), calibration.get("slow_recent_alpha"))
             repeats = calibration.get("flatline_repeats")
             if repeats is not None and (len(repeats) != len(bundle.targets) or any(not isinstance(r, int) or r < 0 for r in repeats)):
                 raise ValueError(f"flatline_repeats must be one non-negative integer per target, got {repeats!r}")

@@ -174,6 +174,61 @@ def test_missing_channels_keep_their_smoothed_value():
     assert score == pytest.approx(np.sqrt(2.5))
 
 
+def slow_scorer(recent_alpha: float | None) -> ResidualScorer:
+    """Two steps, two targets; slow channels with gain 3 (their level weighs 9x a fast channel's)."""
+    return ResidualScorer(np.zeros((2, 2)), np.ones((2, 2)), np.ones(2), 0.4, steps=[1, 2], slow_alpha=0.02, slow_gain=3.0,
+                          slow_clip=5.0, slow_recent_alpha=recent_alpha)
+
+
+def run_scores(scorer: ResidualScorer, z_temp: list[float]) -> list[float]:
+    """Scores of samples whose temp residual is z_temp at every step (current residual 1, its healthy level)."""
+    state = scorer.initial_state(1)[0]
+    return [scorer.update(state, np.array([[z, 1.0], [z, 1.0]])) for z in z_temp]
+
+
+def test_slow_channels_raise_the_score_on_a_sustained_moderate_rise():
+    """A residual held at 2 sigma (fast level 2) lifts the slow level to 2 x gain = 6, with or without recent channels."""
+    for recent in (None, 0.1):
+        scores = run_scores(slow_scorer(recent), [2.0] * 400)
+        assert scores[-1] == pytest.approx(6.0, rel=0.01)
+
+
+def test_recent_channels_end_the_slow_level_soon_after_the_rise_ends():
+    """After a sustained rise, back-to-normal residuals bring the score near its healthy level (gain x 1 = 3) within
+    30 samples with the recent channels; the long EWMA alone still holds it far higher."""
+    rise, normal = [2.0] * 400, [1.0] * 30
+    with_recent = run_scores(slow_scorer(0.1), rise + normal)[-1]
+    long_only = run_scores(slow_scorer(None), rise + normal)[-1]
+    assert with_recent < 3.3 < 4.5 < long_only
+
+
+def test_recent_channels_keep_a_short_burst_from_building_a_slow_level():
+    """The slow level is the smaller of long and recent: a burst that the recent EWMA forgets leaves no slow level."""
+    scores = run_scores(slow_scorer(0.1), [1.0] * 50 + [5.0] * 3 + [1.0] * 40)
+    assert scores[-1] < 3.2  # back at about gain x 1 although the long EWMA still holds the burst
+
+
+def test_prepared_updates_equal_plain_updates_with_recent_channels():
+    """prepare + update_prepared (the pipeline's path) give the same scores and state as update, NaN channels included."""
+    scorer = slow_scorer(0.1)
+    rng = np.random.default_rng(3)
+    z = rng.normal(scale=2.0, size=(60, 2, 2))
+    z[::7, 1, 0] = np.nan
+    plain, fast = scorer.initial_state(1)[0], scorer.initial_state(1)[0]
+    weighted_sq, missing = scorer.prepare(z)
+    for k in range(len(z)):
+        assert scorer.update(plain, z[k]) == pytest.approx(scorer.update_prepared(fast, weighted_sq[k], bool(missing[k])))
+    np.testing.assert_allclose(plain, fast)
+
+
+def test_recent_channels_need_slow_channels():
+    """slow_recent_alpha without slow_alpha (or outside (0, 1]) is refused."""
+    with pytest.raises(ValueError, match="slow_recent_alpha"):
+        ResidualScorer(np.zeros((1, 1)), np.ones((1, 1)), np.ones(1), 0.2, slow_recent_alpha=0.1)
+    with pytest.raises(ValueError, match="slow_recent_alpha"):
+        ResidualScorer(np.zeros((1, 1)), np.ones((1, 1)), np.ones(1), 0.2, slow_alpha=0.02, slow_recent_alpha=1.5)
+
+
 def test_score_steps_must_lie_within_the_horizon():
     """score_steps outside 1..horizon are refused with a message naming them."""
     with pytest.raises(ValueError, match="1..horizon"):

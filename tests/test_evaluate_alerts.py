@@ -84,3 +84,17 @@ def test_cli_joins_predictions_and_labels_on_device_and_ts(tmp_path: Path, capsy
                                  "json": None})()) == 0
     out = capsys.readouterr().out
     assert "| spikes | 1 | 1 | 1.00 | 1.0 |" in out
+
+
+def test_point_wise_per_kind_charges_alert_rows_to_the_fault_they_overlap_or_follow():
+    """Per kind: TP/FN over its labeled rows; FP = unlabeled rows of alerts overlapping or just after it; false alarms apart."""
+    #         0  1  2  3  4  5  6  7  8  9 10 11 ... then a false alarm of 2 rows
+    alert = [0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0] + [0] * 60 + [1, 1, 0]
+    label = [0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0] + [0] * 60 + [0, 0, 0]
+    kinds = ["", "", "overheating", "overheating", "", "", "spikes", "spikes", "spikes", "", "", ""] + [""] * 63
+    result = evaluate(make(alert, label, kinds), grace_s=600, recovery_s=0)
+    per_kind = result["points_per_kind"]
+    assert {k: (v["tp"], v["fp"], v["fn"]) for k, v in per_kind.items()} == {"overheating": (2, 2, 0), "spikes": (1, 2, 2)}
+    assert per_kind["spikes"]["precision"] == pytest.approx(1 / 3) and per_kind["spikes"]["recall"] == pytest.approx(1 / 3)
+    assert result["false_alarm_points"] == 2
+    assert sum(v["fp"] for v in per_kind.values()) + result["false_alarm_points"] == result["points"]["fp"]

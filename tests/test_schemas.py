@@ -80,7 +80,7 @@ def test_live_traffic_of_a_running_daemon_matches_the_schemas(start_agent, subsc
         rollout={"enabled": True, "topic": ROLLOUT_TOPIC},
         metrics={"enabled": prometheus_client is not None, "port": 0},
     )
-    rows = healthy_rows(devices=1, rows=150, seed=8, faults="spikes:pump-00@1.5+2")
+    rows = healthy_rows(devices=1, rows=150, seed=8, faults="stuck_sensor:pump-00@1.5+2")  # stays open to the last row
     publish_rows(subscriber, rows[:-5])
     publish_rows(subscriber, rows[-5:], form="sensor")
     new = subscriber.expect(f"{PREFIX}/pump-00/alert", lambda m: m.json()["state"] == "new", timeout=30).json()

@@ -1,7 +1,8 @@
 """Anomaly calibration from validation data, run through the daemon's own code (agent.pipeline.Pipeline).
 
 1. residual_mean / residual_std per horizon step and target (scaled units) on validation windows;
-2. slow channels (`slow_alpha`): their gain is set so that they peak like the fast channels on healthy data;
+2. slow channels (`slow_alpha`, each target's level limited by a shorter `slow_recent_alpha` EWMA): their gain
+   is set so that they peak like the fast channels on healthy data;
 3. flat-line check: per target, the share of exact repeats between consecutive healthy observed samples;
    the repeat count at which a run this long would be expected less than FLATLINE_EVENTS_PER_YEAR times per
    device and year (None: the sensor repeats too often to tell);
@@ -24,9 +25,10 @@ from agent.events import AlertEvent, Sample
 from agent.pipeline import Pipeline
 from training.data import DeviceSeries, Prepared
 
-EWMA_ALPHA = 0.2
+EWMA_ALPHA = 0.4  # fast channels: ~2-sample memory; a longer one only lengthens the alert after a fault's end
 SLOW_ALPHA = 0.02  # slow channels: ~50-sample memory, for variance that rises over hours
-SLOW_CLIP = 3.0  # |z| cap of the slow channels
+SLOW_RECENT_ALPHA = 0.1  # ... counted only while a ~10-sample EWMA of the same residuals agrees (ends fault tails)
+SLOW_CLIP = 5.0  # |z| cap of the slow channels
 MIN_SAMPLES_OVER = 3
 MIN_SAMPLES_UNDER = 5
 FLATLINE_EVENTS_PER_YEAR = 0.01  # tolerated healthy flat-line runs per device and year
@@ -205,7 +207,8 @@ def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2
         "ewma_alpha": alpha,
         "thresholds": {"warning": 1e9, "critical": 2e9, "exit": 0.7e9},  # provisional: scoring only
         "score_steps": steps,
-        **({"slow_alpha": slow_alpha, "slow_gain": 0.0, "slow_clip": SLOW_CLIP} if slow_alpha else {}),  # gain provisional: measured below
+        **({"slow_alpha": slow_alpha, "slow_recent_alpha": SLOW_RECENT_ALPHA, "slow_gain": 0.0, "slow_clip": SLOW_CLIP}
+           if slow_alpha else {}),  # gain provisional: measured below
         "flatline_repeats": repeats,
         "flatline_repeat_probability": [round(p, 8) for p in repeat_p],
     }

@@ -9,7 +9,10 @@ the fault kind), joined on (device, ts) as written; or one file holding both. Fi
   an open alert; one that overlaps no fault is a false alarm, except one that starts within `grace` after a
   fault ended on the same device: the return to normal surprises a forecaster as much as the fault's onset,
   so it is reported apart as a recovery alert (and its rows still count as false positives point-wise);
-- healthy devices (no labeled row): alert events and device-days.
+- healthy devices (no labeled row): alert events and device-days;
+- point-wise per fault kind: TP and FN are the rows labeled with that kind; FP are the unlabeled rows of the
+  alert events charged to it (an alert event that overlaps a fault, or a recovery alert, is charged to that
+  fault's kind; a false alarm to none, reported apart), so the per-kind FP add up to all FP.
 A second point-wise line leaves out the `recovery` minutes after each fault's end (the forecaster's window
 still holds the fault there); the first line, on every row, is the headline figure.
 """
@@ -141,6 +144,7 @@ def evaluate(data: Joined, grace_s: float = 1800.0, recovery_s: float = 3600.0) 
     alerts = {"total": 0, "during_fault": 0, "recovery": 0, "false": 0}
     healthy = {"devices": 0, "alerts": 0, "device_days": 0.0}
     recovery_fp_points = 0
+    fp_by_kind: dict[str, int] = {}  # unlabeled alert rows charged to a fault kind ("": false alarms)
     for device in sorted(set(data.device.tolist())):
         rows = np.flatnonzero(data.device == device)
         rows = rows[np.argsort(data.ts[rows], kind="stable")]
@@ -152,13 +156,19 @@ def evaluate(data: Joined, grace_s: float = 1800.0, recovery_s: float = 3600.0) 
                            "detected": bool(hit.size), "delay_min": float((ts[begin + hit[0]] - ts[begin]) / 60.0) if hit.size else None})
         for begin, end in _runs(alert):
             alerts["total"] += 1
-            if label[begin:end].any():
+            labeled = np.flatnonzero(label[begin:end])
+            ended_before = [f_end for _, f_end in faults if 0 < ts[begin] - ts[f_end - 1] <= grace_s]
+            if labeled.size:
                 alerts["during_fault"] += 1
-            elif any(0 < ts[begin] - ts[f_end - 1] <= grace_s for _, f_end in faults):
+                charged = str(kind[begin + labeled[0]])
+            elif ended_before:
                 alerts["recovery"] += 1
                 recovery_fp_points += end - begin
+                charged = str(kind[ended_before[-1] - 1])
             else:
                 alerts["false"] += 1
+                charged = ""
+            fp_by_kind[charged] = fp_by_kind.get(charged, 0) + int((~label[begin:end]).sum())
         if not faults:
             healthy["devices"] += 1
             healthy["alerts"] += len(_runs(alert))
@@ -171,12 +181,21 @@ def evaluate(data: Joined, grace_s: float = 1800.0, recovery_s: float = 3600.0) 
                           "delay_min_median": float(np.median(delays)) if delays else None,
                           "delay_min_mean": float(np.mean(delays)) if delays else None,
                           "delay_min_max": float(np.max(delays)) if delays else None}
+    points_per_kind: dict[str, dict] = {}
+    for kind in sorted(per_kind):
+        rows = data.kind == kind
+        tp, fn, fp = int((data.alert & rows).sum()), int((~data.alert & rows).sum()), fp_by_kind.get(kind, 0)
+        precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+        points_per_kind[kind] = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
     detected = sum(1 for e in events if e["detected"])
     healthy["device_days"] = round(healthy["device_days"], 2)
     points["fp_in_recovery_alerts"] = recovery_fp_points
     return {
         "points": points,
         "points_excluding_recovery": points_ex,
+        "points_per_kind": points_per_kind,
+        "false_alarm_points": fp_by_kind.get("", 0),
         "recovery_s": recovery_s,
         "events": {"faults": len(events), "detected": detected, "recall": _ratio(detected, len(events)), "per_kind": per_kind},
         "alerts": alerts,
@@ -200,13 +219,19 @@ def format_report(result: dict) -> str:
         f"F1 {_f(result['points_excluding_recovery']['f1'])}",
         f"event-level recall {_f(e['recall'])} ({e['detected']}/{e['faults']} fault events)",
         "",
-        "| fault kind | events | detected | recall | delay median (min) | delay mean | delay max |",
-        "|---|---|---|---|---|---|---|",
+        "| fault kind | events | detected | recall | delay median (min) | delay mean | delay max | point precision | point recall | point F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    per_kind_points = result.get("points_per_kind", {})
     for kind, k in e["per_kind"].items():
+        pk = per_kind_points.get(kind, {})
         lines.append(f"| {kind} | {k['events']} | {k['detected']} | {_f(k['recall'], 2)} | {_f(k['delay_min_median'], 1)} | "
-                     f"{_f(k['delay_min_mean'], 1)} | {_f(k['delay_min_max'], 1)} |")
+                     f"{_f(k['delay_min_mean'], 1)} | {_f(k['delay_min_max'], 1)} | {_f(pk.get('precision'))} | {_f(pk.get('recall'))} | "
+                     f"{_f(pk.get('f1'))} |")
     lines += [
+        "",
+        "point precision per kind charges each alert event's unlabeled rows to the fault it overlaps or just followed; "
+        f"{result.get('false_alarm_points', 0)} false-positive rows belong to false alarms (no fault).",
         "",
         f"alert events: {a['total']} ({a['during_fault']} during a fault, {a['recovery']} recovery alerts within "
         f"{result['grace_s'] / 60:.0f} min after a fault ended, {a['false']} false alarms)",
