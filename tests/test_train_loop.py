@@ -98,6 +98,49 @@ def test_truncated_bptt_stops_gradients_before_the_last_steps():
         assert torch.allclose(core(x), full)  # inference always sees the whole window
 
 
+def test_micro_batches_add_up_to_the_whole_batch(prepared):
+    """Gradients summed over micro-batches take the same step as the whole batch in one pass."""
+    whole = fit(prepared, _cfg(dropout=0.0, precision="fp32", micro_batch=0, epochs=1), log=lambda *_: None)
+    chunked = fit(prepared, _cfg(dropout=0.0, precision="fp32", micro_batch=8, epochs=1), log=lambda *_: None)
+    assert chunked.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
+    for p, q in zip(whole.model.parameters(), chunked.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["many_to_one", "encoder_decoder"])
+def test_worker_threads_follow_the_seed(prepared, architecture):
+    """Micro-batches in two worker threads (dropout between layers and in the head, teacher forcing) give the
+    same weights as in one thread, run after run."""
+    cfg = dict(architecture=architecture, num_layers=2, dropout=0.3, micro_batch=8, epochs=2, precision="fp32")
+    one = fit(prepared, _cfg(threads=1, **cfg), log=lambda *_: None)
+    two = [fit(prepared, _cfg(threads=2, **cfg), log=lambda *_: None) for _ in range(2)]
+    for run in two:
+        assert [h["train_loss"] for h in run.history] == pytest.approx([h["train_loss"] for h in one.history], rel=1e-6)
+        for p, q in zip(one.model.parameters(), run.model.parameters()):
+            assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_by_layer_lstm_computes_what_nn_lstm_computes(bidirectional):
+    """run_lstm (layers one at a time, dropout from the thread's stream) equals nn.LSTM: outputs and final states."""
+    from training.architectures import run_lstm
+
+    lstm = torch.nn.LSTM(3, 5, 3, batch_first=True, bidirectional=bidirectional, dropout=1e-9)  # keeps ~every unit
+    x = torch.randn(4, 7, 3)
+    state = tuple(torch.randn(3 * (2 if bidirectional else 1), 4, 5) for _ in range(2))
+    with torch.no_grad():
+        expected, (h, c) = lstm.eval()(x, state)
+        got, (h2, c2) = run_lstm(lstm.train(), x, state)
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(h2, h, atol=1e-6) and torch.allclose(c2, c, atol=1e-6)
+
+
+def test_training_flushes_denormals():
+    """Importing the training loop flushes denormal floats to zero (LSTM backward through long windows slows ~10x on them)."""
+    import training.train  # noqa: F401
+
+    assert (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0
+
+
 def test_bf16_training_runs(prepared):
     """precision=bf16 (autocast) trains to a finite validation loss."""
     result = fit(prepared, _cfg(precision="bf16", epochs=1), log=lambda *_: None)

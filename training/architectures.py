@@ -6,10 +6,17 @@ multi-step strategy. Every core's last layer starts at zero, so an untrained for
 
 All cores trace to ONNX (opset 17) with a dynamic batch axis: no Python branching on tensor values, batch-sized
 tensors are derived from the input (never torch.zeros(batch, ...)).
+
+Training runs a batch as chunks in worker threads (training.train). So that a seed still fixes the result, every
+random draw in a core (dropout, teacher forcing) comes from the generator of the chunk its thread is running
+(`random_stream`), never from torch's global one: stacked LSTMs run layer by layer (`run_lstm`) to put the
+dropout between layers on that generator too.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +37,62 @@ class CoreConfig:
         return asdict(self)
 
 
+_streams = threading.local()
+
+
+@contextmanager
+def random_stream(generator: torch.Generator):
+    """Random draws of the cores in this thread come from `generator` inside the block."""
+    previous = getattr(_streams, "generator", None)
+    _streams.generator = generator
+    try:
+        yield
+    finally:
+        _streams.generator = previous
+
+
+def _generator() -> torch.Generator | None:
+    return getattr(_streams, "generator", None)  # None: torch's global generator
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, as torch.nn.functional.dropout, drawing from this thread's random stream."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1 - p, generator=_generator())
+    return x * keep / (1 - p)
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """lstm(x, state), computed layer by layer in training so the dropout between layers uses this thread's
+    random stream. Inference (and so the ONNX export) calls the module itself."""
+    if not (lstm.training and lstm.dropout > 0 and lstm.num_layers > 1):
+        return lstm(x, state)
+    directions = 2 if lstm.bidirectional else 1
+    if state is None:
+        zeros = x.new_zeros(lstm.num_layers * directions, x.shape[0 if lstm.batch_first else 1], lstm.hidden_size)
+        state = (zeros, zeros)
+    per_layer = len(lstm._flat_weights) // lstm.num_layers
+    h_n, c_n = [], []
+    for layer in range(lstm.num_layers):
+        rows = slice(layer * directions, (layer + 1) * directions)
+        weights = lstm._flat_weights[layer * per_layer : (layer + 1) * per_layer]
+        x, h, c = torch.lstm(x, (state[0][rows], state[1][rows]), weights, lstm.bias, 1, 0.0, True,
+                             lstm.bidirectional, lstm.batch_first)
+        h_n.append(h)
+        c_n.append(c)
+        if layer + 1 < lstm.num_layers:
+            x = dropout(x, lstm.dropout, True)
+    return x, (torch.cat(h_n), torch.cat(c_n))
+
+
 def _head(hidden: int, out: int, dropout: float) -> nn.Sequential:
-    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
+    head = nn.Sequential(Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
     nn.init.zeros_(head[-1].weight)  # start at "no change"
     nn.init.zeros_(head[-1].bias)
     return head
@@ -66,10 +127,10 @@ class ManyToOne(Core):
             prefix = seq[:, : -self.tbptt]  # (B, S - tbptt, F)
             with torch.no_grad():
                 for i in range(0, prefix.shape[1], self.tbptt):  # in chunks: only one chunk's outputs in memory
-                    _, state = self.lstm(prefix[:, i : i + self.tbptt], state)
-            encoded, _ = self.lstm(seq[:, -self.tbptt :], state)  # (B, tbptt, hidden)
+                    _, state = run_lstm(self.lstm, prefix[:, i : i + self.tbptt], state)
+            encoded, _ = run_lstm(self.lstm, seq[:, -self.tbptt :], state)  # (B, tbptt, hidden)
         else:
-            encoded, _ = self.lstm(seq)  # (B, S, hidden)
+            encoded, _ = run_lstm(self.lstm, seq)  # (B, S, hidden)
         return self._steps(self.head(encoded[:, -1]))  # (B, K, T)
 
 
@@ -87,7 +148,7 @@ class ManyToMany(Core):
         past = torch.cat([seq, seq[:, :, :1] * 0], dim=2)  # (B, S, F+1), flag 0
         future = (past[:, -1:, :] * 0).expand(-1, self.out_steps, -1)  # (B, K, F+1), zeros
         future = torch.cat([future[:, :, :-1], future[:, :, -1:] + 1], dim=2)  # flag 1
-        encoded, _ = self.lstm(torch.cat([past, future], dim=1))  # (B, S+K, hidden)
+        encoded, _ = run_lstm(self.lstm, torch.cat([past, future], dim=1))  # (B, S+K, hidden)
         return self.head(encoded[:, -self.out_steps :])  # (B, K, T)
 
 
@@ -100,7 +161,7 @@ class Stacked(Core):
         self.layers = nn.ModuleList(nn.LSTM(n_features if i == 0 else cfg.hidden_size, cfg.hidden_size, batch_first=True)
                                     for i in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.hidden_size) for _ in range(layers))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.head = _head(cfg.hidden_size, out_steps * n_targets, cfg.dropout)
 
     def forward(self, seq, teacher=None):
@@ -124,7 +185,7 @@ class Bidirectional(Core):
         self.head = _head(2 * cfg.hidden_size, out_steps * n_targets, cfg.dropout)
 
     def forward(self, seq, teacher=None):
-        encoded, _ = self.lstm(seq)  # (B, S, 2 * hidden)
+        encoded, _ = run_lstm(self.lstm, seq)  # (B, S, 2 * hidden)
         summary = torch.cat([encoded[:, -1, : self.hidden], encoded[:, 0, self.hidden :]], dim=1)  # (B, 2 * hidden)
         return self._steps(self.head(summary))  # (B, K, T)
 
@@ -142,15 +203,16 @@ class EncoderDecoder(Core):
         self.out = _head(cfg.hidden_size, n_targets, cfg.dropout)
 
     def forward(self, seq, teacher=None):
-        _, state = self.encoder(seq)  # (layers, B, hidden) x 2
+        _, state = run_lstm(self.encoder, seq)  # (layers, B, hidden) x 2
         step_in = seq[:, -1:, : self.n_targets] * 0  # (B, 1, T): "no change yet"
         outputs = []
         for k in range(self.out_steps):
-            decoded, state = self.decoder(step_in, state)  # (B, 1, hidden)
+            decoded, state = run_lstm(self.decoder, step_in, state)  # (B, 1, hidden)
             pred = self.out(decoded)  # (B, 1, T)
             outputs.append(pred)
             if teacher is not None and self.training and self.teacher_forcing > 0:
-                use_truth = (torch.rand_like(pred[:, :, :1]) < self.teacher_forcing).to(pred.dtype)  # (B, 1, 1)
+                draw = torch.rand(pred[:, :, :1].shape, generator=_generator())  # (B, 1, 1)
+                use_truth = (draw < self.teacher_forcing).to(pred.dtype)
                 step_in = use_truth * teacher[:, k : k + 1] + (1 - use_truth) * pred
             else:
                 step_in = pred
@@ -172,7 +234,7 @@ class CnnLstm(Core):
 
     def forward(self, seq, teacher=None):
         feats = self.conv(seq.transpose(1, 2))  # (B, C, ceil(S / 2))
-        encoded, _ = self.lstm(feats.transpose(1, 2))  # (B, S', hidden)
+        encoded, _ = run_lstm(self.lstm, feats.transpose(1, 2))  # (B, S', hidden)
         return self._steps(self.head(encoded[:, -1]))  # (B, K, T)
 
 
@@ -191,7 +253,7 @@ class Attention(Core):
         self.last_attention: torch.Tensor | None = None
 
     def forward_with_attention(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded, _ = self.lstm(seq)  # (B, S, h)
+        encoded, _ = run_lstm(self.lstm, seq)  # (B, S, h)
         last = encoded[:, -1]  # (B, h)
         scores = self.energy(torch.tanh(self.keys(encoded) + self.query(last).unsqueeze(1))).squeeze(2)  # (B, S)
         weights = torch.softmax(scores, dim=1)  # (B, S)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.architectures import run_lstm
+
 
 class LSTMForecaster(nn.Module):
     def __init__(self, n_features: int, horizon: int, target_index: list[int], hidden_size: int = 64,
@@ -26,7 +28,7 @@ class LSTMForecaster(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, L, F) scaled features, oldest first
-        encoded, _ = self.lstm(x)  # (B, L, hidden)
+        encoded, _ = run_lstm(self.lstm, x)  # (B, L, hidden)
         delta = self.head(encoded[:, -1])  # (B, H * T)
         delta = delta.reshape(-1, self.horizon, self.n_targets)  # (B, H, T)
         last = x[:, -1:, :].index_select(2, self.target_index)  # (B, 1, T)
