@@ -75,6 +75,7 @@ class ResidualScorer:
         self.alphas = np.array([self.alpha] * self.n_fast + slow_alphas)  # (C,) EWMA weight per channel
         self.weights = np.array([1.0] * self.n_fast + [float(slow_gain) ** 2] * len(slow_alphas))  # (C,) weight in the max
         self.slow_weight = float(slow_gain) ** 2
+        self._fast, self._long, self._recent = slice(0, self.n_fast), slice(self.n_fast, self.n_fast + T), slice(self.n_fast + T, None)
         self._decay = 1.0 - self.alphas
 
     def initial_state(self, n_devices: int = 1) -> np.ndarray:
@@ -111,8 +112,12 @@ class ResidualScorer:
             return float(np.sqrt(state.max()))
         if not self.recent:
             return float(np.sqrt((state * self.weights).max()))
-        fast = state[: self.n_fast].max()
-        slow = self.slow_weight * self.slow_levels(state).max()
+        fast = state[self._fast].max()
+        if self.n_targets == 1:  # plain floats: replay's per-sample cost matters most for small models
+            long, recent = state[self.n_fast], state[self.n_fast + 1]
+            slow = self.slow_weight * (long if long < recent else recent)
+        else:
+            slow = self.slow_weight * np.minimum(state[self._long], state[self._recent]).max()
         return float(np.sqrt(fast if fast > slow else slow))
 
     def update(self, state: np.ndarray, z: np.ndarray) -> np.ndarray:

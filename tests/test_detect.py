@@ -208,16 +208,23 @@ def test_recent_channels_keep_a_short_burst_from_building_a_slow_level():
     assert scores[-1] < 3.2  # back at about gain x 1 although the long EWMA still holds the burst
 
 
-def test_prepared_updates_equal_plain_updates_with_recent_channels():
-    """prepare + update_prepared (the pipeline's path) give the same scores and state as update, NaN channels included."""
-    scorer = slow_scorer(0.1)
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_prepared_updates_equal_plain_updates_with_recent_channels(n_targets):
+    """prepare + update_prepared (the pipeline's path) give the same scores and state as update, NaN channels included,
+    and the score is sqrt(max(fast channels, gain**2 x max over targets of min(long, recent)))."""
+    T = n_targets
+    scorer = ResidualScorer(np.zeros((2, T)), np.ones((2, T)), np.ones(T), 0.4, steps=[1, 2], slow_alpha=0.02, slow_gain=3.0,
+                            slow_clip=5.0, slow_recent_alpha=0.1)
     rng = np.random.default_rng(3)
-    z = rng.normal(scale=2.0, size=(60, 2, 2))
+    z = rng.normal(scale=2.0, size=(60, 2, T))
     z[::7, 1, 0] = np.nan
     plain, fast = scorer.initial_state(1)[0], scorer.initial_state(1)[0]
     weighted_sq, missing = scorer.prepare(z)
     for k in range(len(z)):
-        assert scorer.update(plain, z[k]) == pytest.approx(scorer.update_prepared(fast, weighted_sq[k], bool(missing[k])))
+        score = scorer.update(plain, z[k])
+        assert score == pytest.approx(scorer.update_prepared(fast, weighted_sq[k], bool(missing[k])))
+        long, recent = plain[2 * T : 3 * T], plain[3 * T :]
+        assert score == pytest.approx(np.sqrt(max(plain[: 2 * T].max(), 9.0 * np.minimum(long, recent).max())))
     np.testing.assert_allclose(plain, fast)
 
 
