@@ -424,7 +424,8 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
         got = receiver.result()
         if got["received"] < n:
             raise RuntimeError(f"receive ceiling: {got['received']} of {n} messages arrived")
-        result["receive_ceiling"] = {"readings": n, "seconds": got["last"] - resumed, "readings_per_s": n / (got["last"] - resumed)}
+        result["receive_ceiling"] = {"readings": n, "seconds": got["last"] - resumed, "readings_per_s": n / (got["last"] - resumed),
+                                     "cpu_us_per_reading": got["cpu_us_per_message"]}
 
         # (c) the naive daemon.
         progress("naive daemon: one model call per message, batch 1")
@@ -502,7 +503,22 @@ def ratios(r: dict) -> dict:
     }
     if "partitioned" in r:
         out["partitioned_vs_one_process"] = r["partitioned"]["readings_per_s"] / daemon
+    out["cpu"] = cpu_ratios(r)
     return out
+
+
+def cpu_ratios(r: dict) -> dict:
+    """The same comparisons in CPU time per reading (user + system, all threads), which other work on the machine
+    changes far less than rates: on a shared machine every process gets some share of the cores, and a ceiling
+    measured in a busy moment against a daemon measured in a quiet one (or the reverse) makes the rate ratios
+    meaningless, while CPU per reading stays comparable (as long as the cores are not shared by SMT siblings)."""
+    us = lambda part: part["cpu_cores"] / part["readings_per_s"] * 1e6  # noqa: E731
+    daemon, strided, naive = us(r["daemon"]), us(r["daemon_stride"]), us(r["naive"])
+    inference, receive = r["inference_ceiling"]["cpu_us_per_window"], r["receive_ceiling"]["cpu_us_per_reading"]
+    return {"daemon_us_per_reading": daemon, "stride_us_per_reading": strided, "naive_us_per_reading": naive,
+            "inference_us_per_window": inference, "receive_us_per_reading": receive,
+            "inference_share_of_daemon": inference / daemon, "naive_vs_daemon": naive / daemon,
+            "receive_vs_stride": receive / strided}
 
 
 def targets(r: dict) -> list[dict]:
@@ -522,7 +538,7 @@ def targets(r: dict) -> list[dict]:
 
 def markdown(r: dict) -> str:
     m, d, s = r["machine"], r["daemon"], r["daemon_stride"]
-    lat = d["latency"]
+    lat, c = d["latency"], r["ratios"]["cpu"]
     f = lambda x: f"{x:,.0f}"  # noqa: E731
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}; Python {m['python']}, onnxruntime "
@@ -552,6 +568,12 @@ def markdown(r: dict) -> str:
         f"to forecast: p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms (max {lat['max_ms']:.1f} ms; "
         f"{lat['forecasts']} forecasts; daemon CPU {lat['cpu_cores']:.2f} cores).",
         f"Peak RSS with {r['memory']['devices']:,} devices: {r['memory']['peak_rss_mib']:.0f} MiB.",
+        "",
+        f"CPU time per reading (all threads, user + system; comparable even when other work shares the machine): daemon "
+        f"{c['daemon_us_per_reading']:.0f} us against {c['inference_us_per_window']:.0f} us of inference alone per window (inference "
+        f"{c['inference_share_of_daemon']:.0%} of the daemon's CPU); naive daemon {c['naive_us_per_reading']:.0f} us "
+        f"({c['naive_vs_daemon']:.2f} x the daemon); stride {r['plan']['stride']}: {c['stride_us_per_reading']:.0f} us against "
+        f"{c['receive_us_per_reading']:.0f} us for receiving and decoding alone ({c['receive_vs_stride']:.2f}).",
         "",
         "| target | measured | bound | met |",
         "|---|---:|---:|---|",

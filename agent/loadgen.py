@@ -145,7 +145,7 @@ def receive(args: argparse.Namespace) -> dict:
     """Decode every message's JSON and nothing else; exit after `--expect` messages."""
     client = _client(f"edgecast-receive-{time.monotonic_ns()}")
     done = threading.Event()
-    state = {"n": 0, "first": 0.0, "last": 0.0, "values": 0}
+    state = {"n": 0, "first": 0.0, "last": 0.0, "values": 0, "cpu_first": 0.0, "cpu_last": 0.0}
     loads = json.loads
 
     def on_message(client, userdata, message):
@@ -153,9 +153,9 @@ def receive(args: argparse.Namespace) -> dict:
         state["values"] += len(data["values"])
         n = state["n"] = state["n"] + 1
         if n == 1:
-            state["first"] = time.time()
+            state["first"], state["cpu_first"] = time.time(), time.process_time()
         if n >= args.expect:
-            state["last"] = time.time()
+            state["last"], state["cpu_last"] = time.time(), time.process_time()
             done.set()
 
     _subscribe_to_sensors(client)
@@ -164,7 +164,8 @@ def receive(args: argparse.Namespace) -> dict:
     client.loop_start()
     done.wait(args.timeout)
     client.loop_stop()
-    return {"received": state["n"], "first": state["first"], "last": state["last"]}
+    cpu_per_message = (state["cpu_last"] - state["cpu_first"]) / max(state["n"] - 1, 1)
+    return {"received": state["n"], "first": state["first"], "last": state["last"], "cpu_us_per_message": cpu_per_message * 1e6}
 
 
 # -- naive daemon -------------------------------------------------------------------------------------------------
@@ -230,14 +231,14 @@ def infer(args: argparse.Namespace) -> dict:
     for _ in range(3):
         bundle.predict(x)
     windows, calls = 0, 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < args.seconds:
         bundle.predict(x)
         windows += args.batch
         calls += 1
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return {"windows": windows, "calls": calls, "seconds": elapsed, "windows_per_s": windows / elapsed, "batch": args.batch,
-            "threads": args.threads}
+            "threads": args.threads, "cpu_us_per_window": cpu / windows * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:

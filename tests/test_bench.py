@@ -56,13 +56,19 @@ def test_quick_bench_reports_every_figure_and_ratios_from_measured_values(tmp_pa
     assert q["stride_vs_receive_ceiling"] == pytest.approx(r["daemon_stride"]["readings_per_s"] / r["receive_ceiling"]["readings_per_s"])
     assert q["partitioned_vs_one_process"] == pytest.approx(r["partitioned"]["readings_per_s"] / r["daemon"]["readings_per_s"])
     assert q["loadgen_vs_daemon"] == pytest.approx(r["loadgen_ceiling"]["readings_per_s"] / r["daemon"]["readings_per_s"])
+    cpu = q["cpu"]  # the same comparisons in CPU time per reading, from each part's measured CPU and rate
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in cpu.values()), cpu
+    assert cpu["daemon_us_per_reading"] == pytest.approx(r["daemon"]["cpu_cores"] / r["daemon"]["readings_per_s"] * 1e6)
+    assert cpu["inference_share_of_daemon"] == pytest.approx(r["inference_ceiling"]["cpu_us_per_window"] / cpu["daemon_us_per_reading"])
+    assert cpu["naive_vs_daemon"] == pytest.approx(cpu["naive_us_per_reading"] / cpu["daemon_us_per_reading"])
+    assert cpu["receive_vs_stride"] == pytest.approx(r["receive_ceiling"]["cpu_us_per_reading"] / cpu["stride_us_per_reading"])
     for target in r["targets"]:
         op, bound = target["bound"].split()
         assert target["met"] == (target["value"] >= float(bound) if op == ">=" else target["value"] <= float(bound))
     assert len(r["targets"]) == 6
     text = table.read_text()
     assert text in done.stdout
-    for row in ("receive ceiling", "inference ceiling", "naive daemon", "load generator", "p99", "Machine:"):
+    for row in ("receive ceiling", "inference ceiling", "naive daemon", "load generator", "p99", "Machine:", "CPU time per reading"):
         assert row in text
 
 
