@@ -132,8 +132,8 @@ class _Client(paho.Client):
         """Hand every complete QoS 0/1 PUBLISH at the head of the read buffer to `on_publishes` (then acknowledge
         the QoS 1 ones, as paho does after its callback); stop at anything else (another packet type, QoS 2, a
         packet not wholly read yet, a malformed one), which paho's own reading then takes, in order."""
-        if self.on_publishes is None or self._in_packet["command"] != 0:
-            return
+        if self.on_publishes is None or self._in_packet["command"] != 0 or self._protocol == paho.MQTTv5:
+            return  # (MQTT 5 packets carry properties this parser does not read; the link speaks 3.1.1)
         data, pos, end = sock._buffer, sock._pos, len(sock._buffer)
         messages: list[tuple[bytes, bytes]] = []
         acks: list[bytes] = []
