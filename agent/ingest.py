@@ -19,6 +19,7 @@ from agent.partition import PartitionFilter
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 PLACEHOLDER = re.compile(r"\{(device|sensor)\}")
 _NUMBER = (int, float)
+_EXACT_INT = 2**53  # ints below this convert to float exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +180,13 @@ class Ingest:
         return number
 
     def _timestamp(self, device: str, value: object, now: float) -> float:
-        try:
-            ts = parse_timestamp(value)
-        except (ValueError, OverflowError) as exc:
-            raise Rejected("bad_timestamp", str(exc), device) from None
+        if type(value) is int and -_EXACT_INT < value < _EXACT_INT:  # the usual unix seconds, without the full parse
+            ts = float(value)
+        else:
+            try:
+                ts = parse_timestamp(value)
+            except (ValueError, OverflowError) as exc:
+                raise Rejected("bad_timestamp", str(exc), device) from None
         if ts < now - self.max_age_s:
             raise Rejected("timestamp_out_of_range", f"ts {ts:.0f} is {now - ts:.0f} s old (ingest.max_age_s={self.max_age_s:.0f})", device)
         if ts > now + self.max_future_s:
