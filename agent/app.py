@@ -9,10 +9,11 @@
 paho's network thread only parses and enqueues (`_on_message`), waiting a bounded time for room when the
 queue is full (backpressure: paho stops reading, readings wait at the broker); numpy and onnxruntime run on the
 worker thread, which hands each batch to the publisher thread for scoring, encoding, sending and the outbox (they
-overlap the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the outbox in
-one transaction per batch and leave it only when the broker acknowledged them. A new model bundle (SIGHUP or a change in the model folder)
-is loaded and verified beside the running one on the watcher thread and swapped in by the worker between two
-batches; per-device windows restart with the new pipeline. Periodic jobs wait on a stop event, never sleep.
+overlap the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the
+outbox in one transaction per batch and leave it only when the broker acknowledged them. A new model bundle
+(SIGHUP or a change in the model folder) is loaded and verified beside the running one on the watcher thread and
+swapped in by the worker between two batches (once the publisher is idle); per-device windows restart with the new
+pipeline. Periodic jobs wait on a stop event, never sleep.
 
 Optional parts, each off by default: Prometheus metrics (agent/metrics.py), Home Assistant discovery
 (agent/hass.py) and fleet model rollout over MQTT (agent/rollout.py: a published bundle is verified on the
