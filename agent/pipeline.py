@@ -206,9 +206,10 @@ class Pipeline:
         if not commits:
             return None
         K, S, T = len(commits), len(self.lookup_steps), self.bundle.n_targets
-        devices = np.fromiter((e[2] for e in commits), dtype=np.int64, count=K)
-        slots = np.fromiter((e[3] for e in commits), dtype=np.int64, count=K)
-        observed = np.array([e[5] for e in commits], dtype=np.float64)  # (K, T)
+        _, _, device_column, slot_column, _, observed_column = zip(*commits)  # columns of the log, transposed in C
+        devices = np.array(device_column, dtype=np.int64)
+        slots = np.array(slot_column, dtype=np.int64)
+        observed = np.array(observed_column, dtype=np.float64)  # (K, T)
         steps = np.array(self.lookup_steps, dtype=np.int64)  # (S',)
         want = slots[:, None] - steps  # (K, S') slot each forecast was made at
         # Older forecasts: the ring.
