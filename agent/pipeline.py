@@ -17,6 +17,7 @@ per-device arrays, under a lock.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -54,6 +55,9 @@ class Pipeline:
         self.targets = bundle.targets
         self.target_index = bundle.target_index
         self.target_list = bundle.target_index.tolist()
+        # A commit's target values (F,) -> (T,) tuple in one C call; itemgetter of a single index returns no tuple.
+        first_target = self.target_list[0]
+        self._target_values = operator.itemgetter(*self.target_list) if len(self.target_list) > 1 else lambda v: (v[first_target],)
         self.stride = settings.inference.stride
         self.max_batch = settings.inference.max_batch
         self.min_completeness = settings.window.min_completeness
@@ -122,7 +126,7 @@ class Pipeline:
 
     # -- phase 1 callback ---------------------------------------------------------------------------------------
     def _on_commit(self, d: int, slot: int, observed: bool, values) -> None:
-        self._log.append((_COMMIT, self._current, d, slot, observed, [values[j] for j in self.target_list]))
+        self._log.append((_COMMIT, self._current, d, slot, observed, self._target_values(values)))
         windows = self.windows
         commits = windows.commits[d]
         if commits < self.lookback or (commits - self.lookback) % self.stride:
