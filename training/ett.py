@@ -187,7 +187,7 @@ class EttConfig:
     members: int = 3  # independently trained LSTM branches whose corrections are averaged (variance reduction)
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # the model is small: a second thread costs more in synchronisation than it saves
 
 
 def _torch():
@@ -483,7 +483,9 @@ def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: P
                   "val_mse_mean": float(val_mse.mean()), "val_mse_std": float(val_mse.std())},
         "ablation": {"linear_path_alone_val_mse": closed_form["validation"]["mse"],
                      "with_lstm_val_mse_per_seed": [r["validation"]["mse"] for r in runs],
-                     "lstm_improves_validation": bool((val_mse < closed_form["validation"]["mse"]).all())},
+                     # per seed: did the LSTM branch lower validation MSE beyond float32 noise? (all-zero heads, i.e.
+                     # early stopping at epoch 0 in every member, give the linear path's figure to ~1e-6)
+                     "lstm_improves_validation": [bool(v < closed_form["validation"]["mse"] - 1e-5) for v in val_mse]},
         "seconds": round(time.perf_counter() - began, 1),
     }
 
