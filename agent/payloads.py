@@ -88,7 +88,9 @@ def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[
     head = f'{{"device":%s,"model":{_json_model(model_name, model_version).replace("%", "%%")},"ts":%s,"period_s":%s,"horizon_ts":[%s],"forecast":{{'
     series = ",".join(f"{_json_str(t).replace('%', '%%')}:[%s]" for t in targets)
     template = head + series + '},"completeness":%s,"staleness_s":%s}'
-    times: dict[float, str] = {}
+    times: dict[float, str] = {}  # timestamps, completeness and staleness repeat within a batch: each written once
+    shares: dict[float, str] = {}
+    ages: dict[float, str] = {}
     horizons: dict[tuple, str] = {}
     out: list[bytes] = []
     row = 0
@@ -112,12 +114,22 @@ def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[
             if horizon is None:
                 horizon = horizons[key] = _json_ts_list(fc.horizon_ts)
             text = template % (_json_str(fc.device), ts, period, horizon, *texts[k * T : k * T + T],
-                               _json_round(fc.completeness, 4), _json_round(fc.staleness_s, 3))
+                               _round_text(shares, fc.completeness, 4), _round_text(ages, fc.staleness_s, 3))
         except _Unusual:
             out.append(_forecast_reference(fc, model_name, model_version))
             continue
         out.append(text.encode("utf-8"))
     return out
+
+
+def _round_text(cache: dict[float, str], value: float, digits: int) -> str:
+    """_json_round through a per-batch cache; zero is not cached (0.0 and -0.0 are one key but two texts)."""
+    text = cache.get(value)
+    if text is None:
+        text = _json_round(value, digits)
+        if value:
+            cache[value] = text
+    return text
 
 
 @functools.cache

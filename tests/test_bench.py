@@ -116,6 +116,8 @@ def test_buffered_socket_serves_small_reads_from_one_receive():
 
 def test_batch_forecast_encoding_is_byte_identical_to_the_reference():
     """payloads.forecasts (numbers written by numpy for a whole batch) equals the plain json.dumps encoding, value by value."""
+    import dataclasses
+
     import numpy as np
 
     rng = random.Random(11)
@@ -131,6 +133,8 @@ def test_batch_forecast_encoding_is_byte_identical_to_the_reference():
             horizon_ts=[1.7e9 + k * 60.0 for k in range(10)], values=values, completeness=rng.random(), staleness_s=rng.uniform(0, 1e4),
         ))
     batch.append(Forecast("short", 1.7e9, 60.0, [1.7e9], {"bearing_temp": [1.5]}, 1.0, 0.0))  # shaped unlike the others
+    for completeness, staleness in ((0.0, 0.0), (0.0, -0.0), (1.0, -0.0), (1.0, 0.0)):  # equal keys, different texts
+        batch.append(dataclasses.replace(batch[0], completeness=completeness, staleness_s=staleness))
     got = payloads.forecasts(batch, "pump-lstm", "1.0.0")
     assert got == [payloads._forecast_reference(fc, "pump-lstm", "1.0.0") for fc in batch]
 
