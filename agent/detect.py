@@ -387,11 +387,16 @@ class AlertDetector:
 
     def _flatline(self, d: int, observed) -> float:
         run = self.repeats[d]  # (T,) consecutive exact repeats, updated in place
-        same = observed == self.last_value[d]
-        run += 1
-        run *= same
-        self.last_value[d] = observed
-        if run.max() < self.flatline_min:
+        last = self.last_value[d]
+        longest = 0
+        # element by element: for the few targets of a sample this is several times cheaper than numpy ufuncs
+        for t, value in enumerate(observed.tolist() if isinstance(observed, np.ndarray) else list(observed)):
+            count = int(run[t]) + 1 if value == last[t] else 0  # NaN never equals: a gap ends the run
+            run[t] = count
+            last[t] = value
+            if count > longest:
+                longest = count
+        if longest < self.flatline_min:
             return 0.0
         if (run == self.flatline_repeats).any():
             self.counters["flatline_runs"] += 1

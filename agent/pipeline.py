@@ -45,6 +45,9 @@ class Trace(Protocol):
     def on_forecast(self, i: int, d: int, forecast: np.ndarray) -> None:
         """A forecast (H, T) was made from device d's window right after sample i."""
 
+    # False: the caller only reads the trace, so process() need not build Forecast events (replay).
+    wants_forecast_events: bool
+
 
 class Pipeline:
     def __init__(self, bundle: Bundle, settings: Settings):
@@ -257,11 +260,13 @@ class Pipeline:
             one_step = expected_all[:, 0]  # (K, T) lookup step 1
             has_one_step = ~np.isnan(one_step[:, 0])
         # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
-        forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None else None  # [N][T][H]
+        forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None and (
+            trace is None or getattr(trace, "wants_forecast_events", True)) else None  # [N][T][H]
         steps = self._horizon_steps.tolist()
         horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
         k = 0  # next commit row
         scored = 0
+        build_forecasts = trace is None or getattr(trace, "wants_forecast_events", True)
         for entry in log:
             kind = entry[0]
             if kind == _COMMIT:
@@ -279,21 +284,22 @@ class Pipeline:
                 k += 1
             elif kind == _FORECAST:
                 _, i, d, slot, n, completeness = entry
-                ts = slot * period
-                horizon = horizons.get(ts)
-                if horizon is None:
-                    horizon = horizons[ts] = [ts + step for step in steps]
-                events.append(
-                    Forecast(
-                        device=names[d],
-                        ts=ts,
-                        period_s=period,
-                        horizon_ts=horizon,
-                        values=dict(zip(self.targets, forecast_lists[n])),
-                        completeness=completeness,
-                        staleness_s=now - ts,
+                if build_forecasts:
+                    ts = slot * period
+                    horizon = horizons.get(ts)
+                    if horizon is None:
+                        horizon = horizons[ts] = [ts + step for step in steps]
+                    events.append(
+                        Forecast(
+                            device=names[d],
+                            ts=ts,
+                            period_s=period,
+                            horizon_ts=horizon,
+                            values=dict(zip(self.targets, forecast_lists[n])),
+                            completeness=completeness,
+                            staleness_s=now - ts,
+                        )
                     )
-                )
                 if trace is not None:
                     trace.on_forecast(i, d, forecasts[n])
             else:

@@ -24,6 +24,7 @@ from agent.model import Bundle, load_bundle
 from agent.pipeline import Pipeline
 
 DEFAULT_DEVICE = "device"
+REPLAY_MAX_BATCH = 512  # windows per model call when the configuration does not set inference.max_batch
 
 
 class ReplayError(Exception):
@@ -153,6 +154,8 @@ def _is_number(text: str) -> bool:
 class _RowTrace:
     """Pipeline trace that writes the per-row outputs; `rows` maps the chunk's sample index to the input row."""
 
+    wants_forecast_events = False  # the forecasts are read from on_forecast; replay publishes nothing
+
     def __init__(self, pipeline: Pipeline, n_rows: int):
         self.pipeline = pipeline
         T, H = pipeline.bundle.n_targets, pipeline.horizon
@@ -266,6 +269,9 @@ def replay(
 ) -> ReplayResult:
     """Read, run and write; returns counts and timing (the whole run, reading and writing included, the plot not)."""
     settings = settings or Settings(model={"path": Path(model_dir)})
+    if "max_batch" not in settings.inference.model_fields_set:
+        # Offline there is no latency to keep low: larger model calls, same results (the batch never changes them).
+        settings = settings.model_copy(update={"inference": settings.inference.model_copy(update={"max_batch": REPLAY_MAX_BATCH})})
     bundle = load_bundle(model_dir, settings.model.intra_op_threads)
     if plot_path is not None:
         _pyplot()  # fail before the work, not after it

@@ -121,6 +121,16 @@ def test_chunk_size_does_not_change_the_output(tmp_path):
         np.testing.assert_array_equal(getattr(small, name), getattr(large, name))
 
 
+def test_model_batch_size_does_not_change_the_output(tmp_path):
+    """Replay's larger default model batch gives the same CSV as the daemon's batch of a few windows."""
+    data = two_device_csv(tmp_path / "in.csv", n=300, spike_at=150)
+    replay(univariate_bundle(), data, tmp_path / "default.csv")
+    settings = Settings(model={"path": univariate_bundle()}, inference={"max_batch": 3})
+    assert settings.inference.max_batch == 3
+    replay(univariate_bundle(), data, tmp_path / "three.csv", settings=settings)
+    assert (tmp_path / "default.csv").read_bytes() == (tmp_path / "three.csv").read_bytes()
+
+
 def test_shipped_model_replay_of_the_synthetic_fleet(tmp_path):
     """pump-lstm replay writes 4 expected and 40 forecast columns and flags only the pump with a sudden jump."""
     synth = pytest.importorskip("training.synth")

@@ -142,7 +142,9 @@ def test_train_cli_writes_a_complete_bundle(tiny_rows, tmp_path):
     assert np.array(cal["residual_mean"]).shape == np.array(cal["residual_std"]).shape == (10, 4)
     t = cal["thresholds"]
     assert t["critical"] == pytest.approx(2 * t["warning"], abs=2e-3) and t["exit"] == pytest.approx(0.7 * t["warning"], abs=2e-3)
-    assert cal["ewma_alpha"] == 0.2
+    from training.calibrate import EWMA_ALPHA
+
+    assert cal["ewma_alpha"] == EWMA_ALPHA  # the full calibration (not the residual-only default of training.bundle)
     assert training_main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "b2")]) == 2
     assert not (tmp_path / "b2").exists()
 
