@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.training
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +69,15 @@ def test_two_workers_share_one_postgres_study_without_duplicate_trials(pg_url):
             optuna.delete_study(study_name=study_name, storage=pg_url)
         except KeyError:
             pass
+
+
+def test_unreachable_storage_is_named_in_the_error():
+    """A study storage that cannot be reached ends the worker with exit 2 and names the storage."""
+    port = free_port()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/test"
+    done = subprocess.run([sys.executable, "-m", "training", "search", "--storage", url, "--study", "nowhere",
+                           "--trials", "1", "--synthetic-devices", "1", "--synthetic-hours", "8", "--lookback", "24",
+                           "--horizon", "3", "--epochs", "1", "--max-batches", "1"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "cannot open study 'nowhere'" in done.stderr and f"127.0.0.1:{port}" in done.stderr

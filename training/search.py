@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import sys
+import time
 from pathlib import Path
 
+STUDY_OPEN_ATTEMPTS = 4
 DEFAULT_SPACE = {
     "hidden_size": [8, 16, 32, 64],
     "num_layers": [1, 2],
@@ -112,12 +115,20 @@ def run(args: argparse.Namespace) -> int:
     rows, features = _load_rows(args)
     prepared = prepare(rows, args.lookback, args.horizon, features=features)
     seed = None if args.seed is None else args.seed + args.worker
-    try:
-        study = optuna.create_study(study_name=args.study, storage=args.storage, load_if_exists=True,
-                                    direction="minimize", sampler=make_sampler(args.sampler, seed, grid))
-    except Exception as exc:  # a storage that cannot be reached: say which, and why
-        print(f"search: cannot open study {args.study!r} at {args.storage}: {exc}", file=sys.stderr)
-        return 2
+    study = None
+    for attempt in range(STUDY_OPEN_ATTEMPTS):
+        try:
+            study = optuna.create_study(study_name=args.study, storage=args.storage, load_if_exists=True,
+                                        direction="minimize", sampler=make_sampler(args.sampler, seed, grid))
+            break
+        except Exception as exc:
+            # Workers started together race to create the study (and, on a fresh database, Optuna's tables): the
+            # loser's insert fails, and a moment later the study is there to load. A storage that cannot be
+            # reached fails every attempt: say which, and why.
+            if attempt == STUDY_OPEN_ATTEMPTS - 1:
+                print(f"search: cannot open study {args.study!r} at {args.storage}: {exc}", file=sys.stderr)
+                return 2
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
     study.optimize(objective_factory(prepared, args, grid), n_trials=args.trials, timeout=args.timeout,
                    callbacks=[lambda s, t: print(f"trial {t.number}: {t.state.name} val loss {t.value} {t.params}", flush=True)])
     best = study.best_trial

@@ -272,6 +272,7 @@ def fit(prepared: Prepared, cfg: TrainConfig, log=print, model: torch.nn.Module 
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # again, on this thread: a library loaded since the import may have cleared it
     _return_freed_memory_to_os()
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
