@@ -15,6 +15,7 @@ so the result does not depend on which thread ran it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -34,9 +35,24 @@ from training.model import LSTMForecaster
 
 # Backpropagating through a long window shrinks the early steps' gradients into the denormal range, where x86
 # arithmetic is ~100x slower: oneDNN's float32 LSTM backward at lookback 336 took 8.1 s per 256 windows instead
-# of 0.58 s. Flushing them to zero changes no result measurably. Set at import: OpenMP worker threads copy the
-# flag only from the thread that starts them.
-torch.set_flush_denormal(True)
+# of 0.58 s. Flushing them to zero changes no result measurably. Only while training, on the threads that train
+# (the calling thread and the chunk workers, see _single_core_worker): the flag is processor state, and other
+# code in the same process (hypothesis, numerical libraries) relies on denormals.
+
+
+def _flushing() -> bool:
+    return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Flush denormal floats to zero on this thread inside the block; restore the previous mode after it."""
+    before = _flushing()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 LOSSES = ("mse", "mae", "huber")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -267,12 +283,16 @@ def _save_checkpoint(path: str, state: dict) -> None:
 
 def fit(prepared: Prepared, cfg: TrainConfig, log=print, model: torch.nn.Module | None = None) -> TrainResult:
     """Train (a fresh model, or `model` to fine-tune) and return the best-validation weights."""
+    with denormals_flushed():
+        return _fit(prepared, cfg, log, model)
+
+
+def _fit(prepared: Prepared, cfg: TrainConfig, log, model: torch.nn.Module | None) -> TrainResult:
     if (cfg.lookback, cfg.horizon) != (prepared.lookback, prepared.horizon):
         raise ValueError("TrainConfig lookback/horizon differ from the prepared data")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)  # again, on this thread: a library loaded since the import may have cleared it
     _return_freed_memory_to_os()
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
