@@ -300,7 +300,7 @@ class Agent:
         limit = self.settings.health.max_stall_s
         now = time.monotonic()
         if now - self._worker_beat > limit:
-            return False, f"worker stalled for {now - self._worker_beat:.0f}s"
+            return False, f"worker stalled for {now - self._worker_beat:.0f}s (in the model, or waiting for the publisher thread)"
         if self.forwarder is not None and now - self.forwarder.beat > limit:
             return False, f"outbox forwarder stalled for {now - self.forwarder.beat:.0f}s"
         if self.link is not None and not self.link.loop_alive():
@@ -547,7 +547,7 @@ class Agent:
                     self._publish_events(events, bundle)
                 except Exception:  # a bug on one batch must not end the daemon
                     self.counters.add("worker_errors")
-                    log.exception("worker failed on a batch of %d samples", samples)
+                    log.exception("publisher failed on the events of a batch of %d samples", samples)
             finally:
                 self._outgoing.task_done()
 
@@ -561,7 +561,8 @@ class Agent:
         stored: list[Message] = []  # one outbox transaction per batch
         active: list[Retained] = []
         bodies = iter(payloads.forecasts([e for e in events if isinstance(e, Forecast)], name, version))  # encoded together
-        published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together after the loop
+        published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together (before an alert, or after the loop)
+        forecasts_sent = 0
         for event in events:
             if isinstance(event, Forecast):
                 if self.hass is not None and self.hass.device_seen(event.device, list(event.values), f"{name} {version}"):
@@ -577,6 +578,10 @@ class Agent:
                 if self.outbox is not None:
                     stored.append(Message("alert", topic, body, event.device))
                 else:
+                    if published and self.link is not None:  # the forecasts before it leave before it
+                        self.link.publish_many(published)
+                        forecasts_sent += len(published)
+                        published = []
                     self._publish(topic, body, qos=1)
                 self.counters.add("alerts")
                 log.info(
@@ -602,7 +607,7 @@ class Agent:
                 self.errors.rejection(event)
         if published and self.link is not None:
             self.link.publish_many(published)
-        forecasts = len(published) + sum(1 for m in stored if m.kind == "forecast")
+        forecasts = forecasts_sent + len(published) + sum(1 for m in stored if m.kind == "forecast")
         if forecasts:
             self.counters.add("forecasts", forecasts)
         if stored:

@@ -89,9 +89,16 @@ class _Client(paho.Client):
     last_error: BaseException | None = None
     on_publishes: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # [(topic bytes, payload)], in order
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Held while reconnecting: paho clears its out queue and queues CONNECT then, and raw packets queued in
+        # between would reach the broker before CONNECT (which closes the connection).
+        self._raw_lock = threading.Lock()
+
     def reconnect(self):  # type: ignore[override]
         try:
-            result = super().reconnect()
+            with self._raw_lock:
+                result = super().reconnect()
         except OSError as exc:  # refused, unreachable, TLS handshake or certificate verification failed
             self.last_error = exc
             raise
@@ -109,10 +116,15 @@ class _Client(paho.Client):
         Queued under a command byte paho does not interpret (0), so it does no per-message bookkeeping (no mid,
         no on_publish); a reconnect discards the queue, and only after CONNACK (state CONNECTED, so after the
         CONNECT packet) is anything queued here."""
-        if self._sock is None or self._state != _ConnectionState.MQTT_CS_CONNECTED:
-            return False
-        self._packet_queue(0, packets, 0, 0)
-        return True
+        if not self._raw_lock.acquire(blocking=False):
+            return False  # a reconnect is under way: dropped like any QoS 0 message while disconnected
+        try:
+            if self._sock is None or self._state != _ConnectionState.MQTT_CS_CONNECTED:
+                return False
+            self._packet_queue(0, packets, 0, 0)
+            return True
+        finally:
+            self._raw_lock.release()
 
     def loop_read(self, max_packets: int = 1):  # type: ignore[override]
         rc = super().loop_read(max_packets)

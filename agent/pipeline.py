@@ -45,8 +45,8 @@ class Trace(Protocol):
     def on_forecast(self, i: int, d: int, forecast: np.ndarray) -> None:
         """A forecast (H, T) was made from device d's window right after sample i."""
 
-    # False: the caller only reads the trace, so process() need not build Forecast events (replay).
-    wants_forecast_events: bool
+    # Optional; False: the caller only reads the trace, so process() builds no Forecast events (replay, calibration).
+    wants_forecast_events: bool = True
 
 
 class Pipeline:
@@ -260,13 +260,12 @@ class Pipeline:
             one_step = expected_all[:, 0]  # (K, T) lookup step 1
             has_one_step = ~np.isnan(one_step[:, 0])
         # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
-        forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None and (
-            trace is None or getattr(trace, "wants_forecast_events", True)) else None  # [N][T][H]
+        build_forecasts = trace is None or getattr(trace, "wants_forecast_events", True)
+        forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None and build_forecasts else None  # [N][T][H]
         steps = self._horizon_steps.tolist()
         horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
         k = 0  # next commit row
         scored = 0
-        build_forecasts = trace is None or getattr(trace, "wants_forecast_events", True)
         for entry in log:
             kind = entry[0]
             if kind == _COMMIT:

@@ -106,6 +106,8 @@ class ScoredRun:
 class _ScoreTrace:
     """Pipeline trace that records the detector's score after every scored sample."""
 
+    wants_forecast_events = False  # only alert events are kept
+
     def __init__(self, pipeline: Pipeline):
         self.detector = pipeline.detector
         self.seen: dict[int, int] = {}

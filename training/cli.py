@@ -25,7 +25,7 @@ SHIPPED_EVAL_FLEET = FleetConfig(
 
 
 TOOLBOX_FIELDS = ("architecture", "strategy", "difference", "lookback", "horizon", "dropout", "weight_decay", "loss",
-                  "lr_schedule", "patience", "grad_clip", "teacher_forcing", "conv_channels", "precision", "tbptt",
+                  "lr_schedule", "patience", "grad_clip", "teacher_forcing", "conv_channels", "precision", "micro_batch", "tbptt",
                   "progress", "checkpoint", "resume")
 
 
@@ -59,7 +59,9 @@ def _add_toolbox_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--teacher-forcing", type=float, help="encoder_decoder: share of teacher-forced decoder steps")
     g.add_argument("--conv-channels", type=int, help="cnn_lstm")
-    g.add_argument("--precision", choices=("fp32", "bf16"))
+    g.add_argument("--micro-batch", type=int, help="windows per forward/backward chunk; a batch's gradients are summed over chunks (default 32)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): bf16 autocast where the CPU has native bf16 (AMX, AVX512-BF16), else fp32")
     g.add_argument("--tbptt", type=int, help="many_to_one: truncated backpropagation through the last N steps")
     g.add_argument("--progress", action="store_const", const=True, help="a progress bar with the live losses")
     g.add_argument("--checkpoint", help="checkpoint file written after every epoch")

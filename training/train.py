@@ -98,7 +98,7 @@ class TrainConfig:
     resume: bool = False  # continue from `checkpoint` if it exists
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "precision_used": resolve_precision(self.precision)}  # what "auto" meant on this CPU
 
 
 @dataclass
@@ -119,7 +119,10 @@ def resolve_precision(precision: str) -> str:
     the weights, the optimizer and the loss stay float32); fp32 elsewhere, where bf16 would be emulated."""
     if precision != "auto":
         return precision
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    def probe(name: str) -> bool:  # private torch helpers: a torch without them means no native bf16 to us
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    native = probe("_is_amx_tile_supported") or probe("_is_avx512_bf16_supported")
     return "bf16" if native else "fp32"
 
 
