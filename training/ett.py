@@ -11,7 +11,10 @@ For each horizon, in one run:
    (SegRNN-style: the lookback cut into day-long segments, one LSTM step per segment) whose direct multi-output
    head predicts a correction, in instance-normalized units (centred on the last value, divided by the window's
    spread, so what it learns carries over to the test period's shifted level and spread);
-3. hyperparameters chosen on validation with seed 0, then 3 seeds trained with the chosen ones;
+3. hyperparameters (decoder, segment, hidden size) and the strength of the LSTM correction chosen by two selection
+   folds inside rows < 11520 (`selection_folds`: the protocol's validation rows, and a held-out winter, Jan-Feb 2017,
+   scored on models trained without it and early-stopped on the validation rows), seed 0; then 3 seeds trained on
+   the train rows (early stopping on the validation rows) with the chosen ones;
 4. every seed exported to ONNX (verified against PyTorch at batch 1, 7, 64) and evaluated through the daemon's
    own loader (agent.model.load_bundle, original units in, original units out) on the validation and test
    windows; the seed with the best validation MSE becomes `exported_models/etth1-h<H>`;
@@ -114,12 +117,56 @@ class EttSplits:
 
     def windows(self, split: str, horizon: int, scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Every stride-1 window of the split: inputs (W, L) and targets (W, H)."""
-        start, end = self.segment(split)
+        return self.windows_in(*self.segment(split), horizon, scaled=scaled)
+
+    def windows_in(self, start: int, end: int, horizon: int, scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every stride-1 window whose inputs and targets lie in rows [start, end): (W, L) and (W, H)."""
         series = (self.scaled if scaled else self.raw.astype(np.float32))[start:end]
         count = len(series) - self.lookback - horizon + 1
+        if count < 1:
+            raise ValueError(f"rows [{start}, {end}) hold no window of {self.lookback} + {horizon}")
         index = np.arange(count)[:, None] + np.arange(self.lookback + horizon)[None, :]  # (W, L + H)
         both = series[index]
         return both[:, : self.lookback], both[:, self.lookback :]
+
+    def fold_windows(self, ranges, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """The windows of several row ranges, concatenated (no window crosses from one range to the next)."""
+        parts = [self.windows_in(start, end, horizon) for start, end in ranges]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# ------------------------------------------------------------------------------------------ selection folds
+
+# Rows 4416 and 5832 are 2017-01-01 00:00 and 2017-03-01 00:00: the second half of the training year's winter.
+WINTER_BLOCK = (4416, 5832)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A selection fold, all inside rows < VAL_END (the test rows are never read by the selection).
+
+    fit: row ranges whose windows train the fold's models (NLinear and LSTM); stop: the rows whose windows early
+    stopping watches, or None: train as many epochs as the official fold's early stopping kept for the same grid
+    point (no early stopping); score: the rows whose windows the fold's figure is measured on. No fit window overlaps
+    a score window (inputs and targets included)."""
+
+    name: str
+    fit: tuple[tuple[int, int], ...]
+    stop: tuple[int, int] | None
+    score: tuple[int, int]
+
+
+def selection_folds(lookback: int = LOOKBACK) -> tuple[Fold, ...]:
+    """official: the protocol (train on the train rows, early stopping and score on the validation rows);
+    winter: the train rows without Jan - Feb 2017 and the 336 h before it (the held-out windows' inputs) train, for
+    as many epochs as the official fold's early stopping kept, scored on every window whose inputs and targets lie in
+    [2017-01-01 - 336 h, 2017-03-01): what a model trained as long as the protocol's early stopping says does on
+    winter weeks it has not seen (it has seen Nov - Dec 2016, as the final models have seen a winter before the
+    test winter). The official fold comes first: the winter fold needs its epoch counts."""
+    val = (TRAIN_END - lookback, VAL_END)
+    start, end = WINTER_BLOCK
+    return (Fold("official", ((0, TRAIN_END),), val, val),
+            Fold("winter", ((0, start - lookback), (end, TRAIN_END)), None, (start - lookback, end)))
 
 
 def mse_mae(pred: np.ndarray, obs: np.ndarray) -> dict:
@@ -185,6 +232,7 @@ class EttConfig:
     epochs: int = 30
     patience: int = 10  # epochs without a validation improvement before stopping (the first ones often add noise)
     members: int = 3  # independently trained LSTM branches whose corrections are averaged (variance reduction)
+    strength: float = 1.0  # the forecast is linear path + strength x the LSTM correction (set after training)
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 1  # the model is small: a second thread costs more in synchronisation than it saves
@@ -215,6 +263,9 @@ def build_model(cfg: EttConfig, linear: NLinear):
                 self.linear.weight.copy_(torch.from_numpy(linear.weight.T.astype(np.float32)))  # (H, L)
                 self.linear.bias.copy_(torch.from_numpy(linear.bias.astype(np.float32)))
             self.linear.requires_grad_(False)  # the closed-form optimum of the linear path stays as it is
+            if not 0.0 < cfg.strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {cfg.strength}")
+            self.register_buffer("strength", torch.tensor(float(cfg.strength)))  # exported with the graph
             self.embed = nn.Linear(cfg.segment, cfg.hidden_size)
             self.lstm = nn.LSTM(cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
                                 dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
@@ -248,14 +299,15 @@ def build_model(cfg: EttConfig, linear: NLinear):
                 correction = self.head(self.dropout(decoded)).reshape(batch, m * cfg.segment)[:, : cfg.horizon]  # (B, H)
             else:
                 correction = self.head(self.dropout(hidden[-1]))  # (B, H)
-            correction = correction * spread  # back from instance-normalized units
+            correction = correction * spread * self.strength  # back from instance-normalized units, scaled
             forecast = last + self.linear(centred) + correction  # (B, H)
             return forecast.unsqueeze(-1)  # (B, H, 1)
 
         def describe(self) -> dict:
             return {"type": "segment_lstm", "segment": cfg.segment, "hidden_size": cfg.hidden_size, "decoder": cfg.decoder,
-                    "num_layers": cfg.num_layers, "dropout": cfg.dropout,
-                    "head": "direct multi-output head on the last LSTM state, in instance-normalized units",
+                    "strength": float(self.strength), "num_layers": cfg.num_layers, "dropout": cfg.dropout,
+                    "head": ("direct multi-output head on the last LSTM state" if cfg.decoder == "last" else
+                             "SegRNN parallel multi-step decoding") + ", in instance-normalized units, times strength",
                     "skip": f"frozen closed-form NLinear path (ridge {linear.ridge:g})",
                     "normalization": "subtract the last value; LSTM branch divided by the window's spread"}
 
@@ -270,18 +322,24 @@ def _mse(model, x, y) -> float:
     return float(((pred - y) ** 2).mean())
 
 
-def train(cfg: EttConfig, splits: EttSplits, linear: NLinear, log=print) -> tuple[object, list[dict]]:
-    """Adam(W) on the LSTM branch, MSE, clipping, early stopping on validation MSE; returns the best model."""
+def train(cfg: EttConfig, splits: EttSplits, linear: NLinear, log=print, fold: Fold | None = None) -> tuple[object, list[dict]]:
+    """Adam(W) on the LSTM branch, MSE, clipping, early stopping on validation MSE; returns the best model.
+
+    fold: train on its fit rows and early-stop on its stop rows (default: the protocol's train and validation rows);
+    a fold without stop rows trains exactly cfg.epochs epochs and keeps the last state (best_val is then NaN)."""
     torch = _torch()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg, linear)
-    x_train, y_train = (torch.from_numpy(a[..., None]) for a in splits.windows("train", cfg.horizon))  # (W, L, 1), (W, H, 1)
-    x_val, y_val = (torch.from_numpy(a[..., None]) for a in splits.windows("val", cfg.horizon))
+    fold = fold or selection_folds(cfg.lookback)[0]
+    x_train, y_train = (torch.from_numpy(a[..., None]) for a in splits.fold_windows(fold.fit, cfg.horizon))  # (W, L, 1), (W, H, 1)
+    if fold.stop is not None:
+        x_val, y_val = (torch.from_numpy(a[..., None]) for a in splits.windows_in(*fold.stop, cfg.horizon))
+    evaluate = (lambda: _mse(model, x_val, y_val)) if fold.stop is not None else (lambda: float("nan"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    best_val = _mse(model, x_val, y_val)  # epoch 0 = the linear path alone
+    best_val = evaluate()  # epoch 0 = the linear path alone
     best_state, best_epoch, stale = copy.deepcopy(model.state_dict()), 0, 0
     history = [{"epoch": 0, "val_mse": best_val}]
     for epoch in range(1, cfg.epochs + 1):
@@ -297,16 +355,16 @@ def train(cfg: EttConfig, splits: EttSplits, linear: NLinear, log=print) -> tupl
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
             total += float(loss.detach()) * len(batch)
-        val = _mse(model, x_val, y_val)
+        val = evaluate()
         history.append({"epoch": epoch, "train_mse": total / len(order), "val_mse": val,
                         "seconds": round(time.perf_counter() - began, 2)})
-        if val < best_val:
+        if val < best_val or (fold.stop is None and epoch == cfg.epochs):  # fixed length: the last epoch's state
             best_val, best_state, best_epoch, stale = val, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
         log(f"  H={cfg.horizon} seed {cfg.seed} epoch {epoch}: train {total / len(order):.4f} val {val:.5f}"
             f"{' *' if best_epoch == epoch else ''}")
-        if stale >= cfg.patience:
+        if stale >= cfg.patience and fold.stop is not None:
             break
     model.load_state_dict(best_state)
     model.eval()
@@ -413,6 +471,73 @@ def evaluate_bundle(folder: str | Path, splits: EttSplits, threads: int = 2) -> 
 
 
 SEARCH_SPACE = {"decoder": ("last", "pmr"), "segment": (24, 48), "hidden_size": (32, 64)}
+STRENGTHS = (1.0, 0.5, 0.25)  # how strongly the LSTM correction acts: chosen by the folds with the grid point
+
+
+def set_strength(model, strength: float) -> None:
+    """Scale the LSTM correction of a trained model (every member of an average) by `strength`."""
+    for name, buffer in model.named_buffers():
+        if name.split(".")[-1] == "strength":
+            buffer.fill_(float(strength))
+
+
+def _predict(model, x: np.ndarray) -> np.ndarray:
+    torch = _torch()
+    model.eval()
+    with torch.no_grad():
+        pred = [model(torch.from_numpy(x[i : i + 1024, :, None]))[..., 0] for i in range(0, len(x), 1024)]
+    return torch.cat(pred).numpy().astype(np.float64)  # (W, H)
+
+
+def select_by_folds(splits: EttSplits, base: EttConfig, nlinear: NLinear, seed: int, log=print) -> tuple[EttConfig, list[dict]]:
+    """The second final run's selection: every grid point (one member, `seed`) trained on each fold (the winter fold
+    for as many epochs as the official fold's early stopping kept); the strength applied afterwards; score = mean over the folds of (fold MSE / the fold's linear-path MSE); the choice is the
+    lowest score among the (point, strength) pairs whose official-fold model kept an LSTM correction (best epoch > 0)
+    and that lower the MSE in every fold; if there is none, among those that kept a correction.
+
+    Each fold's linear path is the closed-form NLinear with the horizon's ridge (chosen on the validation rows as
+    before), fitted on that fold's fit rows. Returns the chosen config (strength included) and every trial."""
+    folds = selection_folds(base.lookback)
+    scored = {}
+    for fold in folds:
+        linear = nlinear if fold.fit == ((0, TRAIN_END),) else NLinear.fit(*splits.fold_windows(fold.fit, base.horizon), nlinear.ridge)
+        x, y = splits.windows_in(*fold.score, base.horizon)
+        linear_pred = linear.predict(x)
+        scored[fold.name] = (fold, linear, x, y, linear_pred, mse_mae(linear_pred, y)["mse"])
+    trials = []
+    for values in itertools.product(*SEARCH_SPACE.values()):
+        point = dict(zip(SEARCH_SPACE, values))
+        cfg = replace(base, seed=seed, members=1, strength=1.0, **point)
+        per_fold = {}
+        for name, (fold, linear, x, y, linear_pred, linear_mse) in scored.items():
+            if fold.stop is not None:
+                model, _ = train(cfg, splits, linear, log=lambda *_: None, fold=fold)
+                correction = _predict(model, x) - linear_pred  # (W, H)
+            elif per_fold["official"]["best_epoch"] > 0:  # as many epochs as the official fold kept
+                model, _ = train(replace(cfg, epochs=per_fold["official"]["best_epoch"]), splits, linear, log=lambda *_: None, fold=fold)
+                correction = _predict(model, x) - linear_pred
+            else:  # the official fold kept no correction: neither does this one (and the point is not eligible)
+                model, correction = None, np.zeros_like(linear_pred)
+            per_fold[name] = {"best_epoch": model.best_epoch if model is not None else 0, "linear_mse": linear_mse,
+                              "mse": {a: mse_mae(linear_pred + a * correction, y)["mse"] for a in STRENGTHS}}
+        for a in STRENGTHS:
+            ratios = {name: f["mse"][a] / f["linear_mse"] for name, f in per_fold.items()}
+            trials.append({**point, "strength": a, "score": float(np.mean(list(ratios.values()))), "fold_ratio": ratios,
+                           "fold_mse": {name: f["mse"][a] for name, f in per_fold.items()},
+                           "fold_linear_mse": {name: f["linear_mse"] for name, f in per_fold.items()},
+                           "best_epoch": {name: f["best_epoch"] for name, f in per_fold.items()},
+                           "has_lstm": per_fold["official"]["best_epoch"] > 0,
+                           "improves_every_fold": all(r < 1.0 - 1e-6 for r in ratios.values())})
+        log(f"  folds H={base.horizon} {point}: " + "; ".join(
+            f"{name} {f['linear_mse']:.5f} -> " + "/".join(f"{f['mse'][a]:.5f}" for a in STRENGTHS) + f" (epoch {f['best_epoch']})"
+            for name, f in per_fold.items()) + f"  [strength {'/'.join(f'{a:g}' for a in STRENGTHS)}]")
+    eligible = ([t for t in trials if t["has_lstm"] and t["improves_every_fold"]]
+                or [t for t in trials if t["has_lstm"]] or trials)
+    best = min(eligible, key=lambda t: t["score"])
+    chosen = replace(base, strength=best["strength"], **{k: best[k] for k in SEARCH_SPACE})
+    log(f"  chosen H={base.horizon}: {', '.join(f'{k}={best[k]}' for k in SEARCH_SPACE)}, strength {best['strength']:g}; "
+        f"mean fold ratio {best['score']:.4f} (" + ", ".join(f"{k} {v:.4f}" for k, v in best["fold_ratio"].items()) + ")")
+    return chosen, trials
 
 
 def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: Path, command: str, *,
@@ -429,24 +554,18 @@ def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: P
     log(f"H={horizon}: repeat-last val {repeat_last['validation']['mse']:.4f}; NLinear (closed form, ridge "
         f"{nlinear.ridge:g}) val {closed_form['validation']['mse']:.4f}")
 
-    # Hyperparameters: validation MSE of seed 0 over a small grid (the test rows are not looked at).
+    # Hyperparameters and strength: the selection folds (rows < 11520 only; the test rows are not looked at).
     trials = []
     chosen = base
     if search:
-        best_val = None
-        for values in itertools.product(*SEARCH_SPACE.values()):
-            point = dict(zip(SEARCH_SPACE, values))
-            cfg = replace(base, seed=seeds[0], **point)
-            model, _ = train(replace(cfg, members=1), splits, nlinear, log=lambda *_: None)  # one member per point: cheaper
-            trials.append({**point, "val_mse": model.best_val, "best_epoch": model.best_epoch})
-            log(f"  search H={horizon} {point}: val {model.best_val:.5f} (epoch {model.best_epoch})")
-            if best_val is None or model.best_val < best_val:
-                best_val, chosen = model.best_val, cfg
+        chosen, trials = select_by_folds(splits, base, nlinear, seeds[0], log=log)
 
     runs = []
     for seed in seeds:
         cfg = replace(chosen, seed=seed)
-        model, history = train_ensemble(cfg, splits, nlinear, log=log)
+        model, history = train_ensemble(replace(cfg, strength=1.0), splits, nlinear, log=log)  # trained at full strength
+        set_strength(model, cfg.strength)  # then scaled as the folds chose
+        model.best_val = _mse(model, *(_torch().from_numpy(a[..., None]) for a in splits.windows("val", horizon)))
         folder = models_dir / f".etth1-h{horizon}-seed{seed}"
         extra = {"repeat_last": repeat_last, "nlinear_closed_form": closed_form,
                  "published": {k: {"mse": v[horizon][0], "mae": v[horizon][1]} for k, v in PUBLISHED.items()}}
@@ -468,6 +587,8 @@ def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: P
         if r is not chosen_run and r["folder"].exists():
             shutil.rmtree(r["folder"])
         r["folder"] = str(final) if r is chosen_run else None
+    chosen_trial = next((t for t in trials if t["strength"] == chosen.strength
+                         and all(t[k] == getattr(chosen, k) for k in SEARCH_SPACE)), None)
     test_mse = np.array([r["test"]["mse"] for r in runs])
     test_mae = np.array([r["test"]["mae"] for r in runs])
     val_mse = np.array([r["validation"]["mse"] for r in runs])
@@ -476,6 +597,7 @@ def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: P
         "repeat_last": repeat_last, "nlinear_closed_form": closed_form,
         "published": {k: {"mse": v[horizon][0], "mae": v[horizon][1]} for k, v in PUBLISHED.items()},
         "search": trials, "config": asdict(chosen),
+        "chosen_trial": chosen_trial,
         "seeds": [{k: v for k, v in r.items()} for r in runs],
         "model": {"bundle": str(final), "seed": chosen_run["seed"], "validation": chosen_run["validation"], "test": chosen_run["test"],
                   "test_mse_mean": float(test_mse.mean()), "test_mse_std": float(test_mse.std()),
@@ -485,7 +607,11 @@ def run_horizon(splits: EttSplits, horizon: int, seeds: list[int], models_dir: P
                      "with_lstm_val_mse_per_seed": [r["validation"]["mse"] for r in runs],
                      # per seed: did the LSTM branch lower validation MSE beyond float32 noise? (all-zero heads, i.e.
                      # early stopping at epoch 0 in every member, give the linear path's figure to ~1e-6)
-                     "lstm_improves_validation": [bool(v < closed_form["validation"]["mse"] - 1e-5) for v in val_mse]},
+                     "lstm_improves_validation": [bool(v < closed_form["validation"]["mse"] - 1e-5) for v in val_mse],
+                     "selection_folds": None if not trials else {
+                         name: {"linear_path_mse": chosen_trial["fold_linear_mse"][name], "with_lstm_mse": chosen_trial["fold_mse"][name],
+                                "lstm_improves": bool(chosen_trial["fold_mse"][name] < chosen_trial["fold_linear_mse"][name] - 1e-6)}
+                         for name in chosen_trial["fold_mse"]}},
         "seconds": round(time.perf_counter() - began, 1),
     }
 
@@ -515,7 +641,12 @@ def markdown_table(results: list[dict], meta: dict) -> str:
     row("repeat last value", [f"{r['repeat_last']['validation']['mse']:.4f}" for r in results])
     row("linear path alone (closed-form NLinear)", [f"{r['nlinear_closed_form']['validation']['mse']:.5f}" for r in results])
     row("with the LSTM, per seed", [", ".join(f"{v:.5f}" for v in r["ablation"]["with_lstm_val_mse_per_seed"]) for r in results])
-    row("chosen (decoder, segment, hidden)", [f"{r['config']['decoder']}, {r['config']['segment']}, {r['config']['hidden_size']}" for r in results])
+    row("chosen (decoder, segment, hidden, strength)",
+        [f"{r['config']['decoder']}, {r['config']['segment']}, {r['config']['hidden_size']}, {r['config']['strength']:g}" for r in results])
+    for fold in ("official", "winter"):
+        row(f"selection fold {fold}: linear path -> with the LSTM (seed {meta['seeds'][0]}, one member)",
+            [f"{r['chosen_trial']['fold_linear_mse'][fold]:.5f} -> {r['chosen_trial']['fold_mse'][fold]:.5f}"
+             if r.get("chosen_trial") else "-" for r in results])
     return "\n".join(lines) + "\n"
 
 
