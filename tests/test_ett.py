@@ -3,6 +3,7 @@ SegmentLSTM bundle through the daemon's loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -69,12 +70,14 @@ def test_untrained_segment_lstm_is_exactly_the_linear_path(splits):
         np.testing.assert_allclose(got, nlinear.predict(x_val[:64]), atol=2e-5)
 
 
-@pytest.mark.parametrize("decoder", ["last", "pmr"])
-def test_trained_bundle_runs_in_the_daemon_loader(splits, tmp_path, decoder):
-    """A briefly trained SegmentLSTM exports, loads with agent.model.load_bundle, and its metrics are the loader's."""
-    cfg = ett.EttConfig(horizon=96, decoder=decoder, hidden_size=8, epochs=1, patience=1, threads=1)
+@pytest.mark.parametrize("decoder, strength", [("last", 1.0), ("pmr", 0.5)])
+def test_trained_bundle_runs_in_the_daemon_loader(splits, tmp_path, decoder, strength):
+    """A briefly trained SegmentLSTM (its strength set after training, as the benchmark does) exports, loads with
+    agent.model.load_bundle, and its metrics are the loader's."""
+    cfg = ett.EttConfig(horizon=96, decoder=decoder, hidden_size=8, epochs=1, patience=1, threads=1, strength=strength)
     nlinear, _ = ett.select_nlinear(splits, cfg.horizon)
-    model, history = ett.train(cfg, splits, nlinear, log=lambda *_: None)
+    model, history = ett.train(dataclasses.replace(cfg, strength=1.0), splits, nlinear, log=lambda *_: None)
+    ett.set_strength(model, strength)
     assert [h["epoch"] for h in history] == [0, 1]
     manifest = ett.write_ett_bundle(model, cfg, splits, tmp_path / "etth1-h96", command="pytest", history=history, extra={})
     assert manifest["scaler"]["params"]["OT"] == {"mean": splits.mean, "std": splits.std}
@@ -90,6 +93,7 @@ def test_trained_bundle_runs_in_the_daemon_loader(splits, tmp_path, decoder):
     np.testing.assert_allclose(bundle.predict(x_raw[:32, :, None])[..., 0], expected, atol=1e-3)  # degrees
     assert manifest["metrics"]["test"]["windows"] == 2785
     assert manifest["metrics"]["validation"]["mse"] <= history[0]["val_mse"] + 1e-6  # the best epoch is kept
+    assert manifest["architecture"]["strength"] == manifest["training"]["config"]["strength"] == strength
 
 
 def test_bad_data_gets_a_clear_error(tmp_path):
@@ -108,3 +112,80 @@ def test_bad_data_gets_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "training", "benchmark", "ett", "--data", str(tmp_path / "nope.csv")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not found" in done.stderr
+
+
+def test_selection_folds_read_no_test_row_and_hold_the_winter_out(splits):
+    """Every fold lives in rows < 11520; the winter fold's training windows never touch its scored windows; the
+    held-out block is 2017-01-01 00:00 (minus the 336 h of inputs) to 2017-02-28 23:00."""
+    import csv
+
+    official, winter = ett.selection_folds()
+    assert official.fit == ((0, ett.TRAIN_END),) and official.stop == official.score == splits.segment("val")
+    assert winter.stop is None  # trained for the official fold's epoch count
+    for fold in (official, winter):
+        rows = [*fold.fit, fold.score] + ([fold.stop] if fold.stop else [])
+        assert all(0 <= start < end <= ett.VAL_END for start, end in rows)
+    score_start, score_end = winter.score
+    assert (score_start, score_end) == (ett.WINTER_BLOCK[0] - ett.LOOKBACK, ett.WINTER_BLOCK[1])
+    assert all(end <= score_start or start >= score_end for start, end in winter.fit)  # no overlap, inputs included
+    with ett.DEFAULT_DATA.open(newline="") as fh:
+        dates = [row[0] for _, row in zip(range(ett.WINTER_BLOCK[1] + 2), csv.reader(fh))][1:]  # row i = dates[i]
+    assert dates[ett.WINTER_BLOCK[0]] == "2017-01-01 00:00:00" and dates[ett.WINTER_BLOCK[1]] == "2017-03-01 00:00:00"
+    x, y = splits.fold_windows(winter.fit, 96)
+    assert len(x) == (score_start - 336 - 96 + 1) + (ett.TRAIN_END - score_end - 336 - 96 + 1)
+    assert y.shape == (len(x), 96)
+
+
+def test_strength_scales_the_lstm_correction(splits):
+    """forecast = linear path + strength x correction, for one model and for an average of members."""
+    horizon = 96
+    nlinear, _ = ett.select_nlinear(splits, horizon)
+    x_val, _ = splits.windows("val", horizon)
+    x = torch.from_numpy(x_val[:16, :, None])
+    torch.manual_seed(3)
+    members = [ett.build_model(ett.EttConfig(horizon=horizon, hidden_size=8, decoder=d), nlinear).eval() for d in ("last", "pmr")]
+    for member in members:
+        torch.nn.init.normal_(member.head.weight, std=0.1)  # a nonzero correction
+    model = ett.build_average(members)
+    linear = nlinear.predict(x_val[:16])
+    with torch.no_grad():
+        full = model(x)[..., 0].numpy()
+        ett.set_strength(model, 0.25)
+        quarter = model(x)[..., 0].numpy()
+    assert np.abs(full - linear).max() > 1e-3
+    np.testing.assert_allclose(quarter - linear, 0.25 * (full - linear), atol=2e-5)
+    assert model.describe()["strength"] == 0.25
+    with pytest.raises(ValueError, match="strength"):
+        ett.build_model(ett.EttConfig(horizon=horizon, hidden_size=8, strength=0.0), nlinear)
+
+
+def test_fold_selection_end_to_end_on_a_tiny_grid(splits, monkeypatch):
+    """select_by_folds: one tiny grid point x the strengths, both folds scored, the winter fold trained for the
+    official fold's epoch count, and the choice made by the declared rule."""
+    monkeypatch.setattr(ett, "SEARCH_SPACE", {"decoder": ("last",), "segment": (48,), "hidden_size": (8,)})
+    base = ett.EttConfig(horizon=96, epochs=2, patience=2, threads=1)
+    nlinear, _ = ett.select_nlinear(splits, 96)
+    chosen, trials = ett.select_by_folds(splits, base, nlinear, seed=0, log=lambda *_: None)
+    assert [t["strength"] for t in trials] == list(ett.STRENGTHS)
+    for t in trials:
+        assert set(t["fold_ratio"]) == {"official", "winter"}
+        assert t["score"] == pytest.approx(np.mean(list(t["fold_ratio"].values())))
+        epochs = t["best_epoch"]
+        assert epochs["winter"] == epochs["official"]  # the winter fold trains as long as the official one kept
+    x_val, y_val = splits.windows("val", 96)
+    assert trials[0]["fold_linear_mse"]["official"] == pytest.approx(ett.mse_mae(nlinear.predict(x_val), y_val)["mse"])
+    eligible = ([t for t in trials if t["has_lstm"] and t["improves_every_fold"]]
+                or [t for t in trials if t["has_lstm"]] or trials)
+    best = min(eligible, key=lambda t: t["score"])
+    assert (chosen.strength, chosen.decoder, chosen.segment, chosen.hidden_size) == (best["strength"], "last", 48, 8)
+
+
+def test_fixed_length_training_keeps_the_last_epoch(splits):
+    """A fold without stop rows trains exactly cfg.epochs epochs and keeps the last state."""
+    nlinear, _ = ett.select_nlinear(splits, 96)
+    fold = ett.Fold("fixed", ((0, 2000),), None, (2000, 3000))
+    model, history = ett.train(ett.EttConfig(horizon=96, hidden_size=8, epochs=2, patience=1), splits, nlinear,
+                               log=lambda *_: None, fold=fold)
+    assert [h["epoch"] for h in history] == [0, 1, 2] and model.best_epoch == 2
+    assert np.isnan(model.best_val)
+    assert float(model.head.weight.detach().abs().sum()) > 0  # trained: the head left zero
