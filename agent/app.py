@@ -7,9 +7,9 @@
            whatever was not acknowledged stays in the outbox for the next start.
 
 paho's network thread only parses and enqueues (`_on_message`), waiting a bounded time for room when the
-queue is full (backpressure: paho stops reading, readings wait at the broker); numpy and onnxruntime run on the
-worker thread, which hands each batch to the publisher thread for scoring, encoding, sending and the outbox (they
-overlap the model's next batch; order is kept). Alerts (and, by configuration, forecasts) are written to the
+queue is full (backpressure: paho stops reading, readings wait at the broker); the worker thread puts each batch
+into the windows, the model thread runs onnxruntime on it, and the publisher thread scores, encodes, sends and
+writes the outbox (the three overlap on successive batches; order is kept). Alerts (and, by configuration, forecasts) are written to the
 outbox in one transaction per batch and leave it only when the broker acknowledged them. A new model bundle
 (SIGHUP or a change in the model folder) is loaded and verified beside the running one on the watcher thread and
 swapped in by the worker between two batches (once the publisher is idle); per-device windows restart with the new
@@ -24,6 +24,7 @@ the next start).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import queue
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import payloads
 from .config import Settings
@@ -43,6 +45,9 @@ from .events import AlertEvent, Forecast, Rejected, Rejection, Sample
 from .mqtt import MqttLink, Retained
 from .notify import Notifier
 from .outbox import Forwarder, Message, Outbox
+
+if TYPE_CHECKING:  # the pipeline (numpy, onnxruntime) is imported when the agent starts
+    from .pipeline import Pipeline, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ STOP_DRAIN_TIMEOUT_S = 20.0
 STOP_ACK_TIMEOUT_S = 5.0
 STATS_LOG_EVERY_S = 60.0
 STATUS_EVERY_S = 5.0  # sd_notify STATUS= refresh when no watchdog is configured
-# A reading reaches its forecast through three threads (network, worker, publisher); a thread that wants the GIL
+# A reading reaches its forecast through four threads (network, worker, model, publisher); a thread that wants the GIL
 # waits up to one switch interval while another runs Python: 1 ms instead of CPython's 5 ms bounds those waits.
 GIL_SWITCH_INTERVAL_S = 0.001
 
@@ -134,7 +139,10 @@ class Agent:
         self.ingest = None
         self.link: MqttLink | None = None
         self._queue: SampleQueue = SampleQueue(maxsize=settings.ingest.queue_size)
-        # Worker -> publisher: (the pipeline's function that finishes a batch, samples, bundle), or None to stop.
+        # Worker -> model thread: (pipeline, a batch after its phase 1, samples, bundle, clock), or None to stop.
+        # One waiting at most: the worker updates the windows of the next batch while the model runs.
+        self._inference: queue.Queue[tuple[Pipeline, Prepared, int, object, float] | None] = queue.Queue(maxsize=1)
+        # Model thread -> publisher: (the pipeline's function that finishes a batch, samples, bundle), or None.
         # Two batches at most: the model runs on the next batch while the publisher scores, encodes and sends.
         self._outgoing: queue.Queue[tuple[Callable[[], list], int, object] | None] = queue.Queue(maxsize=2)
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
@@ -186,6 +194,7 @@ class Agent:
             self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
         control = self._make_control_parts()
         self._publisher = self._spawn("edgecast-publisher", self._publish_loop)
+        self._model_thread = self._spawn("edgecast-model", self._infer_loop)
         self._worker = self._spawn("edgecast-worker", self._work)
         self._spawn("edgecast-errors-flush", self._periodic_jobs)
         try:
@@ -250,7 +259,7 @@ class Agent:
             if not self.forwarder.wait_delivered(STOP_ACK_TIMEOUT_S):
                 log.warning("outbox: %d messages not delivered before shutdown; they are sent after the next start", self.outbox.count)
         self._stop_forwarder.set()
-        for thread in self._threads[2:]:  # after the publisher and the worker
+        for thread in self._threads[3:]:  # after the publisher, the model thread and the worker
             thread.join(5.0)
         link.stop(Retained(self.status_topic, self._status_payload("offline")), STOP_ACK_TIMEOUT_S)
         if self.outbox is not None:
@@ -300,7 +309,7 @@ class Agent:
         limit = self.settings.health.max_stall_s
         now = time.monotonic()
         if now - self._worker_beat > limit:
-            return False, f"worker stalled for {now - self._worker_beat:.0f}s (in the model, or waiting for the publisher thread)"
+            return False, f"worker stalled for {now - self._worker_beat:.0f}s (or waiting for the model and publisher threads)"
         if self.forwarder is not None and now - self.forwarder.beat > limit:
             return False, f"outbox forwarder stalled for {now - self.forwarder.beat:.0f}s"
         if self.link is not None and not self.link.loop_alive():
@@ -505,14 +514,16 @@ class Agent:
         try:
             self._work_until_drained()
         finally:
-            self._outgoing.put(None)
+            self._inference.put(None)
+            self._model_thread.join()
             self._publisher.join()
 
     def _work_until_drained(self) -> None:
         while True:
             self._worker_beat = time.monotonic()
             if self._pending_bundle is not None:
-                self._outgoing.join()  # the publisher owns the open-alert lists until it is idle
+                self._inference.join()  # the model thread has handed on every batch of the running model,
+                self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
                 self._swap_bundle()
             batch = self._queue.get_many(WORKER_BATCH_MAX, WORKER_POLL_S)
             if not batch:
@@ -527,8 +538,29 @@ class Agent:
 
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
-        finish = self.pipeline.process(batch, self.clock(), finish_later=True)
-        self._outgoing.put((finish, len(batch), self.bundle))
+        self._inference.put((self.pipeline, self.pipeline.prepare(batch), len(batch), self.bundle, self.clock()))
+
+    # -- model thread ----------------------------------------------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        """Run the model on each prepared batch, in order, and hand it to the publisher; onnxruntime releases
+        the GIL, so this thread keeps one core on the model while the others' Python runs on the other."""
+        while True:
+            item = self._inference.get()
+            try:
+                if item is None:
+                    self._outgoing.put(None)
+                    return
+                pipeline, prepared, samples, bundle, now = item
+                try:
+                    forecasts = pipeline.infer(prepared)
+                except Exception:  # a bug on one batch must not end the daemon
+                    self.counters.add("worker_errors")
+                    log.exception("the model failed on a batch of %d samples", samples)
+                    continue
+                self._outgoing.put((functools.partial(pipeline.finish, prepared, forecasts, now), samples, bundle))
+            finally:
+                self._inference.task_done()
 
     # -- publisher thread ------------------------------------------------------------------------------------
 

@@ -185,7 +185,7 @@ class AgentMetrics:
         self.address: tuple[str, int] | None = None
 
     def observe_inference(self, batch: int, seconds: float) -> None:
-        """Called after every model call (on the worker thread): cheap, lock-free enough for the hot path."""
+        """Called after every model call (on the model thread): cheap, lock-free enough for the hot path."""
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(batch)
 

@@ -159,7 +159,19 @@ class Bundle:
         """Raw model call: (B, L, F) scaled float32 -> (B, H, T) scaled float32."""
         return self.session.run([self.output_name], {self.input_name: x_scaled})[0]
 
-    # Told (batch size, seconds) after every predict(); the daemon's metrics set it. None: nothing measured.
+    def scale_inputs(self, x: np.ndarray) -> None:
+        """In place: (B, L, F) float32 in original units -> the model's input units (the same operations as
+        predict(), so the same values)."""
+        x *= self._inv_scale32
+        x += self._shift32
+
+    def unscale_outputs(self, y: np.ndarray) -> np.ndarray:
+        """(B, H, T) float32 model outputs -> original units, in place (returned)."""
+        y *= self._tscale32
+        y += self._toffset32
+        return y
+
+    # Told (batch size, seconds) after every model call; the daemon's metrics set it. None: nothing measured.
     observer: Callable[[int, float], None] | None = None
 
     def predict(self, x_raw: np.ndarray) -> np.ndarray:
@@ -170,9 +182,7 @@ class Bundle:
             raise ValueError(f"predict expects (batch, {self.lookback}, {self.n_features}), got {x.shape}")
         scaled = x * self._inv_scale32  # (B, L, F)
         scaled += self._shift32
-        y = self.run_scaled(scaled)  # (B, H, T)
-        y *= self._tscale32
-        y += self._toffset32
+        y = self.unscale_outputs(self.run_scaled(scaled))  # (B, H, T)
         if self.observer is not None:
             self.observer(x.shape[0], time.perf_counter() - started)
         return y
@@ -266,6 +276,10 @@ def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes |
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # No CPU arena or memory pattern: batch sizes change from call to call, and the arena kept ~6 MiB more
+    # resident for no measurable speed (docs/benchmarks.md).
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     try:
         session = ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

@@ -9,17 +9,18 @@ several slots of the same device (a backlog after a reconnect, or a replay chunk
    calibration's `score_steps`; docs/contracts.md), then the forecasts made at that slot are emitted.
 The result is identical however the samples are split into calls.
 
-The daemon asks for phase 3 to be left to it (`finish_later`): its worker thread then runs the model on the next
-call while its publisher thread scores and emits the previous one. Phases 1-2 touch only the windows and the batch
-buffer, phase 3 only the detector and the ring of past forecasts; the two meet only when new devices grow the
-per-device arrays, under a lock.
+The daemon runs the phases on three threads (`prepare`, `infer`, `finish`: worker, model, publisher), each a
+different call at a time: phase 1 touches only the windows and the call's own batch array, phase 2 only that
+array and the model, phase 3 only the detector and the ring of past forecasts; phases 1 and 3 meet only when new
+devices grow the per-device arrays, under a lock. `process` runs all three (replay, tests).
 """
 
 from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +35,17 @@ Event = Forecast | AlertEvent | Rejection
 
 _COMMIT, _FORECAST, _REJECT = 0, 1, 2
 _KEY_SPAN = 1 << 34  # (device, slot) -> one int64 key: device * span + slot (slots are < 2**34)
+
+
+@dataclass
+class Prepared:
+    """One call after phase 1: its log, the forecasts it is due (device, slot, batch row, usable for scoring)
+    and their windows."""
+
+    log: list[tuple]
+    call_forecasts: list[tuple[int, int, int, bool]]
+    windows: np.ndarray  # (>= n_windows, L, F)
+    n_windows: int
 
 
 class Trace(Protocol):
@@ -80,19 +92,24 @@ class Pipeline:
         except (TypeError, ValueError) as exc:
             raise BundleError(f"manifest.calibration: {exc}") from None
         self.detector = AlertDetector.from_settings(scorer, calibration, bundle.targets, settings.detect, salt=bundle.sha256[:16])
-        # Past forecasts per device, for multi-step scoring: a ring over the last `ring` forecast slots, each
-        # holding the forecasts of the looked-up steps (step 1 always, for the replay's `expected` column).
+        # Past forecasts per device, for multi-step scoring: those made in the last `ring` slots, each holding the
+        # forecasts of the looked-up steps (step 1 always, for the replay's `expected` column). A device's
+        # forecasts are at least `spacing` = min(stride, lookback) slots apart, so the one made at slot s sits
+        # at (s // spacing) % positions, and positions = ceil(ring / spacing) + 1 keeps apart any two that are
+        # needed at once (stride 8: 3 forecasts kept instead of 10).
         self.lookup_steps = sorted({1, *scorer.steps})
         self._score_cols = np.array([self.lookup_steps.index(k) for k in scorer.steps])  # (S,)
         self._lookup_index = np.array(self.lookup_steps) - 1  # (S',) horizon index of each looked-up step
         self.ring = max(self.lookup_steps)
+        self._spacing = max(1, min(self.stride, self.lookback))
+        self._positions = min(self.ring, -(-self.ring // self._spacing) + 1)
         self._capacity = 0
         self._grow(self.windows.capacity)
         self._horizon_steps = np.arange(1, self.horizon + 1, dtype=np.float64) * self.period_s  # (H,)
-        # Phase-1 log and forecasts of the call being prepared (a new list per call: the previous call's may still
-        # be finishing on another thread); the batch buffer is reused (the model has read it before a call ends).
+        # Phase-1 log, batch and forecasts of the call being prepared (new ones per call: the previous call's may
+        # still be in the model or finishing on another thread).
         self._log: list[tuple] = []
-        self._batch = np.empty((max(1, min(self.max_batch, 64)), bundle.lookback, bundle.n_features), dtype=np.float32)  # (N, L, F)
+        self._batch = np.empty((1, bundle.lookback, bundle.n_features), dtype=np.float32)  # (N, L, F)
         self._n_batch = 0
         self._current = 0
         self._call_forecasts: list[tuple[int, int, int, bool]] = []  # (device, slot, batch row, usable for scoring)
@@ -102,9 +119,9 @@ class Pipeline:
 
     # -- per-device arrays beside the window store --------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
-        T, R, S = self.bundle.n_targets, self.ring, len(self.lookup_steps)
+        T, R, S = self.bundle.n_targets, self._positions, len(self.lookup_steps)
         fresh = {
-            "past": np.zeros((capacity, R, S, T), dtype=np.float32),  # forecasts made at slot s, at index s % R
+            "past": np.zeros((capacity, R, S, T), dtype=np.float32),  # forecast made at slot s: (s // spacing) % R
             "past_slot": np.full((capacity, R), NO_SLOT, dtype=np.int64),  # the slot each was made at
             "past_ok": np.zeros((capacity, R), dtype=bool),  # made from a window fit for scoring
         }
@@ -150,23 +167,21 @@ class Pipeline:
         self._log.append((_FORECAST, self._current, d, slot, n, completeness))
 
     # -- the entry point ------------------------------------------------------------------------------------------
-    def process(self, samples: list[Sample], now: float, trace: Trace | None = None,
-                finish_later: bool = False) -> list[Event] | Callable[[], list[Event]]:
-        """Samples in arrival order -> events in the same order (per sample: rejection | score alerts, forecast).
+    def process(self, samples: list[Sample], now: float, trace: Trace | None = None) -> list[Event]:
+        """Samples in arrival order -> events in the same order (per sample: rejection | score alerts, forecast)."""
+        prepared = self.prepare(samples)
+        return self.finish(prepared, self.infer(prepared), now, trace)
 
-        With `finish_later`, phases 1-2 run now and a function is returned that runs phase 3 and returns the
-        events; the functions of successive calls must be called in call order, on any one thread.
-        """
-        log, call_forecasts, forecasts = self._prepare(samples)
-        if finish_later:
-            return lambda: self._finish(log, call_forecasts, forecasts, now, trace)
-        return self._finish(log, call_forecasts, forecasts, now, trace)
+    def prepare(self, samples: list[Sample]) -> Prepared:
+        """Phase 1: the samples into the windows; the windows due for a forecast copied into a batch of their own.
 
-    def _prepare(self, samples: list[Sample]) -> tuple[list[tuple], list[tuple], np.ndarray | None]:
-        """Phases 1-2: windows, then the model on every window that advanced."""
+        The daemon runs the phases on three threads, one call each at a time, in call order: prepare (worker),
+        infer (model thread), finish (publisher). Each call gets its own batch array, so the next call's
+        windows are copied while the model still reads this one's."""
         log = self._log = []
         self._call_forecasts = []
         self._n_batch = 0
+        self._batch = np.empty((max(1, min(len(samples), 4096)), self.lookback, self.bundle.n_features), dtype=np.float32)  # (N, L, F)
         windows = self.windows
         reordered = windows.reordered
         for i, sample in enumerate(samples):
@@ -183,29 +198,39 @@ class Pipeline:
                 log.append((_REJECT, i, Rejection(exc.reason, exc.detail, exc.device)))
         self.counters["samples"] += len(samples)
         self.counters["reordered"] += windows.reordered - reordered
-        return log, self._call_forecasts, self._infer(self._n_batch)
+        if self._n_batch:
+            self.bundle.scale_inputs(self._batch[: self._n_batch])  # here, so that the model thread only runs the model
+        return Prepared(log, self._call_forecasts, self._batch, self._n_batch)
 
-    def _finish(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
-                trace: Trace | None) -> list[Event]:
-        """Phase 3."""
-        with self._state_lock:
-            return self._emit(log, call_forecasts, forecasts, now, trace)
-
-    def _infer(self, n: int) -> np.ndarray | None:
+    def infer(self, prepared: Prepared) -> np.ndarray | None:
+        """Phase 2: the model on the call's windows, `inference.max_batch` at a time -> (N, H, T) in original
+        units, or None. Nothing but the model calls between them: each numpy operation here would let go of the
+        GIL and wait to get it back from the other threads."""
+        n = prepared.n_windows
         if n == 0:
             return None
-        out = np.empty((n, self.horizon, self.bundle.n_targets), dtype=np.float32)  # (N, H, T)
+        bundle = self.bundle
+        chunks = []
         for start in range(0, n, self.max_batch):
-            stop = min(n, start + self.max_batch)
-            out[start:stop] = self.bundle.predict(self._batch[start:stop])
-            self.counters["batches"] += 1
+            began = time.perf_counter()
+            chunks.append(bundle.run_scaled(prepared.windows[start : min(n, start + self.max_batch)]))  # (n_i, H, T)
+            if bundle.observer is not None:
+                bundle.observer(len(chunks[-1]), time.perf_counter() - began)
+        out = bundle.unscale_outputs(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))  # (N, H, T)
+        self.counters["batches"] += len(chunks)
         self.counters["inferences"] += n
         return out
+
+    def finish(self, prepared: Prepared, forecasts: np.ndarray | None, now: float, trace: Trace | None = None) -> list[Event]:
+        """Phase 3: scores, alert state, events (in the order of the call's samples)."""
+        with self._state_lock:
+            return self._emit(prepared.log, prepared.call_forecasts, forecasts, now, trace)
 
     def _past_forecasts(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None):
         """For every commit of the call: the forecasts made 1..k periods earlier for its slot.
 
-        Returns (observed (K, T), looked-up forecasts (K, S', T) NaN where none, usable (K, S') bool), or None.
+        Returns (observed (K, T), looked-up forecasts (K, S', T) NaN where none, usable (K, S') bool, devices (K,),
+        observed slot (K,) bool), or None.
         Forecasts of this call come from `forecasts` (matched by (device, slot) with a sorted key search), older
         ones from the per-device ring.
         """
@@ -213,14 +238,14 @@ class Pipeline:
         if not commits:
             return None
         K, S, T = len(commits), len(self.lookup_steps), self.bundle.n_targets
-        _, _, device_column, slot_column, _, observed_column = zip(*commits)  # columns of the log, transposed in C
+        _, _, device_column, slot_column, observed_flags, observed_column = zip(*commits)  # log columns, transposed in C
         devices = np.array(device_column, dtype=np.int64)
         slots = np.array(slot_column, dtype=np.int64)
         observed = np.array(observed_column, dtype=np.float64)  # (K, T)
         steps = np.array(self.lookup_steps, dtype=np.int64)  # (S',)
         want = slots[:, None] - steps  # (K, S') slot each forecast was made at
         # Older forecasts: the ring.
-        pos = want % self.ring
+        pos = (want // self._spacing) % self._positions
         dev = np.broadcast_to(devices[:, None], want.shape)
         found = self.past_slot[dev, pos] == want  # (K, S')
         usable = found & self.past_ok[dev, pos]
@@ -239,7 +264,7 @@ class Pipeline:
             rows = call[order[at], 2]
             expected[hit] = forecasts[rows[hit], self._lookup_index[cols[hit]]]
             usable = np.where(hit, call[order[at], 3].astype(bool), usable)
-        return observed, expected, usable
+        return observed, expected, usable, devices, np.array(observed_flags, dtype=bool)
 
     def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
               trace: Trace | None) -> list[Event]:
@@ -250,13 +275,21 @@ class Pipeline:
         period = self.period_s
         looked_up = self._past_forecasts(log, call_forecasts, forecasts)
         if looked_up is not None:
-            observed_rows, expected_all, usable = looked_up
+            observed_rows, expected_all, usable, devices, observed_slot = looked_up
             score_expected = expected_all[:, self._score_cols]  # (K, S, T)
             score_usable = usable[:, self._score_cols]  # (K, S)
             z_rows = scorer.z_steps(observed_rows, np.where(score_usable[:, :, None], score_expected, np.nan))  # (K, S, T)
-            scorable = score_usable.any(axis=1).tolist()
+            scorable_rows = score_usable.any(axis=1)  # (K,)
+            scorable = scorable_rows.tolist()
             weighted_sq, missing = scorer.prepare(z_rows)  # (K, C), (K,)
             missing = missing.tolist()
+            # Samples of devices that stay quiet are scored all at once, the rest one by one below (a trace reads
+            # the detector's state after each sample, so with one they all go one by one).
+            handled = np.zeros(len(devices), dtype=bool)
+            if trace is None:
+                to_score = np.flatnonzero(scorable_rows & observed_slot)
+                handled[to_score] = detector.observe_quiet(devices[to_score], weighted_sq[to_score], observed_rows[to_score])
+            handled = handled.tolist()
             one_step = expected_all[:, 0]  # (K, T) lookup step 1
             has_one_step = ~np.isnan(one_step[:, 0])
         # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
@@ -272,12 +305,13 @@ class Pipeline:
                 _, i, d, slot, observed, _values = entry
                 if observed and scorable[k]:
                     scored += 1
-                    _, event = detector.observe(d, names[d], slot * period, observed_rows[k], score_expected[k], z_rows[k],
-                                                (weighted_sq[k], missing[k]))
-                    if event is not None:
-                        if event.state == "new":
-                            self.counters["alerts_opened"] += 1
-                        events.append(event)
+                    if not handled[k]:
+                        _, event = detector.observe(d, names[d], slot * period, observed_rows[k], score_expected[k], z_rows[k],
+                                                    (weighted_sq[k], missing[k]))
+                        if event is not None:
+                            if event.state == "new":
+                                self.counters["alerts_opened"] += 1
+                            events.append(event)
                 if trace is not None:
                     trace.on_slot(i, d, one_step[k] if has_one_step[k] else None, d in detector.open)
                 k += 1
@@ -310,13 +344,13 @@ class Pipeline:
         return events
 
     def _remember(self, call_forecasts: list[tuple], forecasts: np.ndarray) -> None:
-        """Keep each device's newest `ring` forecasts of this call for the next calls."""
+        """Keep the forecasts of this call that later calls may look up (made in each device's last `ring` slots)."""
         call = np.array(call_forecasts, dtype=np.int64)  # (N, 4)
         newest = np.full(self._capacity, NO_SLOT, dtype=np.int64)
         np.maximum.at(newest, call[:, 0], call[:, 1])
         keep = call[:, 1] > newest[call[:, 0]] - self.ring  # at most one per ring position and device
         call = call[keep]
-        pos = call[:, 1] % self.ring
+        pos = (call[:, 1] // self._spacing) % self._positions
         self.past[call[:, 0], pos] = forecasts[call[:, 2]][:, self._lookup_index]  # (N, S', T)
         self.past_slot[call[:, 0], pos] = call[:, 1]
         self.past_ok[call[:, 0], pos] = call[:, 3].astype(bool)

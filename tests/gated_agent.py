@@ -31,13 +31,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent = Agent(settings)
     agent.start()
-    real_process = agent.pipeline.process
+    real_prepare = agent.pipeline.prepare
 
-    def held(samples, now, *args, **kwargs):
+    def held(samples):
         release.wait()
-        return real_process(samples, now, *args, **kwargs)
+        return real_prepare(samples)
 
-    agent.pipeline.process = held
+    agent.pipeline.prepare = held
     while not stop.wait(0.05):
         stats = agent.stats()
         stats["connected"] = agent.link.connected.is_set()

@@ -172,16 +172,16 @@ def test_fault_publishes_alert_and_retained_active_list(start_agent, subscriber,
 def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subscriber, manifest, caplog):
     """An exception in the worker is logged with its traceback and counted; later samples are still served."""
     agent = start_agent()
-    real_process = agent.pipeline.process
+    real_prepare = agent.pipeline.prepare
     calls = {"n": 0}
 
-    def fail_once(samples, now, *args, **kwargs):  # fault injection: the first batch hits a bug
+    def fail_once(samples):  # fault injection: the first batch hits a bug
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected bug")
-        return real_process(samples, now, *args, **kwargs)
+        return real_prepare(samples)
 
-    agent.pipeline.process = fail_once
+    agent.pipeline.prepare = fail_once
     rows = healthy_rows(devices=1, rows=manifest["lookback"] + 3, seed=9)
     with caplog.at_level(logging.ERROR, logger="agent.app"):
         publish_rows(subscriber, rows[:1])
@@ -197,16 +197,16 @@ def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subsc
 def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscriber, manifest):
     """With the worker stuck and the ingest queue full, the MQTT thread waits (bounded), then rejects as queue_full."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 0.5})
-    real_process = agent.pipeline.process
+    real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()
 
-    def stuck(samples, now, *args, **kwargs):  # fault injection: a worker that is slow for a while
+    def stuck(samples):  # fault injection: a worker that is slow for a while
         entered.set()
         release.wait(30)
-        return real_process(samples, now, *args, **kwargs)
+        return real_prepare(samples)
 
-    agent.pipeline.process = stuck
+    agent.pipeline.prepare = stuck
     rows = healthy_rows(devices=1, rows=14, seed=10)
     publish_rows(subscriber, rows[:1])
     assert entered.wait(10), "the worker never took the first sample"
@@ -266,16 +266,16 @@ def test_broker_password_from_a_credentials_file(agent_settings, tmp_path, monke
 def test_slow_worker_slows_reads_and_loses_nothing(start_agent, subscriber, manifest):
     """Backpressure: with a full queue the MQTT thread stops reading (bounded wait); QoS 1 input waits, none dropped."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 10})
-    real_process = agent.pipeline.process
+    real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()
 
-    def slow(samples, now, *args, **kwargs):  # fault injection: inference falls behind for a while
+    def slow(samples):  # fault injection: inference falls behind for a while
         entered.set()
         release.wait(30)
-        return real_process(samples, now, *args, **kwargs)
+        return real_prepare(samples)
 
-    agent.pipeline.process = slow
+    agent.pipeline.prepare = slow
     rows = healthy_rows(devices=1, rows=manifest["lookback"] + 20, seed=12)
     publish_rows(subscriber, rows[:1])
     assert entered.wait(10)

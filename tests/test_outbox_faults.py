@@ -91,13 +91,13 @@ def test_alerts_raised_while_the_broker_is_down_arrive_after_it_restarts(restart
     try:
         assert agent.wait_connected(10)
         release = __import__("threading").Event()
-        real_process = agent.pipeline.process
+        real_prepare = agent.pipeline.prepare
 
-        def held(samples, now, *args, **kwargs):  # fault injection: the worker is behind when the broker dies
+        def held(samples):  # fault injection: the worker is behind when the broker dies
             release.wait(30)
-            return real_process(samples, now, *args, **kwargs)
+            return real_prepare(samples)
 
-        agent.pipeline.process = held
+        agent.pipeline.prepare = held
         rows = healthy_rows(**FAULT_ROWS)
         expected = expected_alerts(model_path, settings, rows)
         assert len(expected) >= 2, "the fault must raise alerts for this test to mean anything"

@@ -37,19 +37,22 @@ def run_one_by_one(pipeline: Pipeline, samples: list[Sample]) -> list:
 
 
 class PredictSpy:
-    """Wraps the real Bundle.predict and records the batch size of each call."""
+    """Wraps the real Bundle.run_scaled (the model call) and records the batch size of each call."""
 
     def __init__(self, bundle):
-        self.real, self.batches = bundle.predict, []
-        bundle.predict = self
+        self.bundle, self.real, self.batches = bundle, bundle.run_scaled, []
+        bundle.run_scaled = self
 
     def __call__(self, x):
         self.batches.append(x.shape[0])
         return self.real(x)
 
+    def remove(self):
+        del self.bundle.run_scaled  # the class's method again
+
 
 def test_due_devices_share_one_batched_predict(uni):
-    """Several devices whose windows advance in one call are forecast by one predict call with batch > 1."""
+    """Several devices whose windows advance in one call are forecast by one model call with batch > 1."""
     pipeline = make_pipeline(uni)
     warmup = [s for k in range(15) for s in (series_samples([10.0], f"dev-{d}", k)[0] for d in range(5))]
     pipeline.process(warmup, now=T0)
@@ -57,7 +60,7 @@ def test_due_devices_share_one_batched_predict(uni):
     try:
         events = pipeline.process([series_samples([10.0], f"dev-{d}", 15)[0] for d in range(5)], now=T0 + 900)
     finally:
-        del uni.predict  # back to the class method
+        spy.remove()
     assert spy.batches == [5]
     assert sorted(e.device for e in events if isinstance(e, Forecast)) == [f"dev-{d}" for d in range(5)]
     assert pipeline.stats()["batches"] == 1
@@ -71,7 +74,7 @@ def test_batches_are_chunked_by_max_batch(uni):
     try:
         pipeline.process(samples, now=T0)
     finally:
-        del uni.predict
+        spy.remove()
     assert spy.batches == [2, 2, 1]
 
 
@@ -313,3 +316,85 @@ def test_no_alerts_from_mostly_imputed_windows_even_with_large_deviations(uni):
     events = pipeline.process(sparse, now=T0)
     assert [e for e in events if isinstance(e, Forecast)]
     assert not [e for e in events if isinstance(e, AlertEvent)]
+
+
+def _detector_state(pipeline: Pipeline) -> dict:
+    detector = pipeline.detector
+    keys = ("ewma", "score", "scored", "over", "under", "cooldown", "first_over_ts", "first_under_ts", "last_value",
+            "repeats", "opens", "peak_z", "peak_expected", "peak_observed")
+    return {key: getattr(detector, key)[: len(pipeline.windows)].copy() for key in keys}
+
+
+@pytest.mark.parametrize("chunk", [97, 1024])
+def test_quiet_devices_scored_together_give_exactly_the_one_by_one_results(chunk):
+    """Scoring the samples of quiet devices all at once gives the same events and detector state, bit for bit, as scoring each sample on its own."""
+    synth = pytest.importorskip("training.synth")
+    bundle = load_bundle(PUMP_BUNDLE)
+    fleet = synth.generate_fleet(synth.FleetConfig(devices=6, hours=30, seed=1, faults="auto"))
+    rows = fleet.rows
+    assert {f["kind"] for f in fleet.schedule} >= {"stuck_sensor", "spikes"}  # flat lines and alerts are exercised
+    samples = [Sample(str(device), float(ts), {f: float(rows[f][k]) for f in bundle.features}, float(ts))
+               for k, (ts, device) in enumerate(zip(rows["ts"], rows["device"]))]
+    results = {}
+    for vectorized in (False, True):
+        pipeline = make_pipeline(bundle)
+        pipeline.detector.vectorize_quiet = vectorized
+        calls = []
+        real_observe = pipeline.detector.observe
+        pipeline.detector.observe = lambda *args, **kwargs: calls.append(1) or real_observe(*args, **kwargs)
+        events = []
+        for start in range(0, len(samples), chunk):  # several samples of one device per call
+            events += pipeline.process(samples[start : start + chunk], now=samples[start].ts)
+        results[vectorized] = (events, _detector_state(pipeline), len(calls), pipeline.counters["scored"])
+    (events_one, state_one, calls_one, scored_one), (events_all, state_all, calls_all, scored_all) = results[False], results[True]
+    assert [e for e in events_one if isinstance(e, AlertEvent)], "the fleet's faults open alerts"
+    assert events_all == events_one
+    for key, value in state_one.items():
+        np.testing.assert_array_equal(state_all[key], value, err_msg=key)
+    assert scored_all == scored_one == calls_one
+    assert calls_all < 0.2 * calls_one  # most samples took the vectorized path
+
+
+def test_quiet_devices_scored_together_on_a_univariate_model(uni):
+    """The one-target scorer scored many devices at once matches the one-by-one path, alerts included."""
+    values = healthy_series(600, seed=3)
+    values[300:340] += 4.0
+    samples = sorted((s for d in range(5) for s in series_samples(values + 0.01 * d, device=f"dev-{d}")), key=lambda s: s.ts)
+    results = {}
+    for vectorized in (False, True):
+        pipeline = make_pipeline(uni)
+        pipeline.detector.vectorize_quiet = vectorized
+        events = []
+        for start in range(0, len(samples), 64):
+            events += pipeline.process(samples[start : start + 64], now=samples[start].ts)
+        results[vectorized] = (events, _detector_state(pipeline))
+    assert [e for e in results[False][0] if isinstance(e, AlertEvent)]
+    assert results[True][0] == results[False][0]
+    for key, value in results[False][1].items():
+        np.testing.assert_array_equal(results[True][1][key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_strided_forecasts_keep_few_past_forecasts_and_score_the_same(tmp_path, stride):
+    """With a stride only ceil(ring / stride) + 1 past forecasts per device are kept, and scores and alerts equal those of a ring that keeps one per slot."""
+    bundle = bundle_with_calibration(univariate_bundle(), tmp_path, score_steps=[1, 2, 3, 4])
+    values = healthy_series(400, seed=4)
+    values[200:260] += np.linspace(0.0, 8.0, 60)  # a drift that multi-step scores see
+    samples = series_samples(values, "dev-a") + series_samples(values[:150], "dev-b", start=20)
+    del samples[300:305]  # a gap: imputed slots shift which slots the stride picks
+    samples.sort(key=lambda s: s.ts)
+    runs = []
+    for positions in (None, 64):
+        pipeline = make_pipeline(bundle, inference={"stride": stride})
+        if positions is not None:  # the reference: a position for every slot of the ring and more
+            pipeline._positions, pipeline._capacity = positions, 0
+            pipeline._grow(pipeline.windows.capacity)
+        events = []
+        for start in range(0, len(samples), 37):
+            events += pipeline.process(samples[start : start + 37], now=samples[start].ts)
+        runs.append((events, pipeline.detector.ewma[:2].copy(), pipeline.counters["scored"], pipeline.past.shape[1]))
+    (events, ewma, scored, kept), (ref_events, ref_ewma, ref_scored, _) = runs
+    assert kept == (4 if stride == 1 else -(-4 // stride) + 1)
+    assert scored == ref_scored > 0
+    assert events == ref_events and [e for e in events if isinstance(e, AlertEvent)]
+    np.testing.assert_array_equal(ewma, ref_ewma)

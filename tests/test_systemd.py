@@ -124,13 +124,13 @@ def test_watchdog_is_not_fed_while_the_worker_is_stuck(agent_settings, subscribe
     try:
         assert agent.wait_connected(10)
         wait_until(lambda: "WATCHDOG=1" in notify.fields(), timeout=5, message="a first ping")
-        real_process = agent.pipeline.process
+        real_prepare = agent.pipeline.prepare
 
-        def stuck(samples, now, *args, **kwargs):  # fault injection: inference hangs
+        def stuck(samples):  # fault injection: inference hangs
             release.wait(30)
-            return real_process(samples, now, *args, **kwargs)
+            return real_prepare(samples)
 
-        agent.pipeline.process = stuck
+        agent.pipeline.prepare = stuck
         publish_rows(subscriber, healthy_rows(devices=1, rows=2, seed=1))
         wait_until(lambda: any(f.startswith("STATUS=unhealthy: worker stalled") for f in notify.fields()), timeout=10,
                    message="an unhealthy status")

@@ -89,9 +89,21 @@ class PredictorBundle:
     n_features = property(lambda self: len(self.features))
     n_targets = property(lambda self: len(self.targets))
 
+    observer = None
+
     def predict(self, x_raw: np.ndarray) -> np.ndarray:
         scaled = ((x_raw - self.offset) / self.scale).astype(np.float32)  # (B, L, F)
-        return (self._predict(scaled) * self.target_scale + self.target_offset).astype(np.float32)  # (B, H, T)
+        return self.unscale_outputs(self.run_scaled(scaled))  # (B, H, T)
+
+    # The pipeline's three steps (the same arithmetic as predict)
+    def scale_inputs(self, x: np.ndarray) -> None:
+        x[...] = ((x - self.offset) / self.scale).astype(np.float32)  # (B, L, F) in place
+
+    def run_scaled(self, x_scaled: np.ndarray) -> np.ndarray:
+        return self._predict(x_scaled)
+
+    def unscale_outputs(self, y: np.ndarray) -> np.ndarray:
+        return (y * self.target_scale + self.target_offset).astype(np.float32)  # (B, H, T)
 
 
 @dataclass
