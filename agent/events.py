@@ -5,6 +5,7 @@ ingest ──Sample──► pipeline (windows → model → detector) ──For
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 # Fixed vocabulary of rejection reasons: counter keys and the `reason` field on the errors topic.
@@ -55,13 +56,39 @@ class Rejection:
     topic: str | None = None
 
 
+class ForecastValues(Mapping):
+    """target -> its H forecasts (a list of floats), read from row `row` of a batch's forecast array (N, T, H)
+    without copying: the pipeline makes thousands a second, and the encoder writes a whole batch's numbers
+    from the array at once. Compares equal to the same dict."""
+
+    __slots__ = ("targets", "batch", "row")
+
+    def __init__(self, targets: tuple[str, ...], batch, row: int):
+        self.targets, self.batch, self.row = targets, batch, row
+
+    def __getitem__(self, target: str) -> list[float]:
+        try:
+            return self.batch[self.row, self.targets.index(target)].tolist()
+        except ValueError:
+            raise KeyError(target) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 @dataclass(slots=True)
 class Forecast:
     device: str
     ts: float  # timestamp of the last slot in the input window
     period_s: float
     horizon_ts: list[float]
-    values: dict[str, list[float]]  # target -> H forecasts in original units
+    values: Mapping[str, list[float]]  # target -> H forecasts in original units (a dict or ForecastValues)
     completeness: float  # share of window slots that were observed, not imputed
     staleness_s: float
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .events import AlertEvent, Forecast
+from .events import AlertEvent, Forecast, ForecastValues
 
 FORECAST_DIGITS = 5  # significant digits of forecast values: far below any sensor's noise
 SCORE_DIGITS = 4
@@ -77,11 +77,18 @@ def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[
         return []
     targets = list(fcs[0].values)
     T = len(targets)
-    shaped = [list(fc.values) == targets for fc in fcs]
-    try:
-        values = np.array([list(fc.values.values()) for fc, ok in zip(fcs, shaped) if ok], dtype=np.float64)  # (N, T, H)
-    except (ValueError, TypeError):  # ragged: series of different lengths
-        return [forecast(fc, model_name, model_version) for fc in fcs]
+    first = fcs[0].values
+    if isinstance(first, ForecastValues) and all(
+        type(fc.values) is ForecastValues and fc.values.batch is first.batch and fc.values.targets is first.targets for fc in fcs
+    ):  # the pipeline's: rows of one array
+        shaped = [True] * len(fcs)
+        values = first.batch[[fc.values.row for fc in fcs]]  # (N, T, H) float64
+    else:
+        shaped = [list(fc.values) == targets for fc in fcs]
+        try:
+            values = np.array([list(fc.values.values()) for fc, ok in zip(fcs, shaped) if ok], dtype=np.float64)  # (N, T, H)
+        except (ValueError, TypeError):  # ragged: series of different lengths
+            return [forecast(fc, model_name, model_version) for fc in fcs]
     if values.ndim != 3 or values.shape[2] == 0:
         return [forecast(fc, model_name, model_version) for fc in fcs]
     texts, fast = _sig5_texts(values)

@@ -27,7 +27,7 @@ import numpy as np
 
 from agent.config import Settings
 from agent.detect import AlertDetector, ResidualScorer
-from agent.events import AlertEvent, Forecast, Rejected, Rejection, Sample
+from agent.events import AlertEvent, Forecast, ForecastValues, Rejected, Rejection, Sample
 from agent.model import Bundle, BundleError
 from agent.window import NO_SLOT, WindowStore
 
@@ -292,9 +292,11 @@ class Pipeline:
             handled = handled.tolist()
             one_step = expected_all[:, 0]  # (K, T) lookup step 1
             has_one_step = ~np.isnan(one_step[:, 0])
-        # Python lists once per call: per-forecast numpy -> list conversions dominate otherwise.
         build_forecasts = trace is None or getattr(trace, "wants_forecast_events", True)
-        forecast_lists = forecasts.transpose(0, 2, 1).tolist() if forecasts is not None and build_forecasts else None  # [N][T][H]
+        # Each Forecast reads its values from this array (no per-value Python floats); float64, as the events'
+        # lists of floats always were.
+        by_target = forecasts.transpose(0, 2, 1).astype(np.float64) if forecasts is not None and build_forecasts else None  # (N, T, H)
+        targets = tuple(self.targets)
         steps = self._horizon_steps.tolist()
         horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
         k = 0  # next commit row
@@ -328,7 +330,7 @@ class Pipeline:
                             ts=ts,
                             period_s=period,
                             horizon_ts=horizon,
-                            values=dict(zip(self.targets, forecast_lists[n])),
+                            values=ForecastValues(targets, by_target, n),
                             completeness=completeness,
                             staleness_s=now - ts,
                         )

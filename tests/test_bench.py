@@ -143,6 +143,26 @@ def test_batch_forecast_encoding_is_byte_identical_to_the_reference():
     assert payloads._sig5_texts(ordinary)[1].mean() > 0.9
 
 
+def test_forecasts_read_from_the_pipelines_array_encode_to_the_same_bytes():
+    """Forecasts whose values are rows of one batch array (ForecastValues, as the pipeline makes them) encode to the bytes of the same forecasts as dicts."""
+    import numpy as np
+
+    from agent.events import ForecastValues
+
+    rng = np.random.default_rng(3)
+    array = (rng.normal(0, 1, (300, 2, 10)) * 10.0 ** rng.uniform(-3, 5, (300, 2, 1))).astype(np.float32).astype(np.float64)
+    array[5, 0, 3] = np.nan  # one value off the fast path
+    array[7, 1, :] = [1.00005, 12.3455, 99999.5, 9999.95, 0.00012345, 1e-4, 0.99999, 10.0, 0.1, -0.0]
+    targets = ("bearing_temp", 'odd "%s" ü')
+    views = [Forecast(f"pump-{i}", 1.7e9, 60.0, [1.7e9 + 60.0 * k for k in range(10)], ForecastValues(targets, array, i), 0.9, 1.5)
+             for i in range(300)]
+    dicts = [Forecast(fc.device, fc.ts, fc.period_s, fc.horizon_ts, dict(fc.values), fc.completeness, fc.staleness_s) for fc in views]
+    assert views[:5] + views[6:] == dicts[:5] + dicts[6:]  # equal events (NaN never equals)
+    assert views[3].values["bearing_temp"] == array[3, 0].tolist() and "other" not in views[3].values
+    assert payloads.forecasts(views, "pump-lstm", "1.0.0") == [payloads._forecast_reference(fc, "pump-lstm", "1.0.0") for fc in dicts]
+    assert payloads.forecasts(views[:50] + dicts[50:60], "m", "1") == payloads.forecasts(dicts[:60], "m", "1")  # mixed batches too
+
+
 def test_forecasts_published_together_arrive_in_order_and_whole(mosquitto, make_probe, agent_settings):
     """MqttLink.publish_many writes many QoS 0 messages in one go; each arrives intact, in order, after a reconnect too."""
     from agent.mqtt import MqttLink, Retained
