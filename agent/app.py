@@ -872,38 +872,12 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     configure(level, fmt)
 
 
-MALLOC_MMAP_THRESHOLD = 128 * 1024
-
-
-def fix_malloc_thresholds() -> bool:
-    """Keep glibc from holding on to freed memory: blocks of 128 KiB and more (numpy batch arrays, read buffers)
-    are always mapped on their own and returned to the system when freed. By default glibc raises that threshold
-    each time such a block is freed, after which they come from the heap, which it rarely gives back: with 10,000
-    devices that left ~15-30 MiB resident that nothing used (docs/benchmarks.md). Same as the environment
-    variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, which take precedence when set. False where it
-    does not apply (not glibc)."""
-    import ctypes
-    import ctypes.util
-    import os
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * MALLOC_MMAP_THRESHOLD))
-
-
 def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the agent cannot start."""
     from .model import BundleError
 
     configure_logging(settings.log.level, settings.log.format)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    fix_malloc_thresholds()
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
