@@ -44,7 +44,7 @@ class Prepared:
 
     log: list[tuple]
     call_forecasts: list[tuple[int, int, int, bool]]
-    windows: np.ndarray  # (>= n_windows, L, F)
+    windows: np.ndarray  # (>= n_windows, L, F) in the model's input units (scaled by prepare)
     n_windows: int
 
 
