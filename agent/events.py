@@ -1,4 +1,5 @@
-"""The values that flow between the daemon's stages (plain dataclasses, no behaviour).
+"""The values that flow between the daemon's stages (plain dataclasses, and ForecastValues, a read-only view of a
+forecast's numbers in its batch array).
 
 ingest ──Sample──► pipeline (windows → model → detector) ──Forecast / AlertEvent / Rejection──► sinks
 """
