@@ -1,8 +1,8 @@
 """The benchmark's helper processes (`python -m agent.loadgen ROLE ...`), each run by `agent.bench` in its own
 process so that its CPU never counts against the daemon's:
 
-- `publish`: the load generator. D devices x F features, slot-major (every device's slot s, then s + 1), at a
-  set rate or as fast as paho can write; it records each message's publication time (wall clock) in a .npy
+- `publish`: the load generator. D devices x F features, slot-major (every device's slot s, then s + 1), healthy
+  recorded pumps for the shipped model's features, at a set rate or as fast as paho can write; it records each message's publication time (wall clock) in a .npy
   file, the side channel the benchmark joins with forecast arrivals for latency.
 - `receive`: the receive ceiling, a bare paho subscriber that only decodes the same JSON payloads.
 - `naive`: the naive daemon, the model run once per message at batch 1 (no batching, no detection).
@@ -51,17 +51,44 @@ def device_index(name: str) -> int:
     return int(name.rsplit("-", 1)[1])
 
 
+HEALTHY_PUMPS = Path(__file__).resolve().parent / "bench_pumps.npz"  # written by scripts/bench_trace.py
+TRACE_SPAN = 2000  # slots a run can take from a device's start before its trace turns back
+
+
+def _healthy_trace(features: list[str], period_s: float) -> np.ndarray | None:
+    """The recorded healthy pumps (P, N, F) in `features`' order, or None when the model reads other features."""
+    if not HEALTHY_PUMPS.exists():
+        return None
+    with np.load(HEALTHY_PUMPS) as data:
+        if sorted(data["features"].tolist()) != sorted(features) or float(data["period_s"]) != period_s:
+            return None
+        order = [data["features"].tolist().index(f) for f in features]
+        return data["values"][:, :, order].astype(np.float64)
+
+
 def telemetry_payloads(features: list[str], offset: np.ndarray, scale: np.ndarray, devices: int, first_slot: int,
-                       slots: int, period_s: float, seed: int = 0) -> list[tuple[str, bytes]]:
-    """Slot-major telemetry: each device a smooth load cycle (its own phase) plus small noise, around the
-    model's scaler so the forecaster sees plausible pumps and alerts stay rare."""
-    rng = np.random.default_rng(seed + first_slot)
-    s = np.arange(first_slot, first_slot + slots, dtype=np.float64)[:, None, None]  # (S, 1, 1)
-    phase = np.arange(devices, dtype=np.float64)[None, :, None] / max(devices, 1)  # (1, D, 1)
-    lag = np.arange(len(features), dtype=np.float64)[None, None, :] * 0.05  # (1, 1, F)
-    cycle = 0.8 * np.sin(2 * np.pi * (s / 180.0 + phase - lag))  # (S, D, F) a 3-hour duty cycle
-    noise = 0.05 * rng.standard_normal((slots, devices, len(features)))
-    values = offset + scale * (cycle + noise)  # (S, D, F)
+                       slots: int, period_s: float, seed: int = 0, origin: int | None = None) -> list[tuple[str, bytes]]:
+    """Slot-major telemetry of healthy pumps: for the shipped model's features, each device replays one of the
+    recorded healthy synthetic pumps (agent/bench_pumps.npz) from its own starting point (`origin`: the run's
+    first slot), so the forecaster sees the pumps it was trained on and alerts stay rare, as on a real fleet.
+    A run longer than TRACE_SPAN slots plays the trace back and forth. For other models: a smooth load cycle per
+    device plus noise around the model's scaler (which such a model may well find anomalous)."""
+    trace = _healthy_trace(features, period_s)
+    if trace is None:
+        rng = np.random.default_rng(seed + first_slot)
+        s = np.arange(first_slot, first_slot + slots, dtype=np.float64)[:, None, None]  # (S, 1, 1)
+        phase = np.arange(devices, dtype=np.float64)[None, :, None] / max(devices, 1)  # (1, D, 1)
+        lag = np.arange(len(features), dtype=np.float64)[None, None, :] * 0.05  # (1, 1, F)
+        cycle = 0.8 * np.sin(2 * np.pi * (s / 180.0 + phase - lag))  # (S, D, F) a 3-hour duty cycle
+        noise = 0.05 * rng.standard_normal((slots, devices, len(features)))
+        values = offset + scale * (cycle + noise)  # (S, D, F)
+    else:
+        pumps, length, _ = trace.shape
+        start = (np.arange(devices) * 7919 + seed) % max(1, length - TRACE_SPAN)  # (D,) each device its own stretch
+        step = np.arange(first_slot, first_slot + slots) - (first_slot if origin is None else origin)  # (S,)
+        index = (start[None, :] + step[:, None]) % (2 * length - 2)  # (S, D) there and back, never a jump
+        index = np.where(index < length, index, 2 * length - 2 - index)
+        values = trace[np.arange(devices) % pumps, index]  # (S, D, F)
     topics = [TOPIC_FORMAT.format(device_name(d)) for d in range(devices)]
     template = '{"ts":%d,"values":{' + ",".join(f'"{name}":%.4f' for name in features) + "}}"
     out = []
@@ -107,7 +134,7 @@ def publish(args: argparse.Namespace) -> dict:
     manifest = _manifest(args.model)
     features, offset, scale = _scaler(manifest)
     messages = telemetry_payloads(features, offset, scale, args.devices, args.first_slot, args.slots,
-                                  float(manifest["sampling_period_s"]), args.seed)
+                                  float(manifest["sampling_period_s"]), args.seed, args.origin)
     client = _client(f"edgecast-loadgen-{args.first_slot}-{time.monotonic_ns()}")
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", args.port, keepalive=120)
@@ -260,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, required=True)
     p.add_argument("--rate", type=float, default=0.0, help="messages per second (0: as fast as possible)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--origin", type=int, help="the run's first slot: devices replay their trace from there (default: --first-slot)")
     p.add_argument("--times", help="write each message's publication time (unix seconds) to this .npy file")
     r = roles.add_parser("receive")
     r.add_argument("--port", type=int, required=True)

@@ -223,3 +223,30 @@ def test_messages_read_in_one_pass_arrive_whole_in_order_and_qos1_is_acknowledge
         assert max(batch_sizes, default=0) > 1, "the one-pass reader never took more than one message"
     finally:
         link.stop(None, 2.0)
+
+
+def test_the_load_generators_pumps_are_healthy_for_the_shipped_model():
+    """The benchmark's default load replays healthy pumps: through the shipped model's pipeline it raises no alert, so the daemon is measured on a normal fleet, not an alert storm."""
+    from agent.config import Settings
+    from agent.events import Sample
+    from agent.loadgen import _healthy_trace, telemetry_payloads
+    from agent.model import load_bundle
+    from agent.pipeline import Pipeline
+
+    bundle = load_bundle(REPO / "exported_models" / "pump-lstm")
+    assert _healthy_trace(bundle.features, bundle.period_s) is not None
+    origin = 29_000_000
+    # two calls, as the benchmark's phases are: the second continues each device's pump where the first stopped
+    messages = [m for first, slots in ((origin, 150), (origin + 150, 100))
+                for m in telemetry_payloads(bundle.features, bundle.offset, bundle.scale, 60, first, slots, bundle.period_s, origin=origin)]
+    samples = []
+    for topic, payload in messages:
+        body = json.loads(payload)
+        samples.append(Sample(topic.split("/")[1], float(body["ts"]), body["values"], float(body["ts"])))
+    pipeline = Pipeline(bundle, Settings(model={"path": str(bundle.path)}))
+    events = []
+    for start in range(0, len(samples), 512):
+        events += pipeline.process(samples[start : start + 512], now=samples[start].ts)
+    assert pipeline.counters["scored"] > 60 * 150
+    assert pipeline.counters["alerts_opened"] == 0
+    assert len({s.values["bearing_temp"] for s in samples[:60]}) == 60  # every device its own stretch
