@@ -292,7 +292,7 @@ class Run:
     lookback: int
     next_slot: int
     publish_rates: list[float] = field(default_factory=list)
-    origin: int = 0  # the run's first slot (set from next_slot): where each device's recorded pump starts
+    origin: int = field(init=False)  # the run's first slot: where each device's recorded pump starts
 
     def __post_init__(self) -> None:
         self.origin = self.next_slot

@@ -432,7 +432,8 @@ class AlertDetector:
         rank = np.empty(K, dtype=np.int64)
         rank[order] = np.arange(K) - np.flatnonzero(first)[group]  # (K,) how many earlier rows of its device
         ewma = self.ewma[unique]  # (U, C) working copies, committed only for quiet devices
-        last_value, repeats = self.last_value[unique], self.repeats[unique]  # (U, T) each
+        if self.flatline_on:
+            last_value, repeats = self.last_value[unique], self.repeats[unique]  # (U, T) each
         last_score = np.empty(len(unique), dtype=np.float64)
         warn = self.warn[devices]  # (K,)
         hot = np.zeros(K, dtype=bool)
