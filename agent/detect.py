@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent import arrays
 from agent.events import AlertEvent, FeatureDeviation
 
 FLATLINE_CAP = 1.5  # flat-line score at most 1.5 x warning (below the default critical = 2 x warning)
@@ -333,35 +334,39 @@ class AlertDetector:
             salt=salt,
         )
 
-    def ensure_capacity(self, n: int) -> None:
+    def ensure_capacity(self, n: int, used: int | None = None) -> None:
+        """Room for n devices; `used`: rows written so far (the rest need no copying), all of them when None."""
         if n <= self.capacity:
             return
-        capacity = max(n, 2 * self.capacity, 16)
+        capacity = max(n, self.capacity + self.capacity // 2, 16)
         T = len(self.targets)
+        ewma = arrays.zeros((capacity, self.scorer.n_channels), np.float64)  # (D, C) EWMA of squared z per channel
+        ewma[:] = self.scorer.initial_state(1)
         fresh = {
-            "ewma": self.scorer.initial_state(capacity),  # (D, C) EWMA of squared z per channel
-            "score": np.zeros(capacity, dtype=np.float64),  # latest score; 0 before the first
-            "warn": np.full(capacity, self.warning, dtype=np.float64),  # per-device warning (dynamic mode)
-            "scored": np.zeros(capacity, dtype=np.int64),  # scored samples so far
-            "over": np.zeros(capacity, dtype=np.int32),  # consecutive scored samples >= warning
-            "under": np.zeros(capacity, dtype=np.int32),  # consecutive scored samples < exit (while open)
-            "cooldown": np.zeros(capacity, dtype=np.int32),  # scored samples left before a new alert may open
-            "first_over_ts": np.zeros(capacity, dtype=np.float64),
-            "first_under_ts": np.zeros(capacity, dtype=np.float64),
-            "last_value": np.full((capacity, T), np.nan, dtype=np.float64),  # flat-line check
-            "repeats": np.zeros((capacity, T), dtype=np.int32),  # consecutive exact repeats per target
-            "opens": np.full((capacity, max(self.flap_max, 1)), -(2**62), dtype=np.int64),  # scored index of recent opens
+            "ewma": ewma,
+            "score": arrays.zeros(capacity, np.float64),  # latest score; 0 before the first
+            "warn": arrays.full(capacity, self.warning, np.float64),  # per-device warning (dynamic mode)
+            "scored": arrays.zeros(capacity, np.int64),  # scored samples so far
+            "over": arrays.zeros(capacity, np.int32),  # consecutive scored samples >= warning
+            "under": arrays.zeros(capacity, np.int32),  # consecutive scored samples < exit (while open)
+            "cooldown": arrays.zeros(capacity, np.int32),  # scored samples left before a new alert may open
+            "first_over_ts": arrays.zeros(capacity, np.float64),
+            "first_under_ts": arrays.zeros(capacity, np.float64),
+            "last_value": arrays.full((capacity, T), np.nan, np.float64),  # flat-line check
+            "repeats": arrays.zeros((capacity, T), np.int32),  # consecutive exact repeats per target
+            "opens": arrays.full((capacity, max(self.flap_max, 1)), -(2**62), np.int64),  # scored index of recent opens
             # Per target, the sample that deviated most since the last event (or the start of the run): the
             # attribution reports it, because the forecaster catches up within a few samples.
-            "peak_z": np.zeros((capacity, T), dtype=np.float64),
-            "peak_expected": np.zeros((capacity, T), dtype=np.float64),
-            "peak_observed": np.zeros((capacity, T), dtype=np.float64),
+            "peak_z": arrays.zeros((capacity, T), np.float64),
+            "peak_expected": arrays.zeros((capacity, T), np.float64),
+            "peak_observed": arrays.zeros((capacity, T), np.float64),
         }
         if self.dynamic:
-            fresh["history"] = np.zeros((capacity, self.dynamic_window), dtype=np.float32)  # (D, W) recent scores
+            fresh["history"] = arrays.zeros((capacity, self.dynamic_window), np.float32)  # (D, W) recent scores
+        rows = self.capacity if used is None else min(used, self.capacity)
         for key, array in fresh.items():
-            if self.capacity:
-                array[: self.capacity] = getattr(self, key)
+            if rows:
+                array[:rows] = getattr(self, key)[:rows]
             setattr(self, key, array)
         self.capacity = capacity
 

@@ -134,7 +134,9 @@ class _Client(paho.Client):
             if not isinstance(sock, _BufferedSocket) or sock.buffered() == 0:
                 break
             self._take_buffered_publishes(sock)
-            if sock.buffered() == 0:
+            # Back to select as soon as something waits to be written: with a backlog at the broker every read
+            # refills the buffer, and the forecasts queued meanwhile would wait (in memory) until the backlog ends.
+            if sock.buffered() == 0 or self._out_packet:
                 break
             rc = super().loop_read(1)  # the next packet is (at least partly) in memory already: no select needed
             burst += 1

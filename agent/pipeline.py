@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from agent import arrays
 from agent.config import Settings
 from agent.detect import AlertDetector, ResidualScorer
 from agent.events import AlertEvent, Forecast, ForecastValues, Rejected, Rejection, Sample
@@ -121,9 +122,9 @@ class Pipeline:
     def _grow(self, capacity: int) -> None:
         T, R, S = self.bundle.n_targets, self._positions, len(self.lookup_steps)
         fresh = {
-            "past": np.zeros((capacity, R, S, T), dtype=np.float32),  # forecast made at slot s: (s // spacing) % R
-            "past_slot": np.full((capacity, R), NO_SLOT, dtype=np.int64),  # the slot each was made at
-            "past_ok": np.zeros((capacity, R), dtype=bool),  # made from a window fit for scoring
+            "past": arrays.zeros((capacity, R, S, T), np.float32),  # forecast made at slot s: (s // spacing) % R
+            "past_slot": arrays.full((capacity, R), NO_SLOT, np.int64),  # the slot each was made at
+            "past_ok": arrays.zeros((capacity, R), bool),  # made from a window fit for scoring
         }
         used = min(len(self.windows), self._capacity)  # rows past it were never written: copying would only touch memory
         for key, array in fresh.items():
@@ -131,7 +132,7 @@ class Pipeline:
                 array[:used] = getattr(self, key)[:used]
             setattr(self, key, array)
         self._capacity = capacity
-        self.detector.ensure_capacity(capacity)
+        self.detector.ensure_capacity(capacity, used)
 
     def _device(self, name: str) -> int | None:
         d = self.windows.index.get(name)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from agent import arrays
 from agent.events import Rejected
 
 NO_SLOT = np.iinfo(np.int64).min
@@ -79,10 +80,10 @@ class WindowStore:
     def _allocate(self, capacity: int) -> None:
         L, F = self.lookback, self.n_features
         fresh = {
-            "ring": np.zeros((capacity, L, F), dtype=np.float32),  # (D, L, F) committed slots, newest at head - 1
-            "observed": np.zeros((capacity, L), dtype=bool),  # (D, L) slot fully observed, not imputed
-            "pend_vals": np.zeros((capacity, F), dtype=np.float32),  # (D, F)
-            "pend_mask": np.zeros((capacity, F), dtype=bool),  # (D, F) features seen in the pending slot
+            "ring": arrays.zeros((capacity, L, F), np.float32),  # (D, L, F) committed slots, newest at head - 1
+            "observed": arrays.zeros((capacity, L), bool),  # (D, L) slot fully observed, not imputed
+            "pend_vals": arrays.zeros((capacity, F), np.float32),  # (D, F)
+            "pend_mask": arrays.zeros((capacity, F), bool),  # (D, F) features seen in the pending slot
         }
         n = len(self.names)
         for key, array in fresh.items():

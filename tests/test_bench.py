@@ -225,6 +225,49 @@ def test_messages_read_in_one_pass_arrive_whole_in_order_and_qos1_is_acknowledge
         link.stop(None, 2.0)
 
 
+def test_a_publish_queued_while_a_backlog_is_read_leaves_before_the_backlog_ends(mosquitto, make_probe, agent_settings):
+    """While the link works through an input backlog, what is queued for sending goes out after the current read, not
+    after the backlog (forecasts would wait, in memory, for as long as the input kept coming)."""
+    import threading
+    import time
+
+    from agent.mqtt import MqttLink, Retained
+
+    progress: list[tuple[float, int]] = []  # (time, messages handed over so far)
+    released = threading.Event()
+    lock = threading.Lock()
+
+    def on_messages(batch, received_at):
+        if not released.is_set():  # the first read: the backlog builds up while the daemon is "busy"
+            assert released.wait(30)
+            link.publish_many([("edgecast/dev-0/forecast", b"out")])
+        with lock:
+            progress.append((time.time(), (progress[-1][1] if progress else 0) + len(batch)))
+        time.sleep(0.002)  # a busy worker: the backlog stays in the socket and at the broker
+
+    link = MqttLink(agent_settings(), ["sensors/+/telemetry"], lambda t, p, r: on_messages([(t, p)], r),
+                    will=Retained("edgecast/agent/t/status", b"offline"), on_messages=on_messages)
+    link.start()
+    probe = make_probe(subscribe="edgecast/+/forecast")
+    sender = make_probe(subscribe=None)
+    try:
+        assert link.wait_connected(10)
+        payload = b"x" * 200
+        for i in range(20_000):  # ~4.5 MB: many 256 KiB reads (mosquitto may drop QoS 0 beyond its queue limit)
+            sender.client.publish(f"sensors/dev-{i % 100}/telemetry", payload, qos=0)
+        sender.client.publish("sensors/dev-0/telemetry", payload, qos=1).wait_for_publish(20)
+        released.set()
+        out = probe.collect("edgecast/+/forecast", 1, timeout=30)[0]
+        wait_until(lambda: progress and time.time() - progress[-1][0] > 1.0, timeout=60, message="the backlog to end")
+        with lock:
+            total = progress[-1][1]
+            before = max((n for t, n in progress if t <= out.at), default=0)
+        assert total > 8_000, f"only {total} messages reached the link: no backlog to test with"
+        assert before < total / 2, f"the publish left after {before} of {total} backlog messages"
+    finally:
+        link.stop(None, 2.0)
+
+
 def test_the_load_generators_pumps_are_healthy_for_the_shipped_model():
     """The benchmark's default load replays healthy pumps: through the shipped model's pipeline it raises no alert, so the daemon is measured on a normal fleet, not an alert storm."""
     from agent.config import Settings

@@ -226,3 +226,33 @@ def test_late_sample_between_the_newest_and_a_pending_slot_is_committed_first():
     store.update(d, T0 + 3 * P, {"b": 3.0})
     assert [(c[0], c[1]) for c in rec.commits][-1] == (3, True)
     assert store.window(d)[-4:, 0].tolist() == [1.0, 1.5, 2.0, 3.0]
+
+
+def _resident_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_state_arrays_are_resident_only_where_written_and_freed_back_to_the_system():
+    """Per-device state arrays (agent.arrays) take memory only for the rows written, and a grown-out array's memory
+    goes back to the system when it is freed (malloc kept freed arrays in the heap)."""
+    from agent import arrays
+
+    np.ones(30 << 20, dtype=np.uint8)  # a large temporary freed: from now on malloc serves up to 30 MiB from its heap
+    base = _resident_mib()
+    ring = arrays.zeros((65536, 60, 4), np.float32)  # 60 MiB of room
+    assert ring.shape == (65536, 60, 4) and ring.dtype == np.float32 and not ring.any()
+    assert _resident_mib() - base < 4
+    ring[:32768] = 1.5  # half of the rows written
+    assert 26 < _resident_mib() - base < 36
+    del ring
+    assert _resident_mib() - base < 4
+    grown = arrays.zeros((8192, 60, 4), np.float32)  # 7.5 MiB, written in full, then replaced by a larger one
+    grown[:] = 2.0
+    del grown
+    assert _resident_mib() - base < 4
+    filled = arrays.full((1000, 3), -7, np.int64)
+    assert filled.shape == (1000, 3) and (filled == -7).all()
+    assert arrays.zeros((4, 2), bool).dtype == bool  # small ones come from numpy as usual
