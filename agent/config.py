@@ -70,6 +70,12 @@ class MqttConfig(Section):
     reconnect_min_s: float = Field(1.0, ge=0.1, le=60, description="First reconnect delay.")
     reconnect_max_s: float = Field(30.0, ge=1, le=3600, description="Largest reconnect delay.")
     max_queued_messages: int = Field(10000, ge=0, le=10_000_000, description="Outgoing messages paho keeps while offline (0: unbounded).")
+    max_pending_forecast_mib: float = Field(
+        16.0, ge=0, le=4096,
+        description="Encoded forecasts (QoS 0) waiting in the client for the broker to take them, at most this many MiB: "
+        "beyond it new ones are dropped, counted (edgecast_mqtt_dropped_publishes) and logged, so a broker that stops "
+        "reading cannot grow the daemon's memory without bound (0: unbounded).",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
     plaintext_password: Literal["refuse", "loopback", "allow"] = Field(
         "refuse",

@@ -45,7 +45,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "edgecast_mqtt_reconnects": ("counter", "Successful connects after a lost connection."),
     "edgecast_mqtt_disconnects": ("counter", "Lost or closed broker connections."),
     "edgecast_mqtt_connect_failures": ("counter", "Connect attempts that failed (network, TLS, or refused by the broker)."),
-    "edgecast_mqtt_dropped_publishes": ("counter", "Publishes the MQTT client refused (QoS 0 while offline, or its queue full)."),
+    "edgecast_mqtt_dropped_publishes": ("counter", "Publishes the MQTT client refused (QoS 0 while offline or beyond mqtt.max_pending_forecast_mib, or its queue full)."),
     "edgecast_model_swaps": ("counter", "Model bundles swapped in while running (reload or rollout)."),
     "edgecast_model_reload_failures": ("counter", "Reloads or rollouts refused (the old model kept running)."),
     "edgecast_faults": ("counter", "Faults of the agent itself, by reason (outbox_corrupt, model_reload_failed)."),

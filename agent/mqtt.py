@@ -109,9 +109,10 @@ class _Client(paho.Client):
 
     READ_BURST = 256  # packets read from the buffer per select, so writes are still serviced in between
 
-    def queue_raw_packets(self, packets: bytes) -> bool:
+    def queue_raw_packets(self, packets: bytes, max_pending: int = 0) -> bool:
         """Hand already-encoded QoS 0 PUBLISH packets to the network thread, which writes them like paho's own
-        (one send for all of them); False when not connected (then they are dropped, as paho drops QoS 0).
+        (one send for all of them); False when not connected, or when `max_pending` bytes (0: no bound) of such
+        packets already wait to be written (then they are dropped, as paho drops QoS 0 while offline).
 
         Queued under a command byte paho does not interpret (0), so it does no per-message bookkeeping (no mid,
         no on_publish); a reconnect discards the queue, and only after CONNACK (state CONNECTED, so after the
@@ -121,10 +122,17 @@ class _Client(paho.Client):
         try:
             if self._sock is None or self._state != _ConnectionState.MQTT_CS_CONNECTED:
                 return False
+            if max_pending and self.raw_pending_bytes() + len(packets) > max_pending:
+                return False
             self._packet_queue(0, packets, 0, 0)
             return True
         finally:
             self._raw_lock.release()
+
+    def raw_pending_bytes(self) -> int:
+        """Bytes of raw packets not yet written to the socket (a few packets: one per publish_many call)."""
+        waiting = list(self._out_packet)  # one C-level copy: the network thread cannot change it meanwhile
+        return sum(p["to_process"] for p in waiting if p["command"] == 0)
 
     def loop_read(self, max_packets: int = 1):  # type: ignore[override]
         rc = super().loop_read(max_packets)
@@ -255,6 +263,8 @@ class MqttLink:
         self.disconnects = 0  # lost or closed connections
         self.connect_failures = 0  # attempts that failed (TCP/TLS error or refused by the broker)
         self.dropped_publishes = 0
+        self._max_pending_forecast_bytes = int(settings.mqtt.max_pending_forecast_mib * 2**20)
+        self._last_overflow_log = -1e9  # monotonic time of the last "forecasts dropped" warning (one per 10 s)
 
         mqtt = settings.mqtt
         problem = mqtt.plaintext_password_problem()
@@ -417,9 +427,14 @@ class MqttLink:
             if not encoded or "+" in topic or "#" in topic or "\0" in topic or len(encoded) > 65535:
                 raise ValueError(f"invalid topic {topic[:80]!r}")  # what paho's publish raises
             packets.append(_publish_header(len(encoded), len(payload)) + encoded + payload)
-        if self._client.queue_raw_packets(b"".join(packets)):
+        if self._client.queue_raw_packets(b"".join(packets), self._max_pending_forecast_bytes):
             return 0
         self.dropped_publishes += len(messages)
+        if self.connected.is_set() and time.monotonic() - self._last_overflow_log > 10.0:
+            self._last_overflow_log = time.monotonic()
+            log.warning("forecasts dropped: %d bytes already wait for the broker to read them (mqtt.max_pending_forecast_mib); "
+                        "%d publishes dropped so far", self._client.raw_pending_bytes(), self.dropped_publishes,
+                        extra={"event": "mqtt_overflow", "dropped_publishes": self.dropped_publishes})
         return len(messages)
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:

@@ -268,6 +268,40 @@ def test_a_publish_queued_while_a_backlog_is_read_leaves_before_the_backlog_ends
         link.stop(None, 2.0)
 
 
+def test_forecasts_waiting_for_a_broker_that_stopped_reading_are_bounded_dropped_and_counted(mosquitto, make_probe, agent_settings, tmp_path):
+    """A broker that stops reading cannot grow the daemon's memory: beyond mqtt.max_pending_forecast_mib new forecasts
+    are dropped and counted, and they flow again once the broker reads."""
+    import os
+    import signal
+    import time
+
+    from agent.mqtt import MqttLink, Retained
+
+    probe = make_probe(subscribe="edgecast/+/forecast")
+    link = MqttLink(agent_settings(mqtt={"max_pending_forecast_mib": 1.0, "keepalive_s": 60}), [], lambda *a: None,
+                    will=Retained("edgecast/agent/t/status", b"offline"))
+    link.start()
+    assert link.wait_connected(10)
+    broker_pid = int(subprocess.run(["pgrep", "-f", str(tmp_path / "mosquitto" / "mosquitto.conf")], capture_output=True,
+                                    text=True, check=True).stdout.split()[0])
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
+        batch = [(f"edgecast/dev-{i}/forecast", b"f" * 1000) for i in range(100)]  # ~100 KB per call
+        dropped = sum(link.publish_many(batch) for _ in range(400))  # 40 MB: far more than the socket buffers hold
+        pending = link._client.raw_pending_bytes()
+        assert dropped > 0 and link.dropped_publishes == dropped
+        assert pending <= 2**20, f"{pending} bytes wait in the client (bound 1 MiB)"
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    try:
+        wait_until(lambda: link._client.raw_pending_bytes() == 0, timeout=30, message="the queue to drain")
+        marker = [("edgecast/after/forecast", b"after the stall")]
+        assert link.publish_many(marker) == 0
+        probe.expect("edgecast/after/forecast", timeout=20)
+    finally:
+        link.stop(None, 2.0)
+
+
 def test_the_load_generators_pumps_are_healthy_for_the_shipped_model():
     """The benchmark's default load replays healthy pumps: through the shipped model's pipeline it raises no alert, so the daemon is measured on a normal fleet, not an alert storm."""
     from agent.config import Settings
