@@ -111,8 +111,9 @@ class _Client(paho.Client):
 
     def queue_raw_packets(self, packets: bytes, max_pending: int = 0) -> bool:
         """Hand already-encoded QoS 0 PUBLISH packets to the network thread, which writes them like paho's own
-        (one send for all of them); False when not connected, or when `max_pending` bytes (0: no bound) of such
-        packets already wait to be written (then they are dropped, as paho drops QoS 0 while offline).
+        (one send for all of them); False when not connected, or when they would take the bytes of such packets
+        waiting to be written past `max_pending` (0: no bound); then they are dropped, as paho drops QoS 0 while
+        offline.
 
         Queued under a command byte paho does not interpret (0), so it does no per-message bookkeeping (no mid,
         no on_publish); a reconnect discards the queue, and only after CONNACK (state CONNECTED, so after the
@@ -122,8 +123,10 @@ class _Client(paho.Client):
         try:
             if self._sock is None or self._state != _ConnectionState.MQTT_CS_CONNECTED:
                 return False
-            if max_pending and self.raw_pending_bytes() + len(packets) > max_pending:
-                return False
+            if max_pending:
+                pending = self.raw_pending_bytes()
+                if pending and pending + len(packets) > max_pending:  # one call's packets always pass an empty queue
+                    return False
             self._packet_queue(0, packets, 0, 0)
             return True
         finally:
