@@ -30,7 +30,7 @@ SECTION_NOTES = {
     "model": "The model bundle, its signature check and hot reload (SIGHUP or a change in the folder).",
     "ingest": "Decoding and validating input; the bounded queue between the MQTT thread and the worker.",
     "window": "Per-device rolling windows on the model's sampling grid: gaps, late and out-of-order samples.",
-    "inference": "Batching of model calls.",
+    "inference": "Batching of model calls, and the CPU the model thread runs on.",
     "detect": "Anomaly score thresholds and the alert state machine (docs/contracts.md, \"Anomaly score\").",
     "errors": "The rate-limited errors topic.",
     "log": "Logging to stderr (the journal under systemd).",
@@ -63,6 +63,8 @@ def _is_section(annotation: Any) -> bool:
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a bounded member of a union: its bounds are in the description
+        return _type_name(typing.get_args(annotation)[0])
     if origin is Literal:
         return " \\| ".join(f'`"{v}"`' if isinstance(v, str) else f"`{v}`" for v in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):

@@ -321,6 +321,10 @@ class MqttLink:
         """True once connected and subscribed (for tests and start-up logging)."""
         return self.connected.wait(timeout) and self._subscribed.wait(timeout)
 
+    def network_thread(self) -> threading.Thread | None:
+        """paho's network thread, once `start` has started it (the daemon places it on CPUs)."""
+        return getattr(self._client, "_thread", None)
+
     def loop_alive(self) -> bool:
         """paho's network thread is running (it reconnects by itself; if it died, nothing would)."""
         thread = getattr(self._client, "_thread", None)
