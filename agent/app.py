@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import logging
 import queue
@@ -925,6 +926,10 @@ def run_daemon(settings: Settings) -> int:
         log.error("cannot start: %s", error)
         notifier.notify(f"STATUS=cannot start: {error}")
         return 1
+    # Everything made so far (modules, pydantic's schemas, the model, the settings) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it and pauses every thread ~25 ms (p99).
+    gc.collect()
+    gc.freeze()
     log.info("edgecast agent %s running as %s", payloads.agent_version(), settings.agent_id)
     notifier.notify("READY=1", f"STATUS=started; model {agent.bundle.name} {agent.bundle.version}; connecting to the broker")
     while not stop_requested.wait(1.0):  # wake regularly so the main thread can run signal handlers
