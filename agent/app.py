@@ -927,7 +927,8 @@ def run_daemon(settings: Settings) -> int:
         notifier.notify(f"STATUS=cannot start: {error}")
         return 1
     # Everything made so far (modules, pydantic's schemas, the model, the settings) lives as long as the process:
-    # out of the collector's sight, a full collection no longer walks it and pauses every thread ~25 ms (p99).
+    # out of the collector's sight, a full collection no longer walks it with every thread stopped (15-40 ms each,
+    # a whole slot's forecasts in the latency tail: docs/benchmarks.md).
     gc.collect()
     gc.freeze()
     log.info("edgecast agent %s running as %s", payloads.agent_version(), settings.agent_id)

@@ -327,7 +327,7 @@ class MqttLink:
 
     def loop_alive(self) -> bool:
         """paho's network thread is running (it reconnects by itself; if it died, nothing would)."""
-        thread = getattr(self._client, "_thread", None)
+        thread = self.network_thread()
         return thread is not None and thread.is_alive()
 
     def _set_next_delay(self) -> None:
