@@ -91,7 +91,11 @@ def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[
             return [forecast(fc, model_name, model_version) for fc in fcs]
     if values.ndim != 3 or values.shape[2] == 0:
         return [forecast(fc, model_name, model_version) for fc in fcs]
-    texts, fast = _sig5_texts(values)
+    # In pieces: the temporaries of a whole 1,000-forecast call (~40 of 320 KiB) are above glibc's mmap threshold
+    # and were mapped and faulted in anew on every call; at 128 forecasts they stay in the heap (5.7 -> 2.1 us each).
+    pieces = [_sig5_texts(values[start : start + _SIG5_ROWS]) for start in range(0, len(values), _SIG5_ROWS)]
+    texts = [text for piece_texts, piece_fast in pieces for text in piece_texts[: len(piece_fast) * T]]  # (split's last "")
+    fast = np.concatenate([piece_fast for _, piece_fast in pieces])
     head = f'{{"device":%s,"model":{_json_model(model_name, model_version).replace("%", "%%")},"ts":%s,"period_s":%s,"horizon_ts":[%s],"forecast":{{'
     series = ",".join(f"{_json_str(t).replace('%', '%%')}:[%s]" for t in targets)
     template = head + series + '},"completeness":%s,"staleness_s":%s}'
@@ -206,6 +210,7 @@ def _sig5_texts(values: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 
 _POW10 = 10.0 ** np.arange(0, 9)  # exact doubles
+_SIG5_ROWS = 128  # forecasts per _sig5_texts call (see `forecasts`)
 
 
 class _Unusual(Exception):
