@@ -79,14 +79,10 @@ def thread_cpus(thread: threading.Thread) -> frozenset[int]:
 
 def _ranges(cpus: frozenset[int] | set[int]) -> str:
     """{0, 1, 2, 5} -> '0-2,5'"""
-    out, run = [], []
+    runs: list[list[int]] = []
     for cpu in sorted(cpus):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+        if runs and cpu == runs[-1][-1] + 1:
+            runs[-1].append(cpu)
+        else:
+            runs.append([cpu])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
