@@ -87,7 +87,10 @@ def _load_settings(config: str | None, **overrides):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings, code = _load_settings(args.config)
+    from agent.snapshot import load_in_child
+
+    # Validated in a forked child: the daemon runs on a plain snapshot and never imports pydantic (~14 MiB).
+    settings, code = load_in_child(lambda: _load_settings(args.config))
     if settings is None:
         return code
     from agent.app import run_daemon  # imported late: paho and the daemon are not needed by the other commands

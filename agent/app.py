@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import affinity, payloads
-from .config import Settings
 from .errors import ErrorReporter
 from .events import AlertEvent, Forecast, Rejected, Rejection, Sample
 from .mqtt import MqttLink, Retained
@@ -48,6 +47,7 @@ from .notify import Notifier
 from .outbox import Forwarder, Message, Outbox
 
 if TYPE_CHECKING:  # the pipeline (numpy, onnxruntime) is imported when the agent starts
+    from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
     from .pipeline import Pipeline, Prepared
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ STATUS_EVERY_S = 5.0  # sd_notify STATUS= refresh when no watchdog is configured
 # call (~3 ms of compute): at 0.2 ms it waits less than at 1 ms (docs/benchmarks.md: +5% throughput), CPython's 5 ms
 # would cost far more.
 GIL_SWITCH_INTERVAL_S = 0.0002
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which a call's numpy
+# temporaries (batches of up to WORKER_BATCH_MAX windows, model outputs) come from the heaps of the threads that
+# made them, and each heap keeps up to twice that threshold of freed memory. A fixed threshold returns them to the
+# system when freed; two heaps instead of one per thread (docs/benchmarks.md: -5 MiB with 10,000 devices).
+MALLOC_MMAP_THRESHOLD = 128 * 1024
+MALLOC_ARENAS = 2
 
 
 class SampleQueue(queue.Queue):
@@ -892,12 +898,25 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     configure(level, fmt)
 
 
+def tune_malloc() -> bool:
+    """Set glibc's mmap threshold and arena count (before the threads start); False where malloc is not glibc's."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl, macOS: nothing to tune
+        return False
+    m_mmap_threshold, m_arena_max = -3, -8  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_arena_max, MALLOC_ARENAS))
+
+
 def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the agent cannot start."""
     from .model import BundleError
 
     configure_logging(settings.log.level, settings.log.format)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    tune_malloc()
     stop_requested = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:

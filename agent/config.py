@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agent.snapshot import SNAPSHOT_CLASSES, ModelMethods, MqttMethods, Secret, Snapshot
+
 DEFAULT_MODEL_NAME = "pump-lstm"
 
 
@@ -30,14 +32,6 @@ def shipped_model_path() -> Path:
     from importlib.resources import files
 
     return Path(str(files("agent") / "shipped_models" / DEFAULT_MODEL_NAME))
-
-
-def _credential_path(path: Path) -> Path:
-    """A relative file name is looked up in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) first."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and creds and (Path(creds) / path).is_file():
-        return Path(creds) / path
-    return path
 
 
 def default_state_directory() -> Path:
@@ -57,7 +51,7 @@ class TlsConfig(Section):
     key_file: Path | None = Field(None, description="Client private key for mutual TLS.")
 
 
-class MqttConfig(Section):
+class MqttConfig(Section, MqttMethods):
     host: str = Field("127.0.0.1", min_length=1, max_length=253, description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker TCP port.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval in seconds.")
@@ -92,29 +86,7 @@ class MqttConfig(Section):
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         return self
 
-    def resolved_password(self) -> str | None:
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is None:
-            return None
-        return _credential_path(self.password_file).read_text(encoding="utf-8").strip()
 
-    def has_password(self) -> bool:
-        return self.password is not None or self.password_file is not None
-
-    def plaintext_password_problem(self) -> str | None:
-        """Why the configured password must not be sent (no TLS and the policy forbids it), or None."""
-        if not self.has_password() or self.tls.enabled or self.plaintext_password == "allow":
-            return None
-        if self.plaintext_password == "loopback" and self.host in LOOPBACK_HOSTS:
-            return None
-        return (
-            f"refusing to send the broker password in plaintext to {self.host}:{self.port}: enable mqtt.tls, or set "
-            f'mqtt.plaintext_password = "loopback" (127.0.0.1, ::1, localhost only) or "allow"'
-        )
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class TopicsConfig(Section):
@@ -138,7 +110,7 @@ class TopicsConfig(Section):
         return self
 
 
-class ModelConfig(Section):
+class ModelConfig(Section, ModelMethods):
     path: Path = Field(default_factory=shipped_model_path, description="Model bundle folder (model.onnx + manifest.json).")
     intra_op_threads: int = Field(1, ge=0, le=64, description="onnxruntime intra-op threads (0: onnxruntime decides).")
     public_key: str | None = Field(
@@ -156,21 +128,6 @@ class ModelConfig(Section):
         if self.require_signature and self.public_key is None and self.public_key_file is None:
             raise ValueError("model.require_signature needs model.public_key or model.public_key_file")
         return self
-
-    def resolved_public_key(self) -> bytes | None:
-        """The 32-byte ed25519 key, or None when bundles are not verified."""
-        text = self.public_key
-        if text is None and self.public_key_file is not None:
-            text = _credential_path(self.public_key_file).read_text(encoding="utf-8").strip()
-        if text is None:
-            return None
-        try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            raise ValueError("the model public key must be 64 hex digits") from None
-        if len(key) != 32:
-            raise ValueError(f"the model public key must be 32 bytes (64 hex digits), got {len(key)}")
-        return key
 
 
 class IngestConfig(Section):
@@ -420,3 +377,18 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
     if settings.mqtt.password is not None:
         data["mqtt"]["password"] = "**********"
     return data
+
+
+def freeze(value: Any) -> Any:
+    """Validated settings (or a section) as a read-only Snapshot of plain values (agent/snapshot.py)."""
+    if isinstance(value, BaseModel):
+        name = "Settings" if isinstance(value, Settings) else type(value).__name__
+        fields = {field: freeze(getattr(value, field)) for field in type(value).model_fields}
+        return SNAPSHOT_CLASSES.get(name, Snapshot)(fields)
+    if isinstance(value, SecretStr):
+        return Secret(value.get_secret_value())
+    if isinstance(value, (list, tuple)):
+        return type(value)(freeze(item) for item in value)
+    if isinstance(value, dict):
+        return {key: freeze(item) for key, item in value.items()}
+    return value

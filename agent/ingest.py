@@ -11,10 +11,13 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-from agent.config import Settings
 from agent.events import Rejected, Sample
 from agent.partition import PartitionFilter
+
+if TYPE_CHECKING:
+    from agent.config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 PLACEHOLDER = re.compile(r"\{(device|sensor)\}")

@@ -25,12 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from paho.mqtt.client import _ConnectionState
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .config import Settings
+if TYPE_CHECKING:
+    from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
+
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,11 @@ MAX_TOPIC_CHARS = 200
 
 
 def agent_version() -> str:
-    """Version of the installed edgecast distribution (the source tree's package version as a fallback)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """edgecast's version: agent.__version__, which pyproject.toml reads (importlib.metadata would load ~60 modules
+    into the daemon for it)."""
+    from agent import __version__
 
-    try:
-        return version("edgecast")
-    except PackageNotFoundError:
-        import agent
-
-        return str(getattr(agent, "__version__", "0.0.0+unknown"))
+    return __version__
 
 
 def _sig(value: float, digits: int) -> float | None:

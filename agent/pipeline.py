@@ -21,20 +21,23 @@ import operator
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TYPE_CHECKING
 
 import numpy as np
 
 from agent import arrays
-from agent.config import Settings
 from agent.detect import AlertDetector, ResidualScorer
 from agent.events import AlertEvent, Forecast, ForecastValues, Rejected, Rejection, Sample
 from agent.model import Bundle, BundleError
 from agent.window import NO_SLOT, WindowStore
 
+if TYPE_CHECKING:
+    from agent.config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
+
 Event = Forecast | AlertEvent | Rejection
 
 _COMMIT, _FORECAST, _REJECT = 0, 1, 2
+SPARE_BATCHES = 2  # prepare, infer and finish overlap by at most one call each
 _KEY_SPAN = 1 << 34  # (device, slot) -> one int64 key: device * span + slot (slots are < 2**34)
 
 
@@ -45,7 +48,7 @@ class Prepared:
 
     log: list[tuple]
     call_forecasts: list[tuple[int, int, int, bool]]
-    windows: np.ndarray  # (>= n_windows, L, F) in the model's input units (scaled by prepare)
+    windows: np.ndarray | None  # (>= n_windows, L, F) in the model's input units (scaled by prepare); None after infer
     n_windows: int
 
 
@@ -114,6 +117,7 @@ class Pipeline:
         self._n_batch = 0
         self._current = 0
         self._call_forecasts: list[tuple[int, int, int, bool]] = []  # (device, slot, batch row, usable for scoring)
+        self._spare_batches: list[np.ndarray] = []  # batch arrays infer is done with, for the next calls
         self._state_lock = threading.Lock()  # phase 3 against the growth of the per-device arrays
         self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
                          "scored": 0, "alerts_opened": 0, "rejected_devices": 0}
@@ -177,12 +181,12 @@ class Pipeline:
         """Phase 1: the samples into the windows; the windows due for a forecast copied into a batch of their own.
 
         The daemon runs the phases on three threads, one call each at a time, in call order: prepare (worker),
-        infer (model thread), finish (publisher). Each call gets its own batch array, so the next call's
-        windows are copied while the model still reads this one's."""
+        infer (model thread), finish (publisher). Each call gets a batch array of its own, so the next call's
+        windows are copied while the model still reads this one's; infer hands it back for a later call."""
         log = self._log = []
         self._call_forecasts = []
         self._n_batch = 0
-        self._batch = np.empty((max(1, min(len(samples), 4096)), self.lookback, self.bundle.n_features), dtype=np.float32)  # (N, L, F)
+        self._batch = self._batch_for(max(1, min(len(samples), 4096)))  # (N, L, F)
         windows = self.windows
         reordered = windows.reordered
         for i, sample in enumerate(samples):
@@ -203,12 +207,31 @@ class Pipeline:
             self.bundle.scale_inputs(self._batch[: self._n_batch])  # here, so that the model thread only runs the model
         return Prepared(log, self._call_forecasts, self._batch, self._n_batch)
 
+    def _batch_for(self, rows: int) -> np.ndarray:
+        """A batch array of at least `rows` windows: one that infer handed back, or a new one. A new array per call
+        (~1 MiB at 1,024 windows) was mapped and faulted in page by page every time."""
+        spares = self._spare_batches
+        while spares:
+            try:
+                batch = spares.pop()  # list.pop is atomic: infer appends from the model thread
+            except IndexError:
+                break
+            if batch.shape[0] >= rows:
+                return batch
+        return np.empty((rows, self.lookback, self.bundle.n_features), dtype=np.float32)  # (N, L, F)
+
+    def _hand_back(self, prepared: Prepared) -> None:
+        if prepared.windows is not None and len(self._spare_batches) < SPARE_BATCHES:
+            self._spare_batches.append(prepared.windows)
+        prepared.windows = None  # from now on another call's
+
     def infer(self, prepared: Prepared) -> np.ndarray | None:
         """Phase 2: the model on the call's windows, `inference.max_batch` at a time -> (N, H, T) in original
         units, or None. Nothing but the model calls between them: each numpy operation here would let go of the
         GIL and wait to get it back from the other threads."""
         n = prepared.n_windows
         if n == 0:
+            self._hand_back(prepared)
             return None
         bundle = self.bundle
         chunks = []
@@ -218,6 +241,7 @@ class Pipeline:
             if bundle.observer is not None:
                 bundle.observer(len(chunks[-1]), time.perf_counter() - began)
         out = bundle.unscale_outputs(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))  # (N, H, T)
+        self._hand_back(prepared)
         self.counters["batches"] += len(chunks)
         self.counters["inferences"] += n
         return out
