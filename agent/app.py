@@ -65,11 +65,10 @@ STATUS_EVERY_S = 5.0  # sd_notify STATUS= refresh when no watchdog is configured
 # call (~3 ms of compute): at 0.2 ms it waits less than at 1 ms (docs/benchmarks.md: +5% throughput), CPython's 5 ms
 # would cost far more.
 GIL_SWITCH_INTERVAL_S = 0.0002
-# glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which a call's numpy
-# temporaries (batches of up to WORKER_BATCH_MAX windows, model outputs) come from the heaps of the threads that
-# made them, and each heap keeps up to twice that threshold of freed memory. A fixed threshold returns them to the
-# system when freed; two heaps instead of one per thread (docs/benchmarks.md: -5 MiB with 10,000 devices).
-MALLOC_MMAP_THRESHOLD = 128 * 1024
+# glibc gives each thread that allocates under contention a heap of its own (up to 8 per core), and each keeps
+# freed memory of its own: two for the daemon's threads hold ~4 MiB less with 10,000 devices, at the same
+# throughput (docs/benchmarks.md). Its mmap threshold stays dynamic: fixed at 128-512 KiB, the scoring temporaries
+# of each call were mapped and faulted in anew (-1 to -5 MiB, but ~5% fewer readings/s).
 MALLOC_ARENAS = 2
 
 
@@ -899,15 +898,15 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 
 
 def tune_malloc() -> bool:
-    """Set glibc's mmap threshold and arena count (before the threads start); False where malloc is not glibc's."""
+    """Limit glibc's malloc to MALLOC_ARENAS heaps (before the threads start); False where malloc is not glibc's."""
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # musl, macOS: nothing to tune
         return False
-    m_mmap_threshold, m_arena_max = -3, -8  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_arena_max, MALLOC_ARENAS))
+    m_arena_max = -8  # <malloc.h>
+    return bool(mallopt(m_arena_max, MALLOC_ARENAS))
 
 
 def run_daemon(settings: Settings) -> int:
