@@ -21,7 +21,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
