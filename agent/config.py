@@ -382,9 +382,8 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
 def freeze(value: Any) -> Any:
     """Validated settings (or a section) as a read-only Snapshot of plain values (agent/snapshot.py)."""
     if isinstance(value, BaseModel):
-        name = "Settings" if isinstance(value, Settings) else type(value).__name__
         fields = {field: freeze(getattr(value, field)) for field in type(value).model_fields}
-        return SNAPSHOT_CLASSES.get(name, Snapshot)(fields)
+        return SNAPSHOT_CLASSES.get(type(value).__name__, Snapshot)(fields)
     if isinstance(value, SecretStr):
         return Secret(value.get_secret_value())
     if isinstance(value, (list, tuple)):

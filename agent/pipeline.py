@@ -210,12 +210,9 @@ class Pipeline:
     def _batch_for(self, rows: int) -> np.ndarray:
         """A batch array of at least `rows` windows: one that infer handed back, or a new one. A new array per call
         (~1 MiB at 1,024 windows) was mapped and faulted in page by page every time."""
-        spares = self._spare_batches
+        spares = self._spare_batches  # only this thread takes from it; infer appends (both atomic list operations)
         while spares:
-            try:
-                batch = spares.pop()  # list.pop is atomic: infer appends from the model thread
-            except IndexError:
-                break
+            batch = spares.pop()
             if batch.shape[0] >= rows:
                 return batch
         return np.empty((rows, self.lookback, self.bundle.n_features), dtype=np.float32)  # (N, L, F)

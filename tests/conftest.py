@@ -180,6 +180,14 @@ class RestartableBroker:
 
 
 @pytest.fixture
+def clean_edgecast_environment(monkeypatch):
+    """The test starts without EDGECAST_* variables from the caller's environment."""
+    for name in list(os.environ):
+        if name.upper().startswith("EDGECAST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
 def restartable_broker(tmp_path: Path):
     """A RestartableBroker, started; stopped at teardown."""
     rb = RestartableBroker(tmp_path / "restartable-broker")

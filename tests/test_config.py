@@ -17,14 +17,7 @@ from agent.config import UnknownEnvironmentVariable, check_environment, load_set
 SECRET = "hunter2-do-not-print"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """Tests start without EDGECAST_* variables from the caller's environment."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("EDGECAST_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_edgecast_environment")
 
 
 def write(path: Path, text: str) -> Path:

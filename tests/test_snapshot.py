@@ -4,7 +4,6 @@ pydantic in the running daemon's process."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -19,12 +18,7 @@ PASSWORD = "s3cret-never-shown"
 KEY_HEX = "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """Tests start without EDGECAST_* variables from the caller's environment."""
-    for name in list(os.environ):
-        if name.upper().startswith("EDGECAST_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_edgecast_environment")
 
 
 def full_config(tmp_path: Path) -> Path:
@@ -119,6 +113,7 @@ def test_load_in_child_reports_a_crash_in_the_check(capsys):
     assert "boom in the check" in capsys.readouterr().err
 
 
+@pytest.mark.mqtt
 def test_running_daemon_never_loads_pydantic(start_daemon, subscriber, model_path):
     """`python -m agent run` forecasts while pydantic's native library is not even mapped into its process."""
     daemon = start_daemon()
