@@ -76,6 +76,10 @@ class SampleQueue(queue.Queue):
     """The ingest queue; it also moves many samples under one lock (a whole read in, a whole batch out), since at
     thousands of samples a second the per-item locking of queue.Queue was a noticeable share of the daemon's work."""
 
+    def __init__(self, maxsize: int = 0):
+        super().__init__(maxsize)
+        self._filling_to = 0  # while a get_many lingers: the size at which to wake it (not at every put)
+
     def put_all_nowait(self, items: list) -> bool:
         """Put every item, or none when they do not all fit."""
         with self.not_full:
@@ -83,14 +87,27 @@ class SampleQueue(queue.Queue):
                 return False
             self.queue.extend(items)
             self.unfinished_tasks += len(items)
-            self.not_empty.notify()
+            if self._qsize() >= self._filling_to:
+                self.not_empty.notify()
             return True
 
-    def get_many(self, limit: int, timeout: float) -> list:
-        """Up to `limit` items, waiting at most `timeout` for the first; [] when none came."""
+    def get_many(self, limit: int, timeout: float, fill: int = 1, linger: float = 0.0) -> list:
+        """Up to `limit` items, waiting at most `timeout` for the first; [] when none came. Once there is one, and
+        fewer than `fill`, wait up to `linger` seconds more for `fill` (a bigger batch for the same per-call cost)."""
         with self.not_empty:
             if not self._qsize():
                 self.not_empty.wait(timeout)
+            if 0 < self._qsize() < fill and linger > 0:
+                deadline = time.monotonic() + linger
+                self._filling_to = fill
+                try:
+                    while self._qsize() < fill:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self.not_empty.wait(remaining)
+                finally:
+                    self._filling_to = 0
             taken = [self.queue.popleft() for _ in range(min(limit, self._qsize()))]
             if taken:
                 self.not_full.notify(len(taken))
@@ -147,6 +164,9 @@ class Agent:
         self.ingest = None
         self.link: MqttLink | None = None
         self._queue: SampleQueue = SampleQueue(maxsize=settings.ingest.queue_size)
+        # The worker waits (up to batch_wait_ms) for enough samples to fill one model call, not for WORKER_BATCH_MAX.
+        self._batch_fill = min(WORKER_BATCH_MAX, settings.inference.max_batch * settings.inference.stride, settings.ingest.queue_size)
+        self._batch_wait_s = settings.inference.batch_wait_ms / 1000.0
         # Worker -> model thread: (pipeline, a batch after its phase 1, samples, bundle, clock), or None to stop.
         # One waiting at most: the worker updates the windows of the next batch while the model runs.
         self._inference: queue.Queue[tuple[Pipeline, Prepared, int, object, float] | None] = queue.Queue(maxsize=1)
@@ -550,7 +570,7 @@ class Agent:
                 self._inference.join()  # the model thread has handed on every batch of the running model,
                 self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
                 self._swap_bundle()
-            batch = self._queue.get_many(WORKER_BATCH_MAX, WORKER_POLL_S)
+            batch = self._queue.get_many(WORKER_BATCH_MAX, WORKER_POLL_S, self._batch_fill, self._batch_wait_s)
             if not batch:
                 if self._drain_and_exit.is_set():
                     return

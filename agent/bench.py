@@ -60,6 +60,7 @@ class Plan:
     repeats: int = 3  # capacity phases per process under test: the median is reported, with every run's rate
     max_batch: int | None = None  # None: the configured default
     threads: int | None = None
+    batch_wait_ms: float | None = None
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -216,7 +217,8 @@ class Daemon:
     """`python -m agent run` with a configuration written here; pause/resume for capacity phases."""
 
     def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, stride: int = 1,
-                 partition: tuple[int, int] = (1, 0), max_batch: int | None = None, threads: int | None = None):
+                 partition: tuple[int, int] = (1, 0), max_batch: int | None = None, threads: int | None = None,
+                 batch_wait_ms: float | None = None):
         self.agent_id = agent_id
         folder = workdir / agent_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +226,8 @@ class Daemon:
             f'agent_id = "{agent_id}"',
             f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120',
             f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {threads}" if threads is not None else ""),
-            f"[inference]\nstride = {stride}" + (f"\nmax_batch = {max_batch}" if max_batch is not None else ""),
+            f"[inference]\nstride = {stride}" + (f"\nmax_batch = {max_batch}" if max_batch is not None else "")
+            + (f"\nbatch_wait_ms = {batch_wait_ms}" if batch_wait_ms is not None else ""),
             f'[state]\ndirectory = "{folder / "state"}"',
             f"[partition]\ncount = {partition[0]}\nindex = {partition[1]}",
         ]
@@ -421,7 +424,8 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     started = time.monotonic()
     result: dict = {"plan": asdict(plan), "model": {"path": str(model), "name": bundle.name, "version": bundle.version,
                                                      "lookback": lookback, "horizon": bundle.horizon, "features": len(bundle.features)},
-                    "settings": {"max_batch": max_batch, "intra_op_threads": threads, "stride": plan.stride},
+                    "settings": {"max_batch": max_batch, "intra_op_threads": threads, "stride": plan.stride,
+                                 "batch_wait_ms": plan.batch_wait_ms if plan.batch_wait_ms is not None else settings.inference.batch_wait_ms},
                     "machine": machine()}
     del bundle
     workdir = Path(tempfile.mkdtemp(prefix="edgecast-bench-"))
@@ -470,7 +474,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # The daemon, inference on every reading: capacity, then latency at half of it.
         progress("daemon, inference on every reading: capacity")
-        daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, 1, max_batch=plan.max_batch, threads=plan.threads)
+        daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, 1, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
         daemons[:] = [daemon]
         run.warm(D, D, alive)
         s1 = run.capacities([daemon.pid], D * plan.capacity_slots, D, plan.capacity_slots, D * plan.capacity_slots, alive)
@@ -483,7 +487,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # Inference every `stride`-th reading.
         progress(f"daemon, inference every {plan.stride}th reading: capacity")
-        daemon = Daemon(workdir, broker.port, model, f"bench-s{plan.stride}", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads)
+        daemon = Daemon(workdir, broker.port, model, f"bench-s{plan.stride}", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
         daemons[:] = [daemon]
         run.warm(D, D, alive)
         strided = run.capacities([daemon.pid], D * plan.stride_slots, D, plan.stride_slots, D * plan.stride_slots // plan.stride, alive)
@@ -494,7 +498,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
         # N processes, device-hash partitioned.
         if plan.partitions > 1:
             progress(f"{plan.partitions} daemon processes, device-hash partitions: capacity")
-            daemons[:] = [Daemon(workdir, broker.port, model, f"bench-p{i}", collector, 1, (plan.partitions, i), plan.max_batch, plan.threads)
+            daemons[:] = [Daemon(workdir, broker.port, model, f"bench-p{i}", collector, 1, (plan.partitions, i), plan.max_batch, plan.threads, plan.batch_wait_ms)
                           for i in range(plan.partitions)]
             run.warm(D, D, alive)
             parts = run.capacities([d.pid for d in daemons], D * plan.partition_slots, D, plan.partition_slots, D * plan.partition_slots, alive)
@@ -505,7 +509,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # Memory with many devices (every window full, one forecast each).
         progress(f"daemon with {plan.rss_devices} devices: peak resident memory")
-        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads)
+        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
         daemons[:] = [daemon]
         run.warm(plan.rss_devices, plan.rss_devices, alive)
         result["memory"] = {"devices": plan.rss_devices, "peak_rss_mib": peak_rss_mib(daemon.pid)}
@@ -579,7 +583,7 @@ def markdown(r: dict) -> str:
         f"{m['load_average_end'][0]:.2f} at the end.",
         f"Model {r['model']['name']} {r['model']['version']} (lookback {r['model']['lookback']}, horizon {r['model']['horizon']}, "
         f"{r['model']['features']} features); {r['plan']['devices']} devices; max_batch {r['settings']['max_batch']}, "
-        f"intra_op_threads {r['settings']['intra_op_threads']}; run took {r['seconds']} s.",
+        f"intra_op_threads {r['settings']['intra_op_threads']}, batch_wait_ms {r['settings'].get('batch_wait_ms', 0):g}; run took {r['seconds']} s.",
         "",
         "| what | readings/s | forecasts/s | CPU (cores) | notes |",
         "|---|---:|---:|---:|---|",
@@ -640,6 +644,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, help="capacity runs per process under test, the median reported (default 3)")
     bench.add_argument("--max-batch", type=int, help="inference.max_batch (default: the configured default)")
     bench.add_argument("--threads", type=int, help="model.intra_op_threads (default: the configured default)")
+    bench.add_argument("--batch-wait-ms", type=float, help="inference.batch_wait_ms (default: the configured default)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table")
 
@@ -648,7 +653,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from agent.config import shipped_model_path
 
     plan = Plan.quick() if args.quick else Plan()
-    for name in ("devices", "stride", "partitions", "rss_devices", "max_batch", "threads", "repeats"):
+    for name in ("devices", "stride", "partitions", "rss_devices", "max_batch", "threads", "batch_wait_ms", "repeats"):
         value = getattr(args, name)
         if value is not None:
             setattr(plan, name, value)

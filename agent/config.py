@@ -181,6 +181,13 @@ class InferenceConfig(Section):
         description="Most windows run in one onnxruntime call (64 measured fastest per window for the shipped LSTM on a small CPU, and far less memory than 512).",
     )
     stride: int = Field(1, ge=1, le=10_000, description="Run the model every N-th sample of a device.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000,
+        description="When fewer samples than one full model batch (max_batch x stride) are waiting, wait up to this long for "
+        "more before running the model. Readings that trickle in one at a time are then run a few per call instead of one "
+        "per call: less than half the CPU at 1,000 readings/s (docs/benchmarks.md) for at most this much more latency; "
+        "0: run each as it comes.",
+    )
     model_cpu: Literal["auto", "off"] | Annotated[int, Field(ge=0, le=4095)] = Field(
         "auto",
         description="The CPU the model thread runs on, with the daemon's other threads on the rest, so that they do not take "

@@ -290,3 +290,28 @@ def test_slow_worker_slows_reads_and_loses_nothing(start_agent, subscriber, mani
     stats = agent.stats()
     assert stats["accepted"] == len(rows) and stats["rejected"]["queue_full"] == 0
     assert stats["backpressure"]["waits"] >= 1, "the network thread waited for room instead of dropping"
+
+
+def test_readings_that_trickle_in_share_one_model_call(start_agent, subscriber, manifest):
+    """inference.batch_wait_ms: readings arriving one by one within the wait are run in one model call, not one each."""
+    agent = start_agent(inference={"batch_wait_ms": 800})
+    lookback = manifest["lookback"]
+    rows = healthy_rows(devices=4, rows=lookback + 1, seed=21)
+    filling = [row for row in rows if row[1] < rows[-1][1]]
+    publish_rows(subscriber, filling)
+    subscriber.collect(f"{PREFIX}/+/forecast", 4, timeout=30)  # every window full, one forecast each
+    real_infer = agent.pipeline.infer
+    windows_per_call: list[int] = []
+
+    def counting(prepared):
+        windows_per_call.append(prepared.n_windows)
+        return real_infer(prepared)
+
+    agent.pipeline.infer = counting
+    last = [row for row in rows if row[1] == rows[-1][1]]
+    assert len(last) == 4
+    for device, ts, values in last:  # acknowledged by the broker one at a time: they reach the agent apart
+        subscriber.publish(f"sensors/{device}/telemetry", {"ts": ts, "values": values}, qos=1)
+    forecasts = subscriber.collect(f"{PREFIX}/+/forecast", 4, timeout=30)
+    assert sorted(m.json()["device"] for m in forecasts) == sorted(device for device, _, _ in last)
+    assert windows_per_call == [4], windows_per_call
