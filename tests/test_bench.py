@@ -230,6 +230,32 @@ def test_messages_read_in_one_pass_arrive_whole_in_order_and_qos1_is_acknowledge
         link.stop(None, 2.0)
 
 
+def test_a_publish_that_arrives_alone_takes_the_one_pass_reader(mosquitto, make_probe, agent_settings):
+    """Readings that trickle in (one PUBLISH per read) take the one-pass reader too, whole and in order, QoS 1
+    acknowledged (mosquitto stops at 20 unacknowledged); paho's per-message path would cost each its own message object."""
+    import queue
+
+    from agent.mqtt import MqttLink, Retained
+
+    batches: queue.Queue = queue.Queue()
+    singles: list[tuple[str, bytes]] = []
+    link = MqttLink(agent_settings(), ["sensors/+/telemetry"], lambda topic, payload, at: singles.append((topic, payload)),
+                    will=Retained("edgecast/agent/t/status", b"offline"), on_messages=lambda batch, at: batches.put(batch))
+    link.start()
+    probe = make_probe(subscribe=None)
+    try:
+        assert link.wait_connected(10)
+        sent = [(f"sensors/dev-{i}/telemetry", f'{{"n": {i}}}'.encode()) for i in range(30)]
+        got = []
+        for i, (topic, payload) in enumerate(sent):  # one at a time: each is read before the next is sent
+            probe.client.publish(topic, payload, qos=i % 2)
+            got += batches.get(timeout=10)
+        assert got == sent
+        assert singles == [], "paho's per-message path took a lone PUBLISH"
+    finally:
+        link.stop(None, 2.0)
+
+
 def test_a_publish_queued_while_a_backlog_is_read_leaves_before_the_backlog_ends(mosquitto, make_probe, agent_settings):
     """While the link works through an input backlog, what is queued for sending goes out after the current read, not
     after the backlog (forecasts would wait, in memory, for as long as the input kept coming)."""
