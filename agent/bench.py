@@ -216,18 +216,17 @@ STOPPED_LINE = re.compile(r"stopped: (\d+) samples accepted, (\d+) processed, (\
 class Daemon:
     """`python -m agent run` with a configuration written here; pause/resume for capacity phases."""
 
-    def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, stride: int = 1,
-                 partition: tuple[int, int] = (1, 0), max_batch: int | None = None, threads: int | None = None,
-                 batch_wait_ms: float | None = None):
+    def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, plan: Plan, stride: int = 1,
+                 partition: tuple[int, int] = (1, 0)):
         self.agent_id = agent_id
         folder = workdir / agent_id
         folder.mkdir(parents=True, exist_ok=True)
         lines = [
             f'agent_id = "{agent_id}"',
             f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120',
-            f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {threads}" if threads is not None else ""),
-            f"[inference]\nstride = {stride}" + (f"\nmax_batch = {max_batch}" if max_batch is not None else "")
-            + (f"\nbatch_wait_ms = {batch_wait_ms}" if batch_wait_ms is not None else ""),
+            f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {plan.threads}" if plan.threads is not None else ""),
+            f"[inference]\nstride = {stride}" + (f"\nmax_batch = {plan.max_batch}" if plan.max_batch is not None else "")
+            + (f"\nbatch_wait_ms = {plan.batch_wait_ms}" if plan.batch_wait_ms is not None else ""),
             f'[state]\ndirectory = "{folder / "state"}"',
             f"[partition]\ncount = {partition[0]}\nindex = {partition[1]}",
         ]
@@ -474,7 +473,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # The daemon, inference on every reading: capacity, then latency at half of it.
         progress("daemon, inference on every reading: capacity")
-        daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, 1, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
+        daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, plan)
         daemons[:] = [daemon]
         run.warm(D, D, alive)
         s1 = run.capacities([daemon.pid], D * plan.capacity_slots, D, plan.capacity_slots, D * plan.capacity_slots, alive)
@@ -487,7 +486,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # Inference every `stride`-th reading.
         progress(f"daemon, inference every {plan.stride}th reading: capacity")
-        daemon = Daemon(workdir, broker.port, model, f"bench-s{plan.stride}", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
+        daemon = Daemon(workdir, broker.port, model, f"bench-s{plan.stride}", collector, plan, plan.stride)
         daemons[:] = [daemon]
         run.warm(D, D, alive)
         strided = run.capacities([daemon.pid], D * plan.stride_slots, D, plan.stride_slots, D * plan.stride_slots // plan.stride, alive)
@@ -498,7 +497,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
         # N processes, device-hash partitioned.
         if plan.partitions > 1:
             progress(f"{plan.partitions} daemon processes, device-hash partitions: capacity")
-            daemons[:] = [Daemon(workdir, broker.port, model, f"bench-p{i}", collector, 1, (plan.partitions, i), plan.max_batch, plan.threads, plan.batch_wait_ms)
+            daemons[:] = [Daemon(workdir, broker.port, model, f"bench-p{i}", collector, plan, 1, (plan.partitions, i))
                           for i in range(plan.partitions)]
             run.warm(D, D, alive)
             parts = run.capacities([d.pid for d in daemons], D * plan.partition_slots, D, plan.partition_slots, D * plan.partition_slots, alive)
@@ -509,7 +508,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
 
         # Memory with many devices (every window full, one forecast each).
         progress(f"daemon with {plan.rss_devices} devices: peak resident memory")
-        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan.stride, max_batch=plan.max_batch, threads=plan.threads, batch_wait_ms=plan.batch_wait_ms)
+        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan, plan.stride)
         daemons[:] = [daemon]
         run.warm(plan.rss_devices, plan.rss_devices, alive)
         result["memory"] = {"devices": plan.rss_devices, "peak_rss_mib": peak_rss_mib(daemon.pid)}
