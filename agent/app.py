@@ -79,12 +79,20 @@ class SampleQueue(queue.Queue):
     def __init__(self, maxsize: int = 0):
         super().__init__(maxsize)
         self._filling_to = 0  # while a get_many lingers: the size at which to wake it (not at every put)
+        self._first_at = 0.0  # monotonic time the oldest item came (when the queue was last empty)
+
+    def _put(self, item) -> None:
+        if not self.queue:
+            self._first_at = time.monotonic()
+        self.queue.append(item)
 
     def put_all_nowait(self, items: list) -> bool:
         """Put every item, or none when they do not all fit."""
         with self.not_full:
             if self.maxsize > 0 and self._qsize() + len(items) > self.maxsize:
                 return False
+            if not self.queue:
+                self._first_at = time.monotonic()
             self.queue.extend(items)
             self.unfinished_tasks += len(items)
             if self._qsize() >= self._filling_to:
@@ -92,13 +100,14 @@ class SampleQueue(queue.Queue):
             return True
 
     def get_many(self, limit: int, timeout: float, fill: int = 1, linger: float = 0.0) -> list:
-        """Up to `limit` items, waiting at most `timeout` for the first; [] when none came. Once there is one, and
-        fewer than `fill`, wait up to `linger` seconds more for `fill` (a bigger batch for the same per-call cost)."""
+        """Up to `limit` items, waiting at most `timeout` for the first; [] when none came. While there are fewer than
+        `fill`, wait for more until the oldest has waited `linger` seconds (a bigger batch for the same per-call cost;
+        no item waits longer than that for company, however long the taker was busy elsewhere)."""
         with self.not_empty:
             if not self._qsize():
                 self.not_empty.wait(timeout)
             if 0 < self._qsize() < fill and linger > 0:
-                deadline = time.monotonic() + linger
+                deadline = self._first_at + linger
                 self._filling_to = fill
                 try:
                     while self._qsize() < fill:

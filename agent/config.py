@@ -183,8 +183,8 @@ class InferenceConfig(Section):
     stride: int = Field(1, ge=1, le=10_000, description="Run the model every N-th sample of a device.")
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000,
-        description="When fewer samples than one full model batch (max_batch x stride) are waiting, wait up to this long for "
-        "more before running the model. Readings that trickle in one at a time are then run a few per call instead of one "
+        description="When fewer samples than one full model batch (max_batch x stride) are waiting, wait for more until the "
+        "oldest has waited this long, then run the model. Readings that trickle in one at a time are then run a few per call instead of one "
         "per call: less than half the CPU at 1,000 readings/s (docs/benchmarks.md) for at most this much more latency; "
         "0: run each as it comes.",
     )

@@ -19,6 +19,16 @@ def test_a_lone_item_is_returned_after_the_linger_at_the_latest():
     assert 0.05 <= waited < 2.0
 
 
+def test_the_linger_counts_from_the_oldest_items_arrival():
+    """An item that has already waited `linger` (its taker was busy) is returned at once, not after another linger."""
+    q = SampleQueue()
+    q.put_all_nowait([1])
+    threading.Event().wait(2.0)  # the taker is elsewhere for as long as the linger
+    started = time.monotonic()
+    assert q.get_many(100, timeout=1.0, fill=10, linger=2.0) == [1]
+    assert time.monotonic() - started < 1.0
+
+
 def test_the_linger_ends_as_soon_as_the_batch_is_full():
     """A lingering get_many returns as soon as `fill` items are queued, long before its linger runs out."""
     q = SampleQueue()
