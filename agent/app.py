@@ -82,18 +82,19 @@ class SampleQueue(queue.Queue):
         self._first_at = 0.0  # monotonic time the oldest item came (when the queue was last empty)
 
     def _put(self, item) -> None:
+        self._extend((item,))
+
+    def _extend(self, items) -> None:
         if not self.queue:
             self._first_at = time.monotonic()
-        self.queue.append(item)
+        self.queue.extend(items)
 
     def put_all_nowait(self, items: list) -> bool:
         """Put every item, or none when they do not all fit."""
         with self.not_full:
             if self.maxsize > 0 and self._qsize() + len(items) > self.maxsize:
                 return False
-            if not self.queue:
-                self._first_at = time.monotonic()
-            self.queue.extend(items)
+            self._extend(items)
             self.unfinished_tasks += len(items)
             if self._qsize() >= self._filling_to:
                 self.not_empty.notify()

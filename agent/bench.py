@@ -417,6 +417,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     settings = Settings()
     max_batch = plan.max_batch or settings.inference.max_batch
     threads = plan.threads if plan.threads is not None else settings.model.intra_op_threads
+    batch_wait_ms = plan.batch_wait_ms if plan.batch_wait_ms is not None else settings.inference.batch_wait_ms
     bundle = load_bundle(model, threads)
     period, lookback = bundle.period_s, bundle.lookback
     D = plan.devices
@@ -424,7 +425,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     result: dict = {"plan": asdict(plan), "model": {"path": str(model), "name": bundle.name, "version": bundle.version,
                                                      "lookback": lookback, "horizon": bundle.horizon, "features": len(bundle.features)},
                     "settings": {"max_batch": max_batch, "intra_op_threads": threads, "stride": plan.stride,
-                                 "batch_wait_ms": plan.batch_wait_ms if plan.batch_wait_ms is not None else settings.inference.batch_wait_ms},
+                                 "batch_wait_ms": batch_wait_ms},
                     "machine": machine()}
     del bundle
     workdir = Path(tempfile.mkdtemp(prefix="edgecast-bench-"))

@@ -87,8 +87,6 @@ class MqttConfig(Section, MqttMethods):
         return self
 
 
-
-
 class TopicsConfig(Section):
     telemetry: str = Field("sensors/{device}/telemetry", min_length=3, max_length=256, description="Input topic template of the whole-record form; needs {device}.")
     sensor: str | None = Field("sensors/{device}/{sensor}", max_length=256, description="Input topic template of the per-sensor form; needs {device} and {sensor}; empty disables it.")
