@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--model", required=True, metavar="DIR", help="model bundle folder (model.onnx + manifest.json)")
     replay.add_argument("--data", required=True, metavar="FILE.csv", help="input CSV with a timestamp column and one column per model feature")
     replay.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV, one row per input row")
-    replay.add_argument("--ts-column", default="ts", help="timestamp column (default: ts)")
+    replay.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
+                        help="timestamp column (default: the first column named ts, timestamp, time, datetime or date, any case)")
     replay.add_argument("--ts-format", default="auto", help="auto (unix seconds or ISO-8601) | unix | unix_ms | iso | a strptime format such as '%%d/%%m/%%Y %%H:%%M' (naive times are UTC)")
     replay.add_argument("--device-column", default="device", help="device column; without it the file is one device (default: device)")
     replay.add_argument("--delimiter", default=",", help="CSV delimiter (default: ',')")

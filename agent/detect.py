@@ -26,6 +26,7 @@ import numpy as np
 
 from agent import arrays
 from agent.events import AlertEvent, FeatureDeviation
+from agent.state import NormalState
 
 FLATLINE_CAP = 1.5  # flat-line score at most 1.5 x warning (below the default critical = 2 x warning)
 
@@ -46,7 +47,8 @@ class ResidualScorer:
 
     def __init__(self, residual_mean: np.ndarray, residual_std: np.ndarray, scale: np.ndarray, alpha: float,
                  steps: list[int] | tuple[int, ...] = (1,), slow_alpha: float | None = None, slow_gain: float = 1.0,
-                 slow_clip: float = 3.0, slow_recent_alpha: float | None = None):
+                 slow_clip: float = 3.0, slow_recent_alpha: float | None = None, fast_gain: float = 1.0,
+                 state: NormalState | None = None, state_alpha: float = 1.0, state_gains: tuple[float, float] = (1.0, 1.0)):
         mean = np.asarray(residual_mean, dtype=np.float64)  # (H, T) scaled units
         std = np.maximum(np.asarray(residual_std, dtype=np.float64), 1e-6)  # (H, T)
         self.steps = sorted(int(k) for k in steps)
@@ -58,6 +60,10 @@ class ResidualScorer:
             raise ValueError(f"slow_gain must be >= 0, got {slow_gain!r}")
         if slow_recent_alpha is not None and (slow_alpha is None or not 0 < slow_recent_alpha <= 1):
             raise ValueError(f"slow_recent_alpha must be in (0, 1] and needs slow_alpha, got {slow_recent_alpha!r}")
+        if not fast_gain > 0:
+            raise ValueError(f"fast_gain must be > 0, got {fast_gain!r}")
+        if state is not None and (not 0 < state_alpha <= 1 or len(state_gains) != 2 or min(state_gains) < 0):
+            raise ValueError(f"state_alpha must be in (0, 1] and state_gains two numbers >= 0, got {state_alpha!r}, {state_gains!r}")
         index = np.array(self.steps) - 1
         self.mean = mean[index]  # (S, T)
         self.std = std[index]  # (S, T)
@@ -72,12 +78,33 @@ class ResidualScorer:
         # Channels: fast (S*T, step-major), then per target the long slow EWMA (T), then the recent one (T).
         slow_alphas = ([float(slow_alpha)] * T if self.slow else []) + ([float(slow_recent_alpha)] * T if self.recent else [])
         self.n_slow_copies = len(slow_alphas) // T if T else 0
-        self.n_channels = self.n_fast + len(slow_alphas)
-        self.alphas = np.array([self.alpha] * self.n_fast + slow_alphas)  # (C,) EWMA weight per channel
-        self.weights = np.array([1.0] * self.n_fast + [float(slow_gain) ** 2] * len(slow_alphas))  # (C,) weight in the max
+        # Then the state channels (T^2, SPE of agent.state), when the bundle has a state model.
+        self.state = state
+        self.n_state = 2 if state is not None else 0
+        state_alphas = [float(state_alpha)] * self.n_state
+        self.n_channels = self.n_fast + len(slow_alphas) + self.n_state
+        self.alphas = np.array([self.alpha] * self.n_fast + slow_alphas + state_alphas)  # (C,) EWMA weight per channel
+        # Each family's gain puts its own warning level at 1 (calibrations before the state model: fast gain 1).
+        self.fast_weight = float(fast_gain) ** 2
         self.slow_weight = float(slow_gain) ** 2
-        self._fast, self._long, self._recent = slice(0, self.n_fast), slice(self.n_fast, self.n_fast + T), slice(self.n_fast + T, None)
+        self.state_weights = np.square(np.asarray(state_gains, dtype=np.float64)) if state is not None else np.zeros(0)  # (2,)
+        self.weights = np.array([self.fast_weight] * self.n_fast + [self.slow_weight] * len(slow_alphas)
+                                + self.state_weights.tolist())  # (C,) weight in the max
+        self._plain = self.fast_weight == 1.0 and state is None  # the first version's arithmetic, kept exactly
+        end_slow = self.n_fast + len(slow_alphas)
+        self._fast, self._long = slice(0, self.n_fast), slice(self.n_fast, self.n_fast + T)
+        self._recent, self._state = slice(self.n_fast + T, end_slow), slice(end_slow, self.n_channels)
         self._decay = 1.0 - self.alphas
+
+    @classmethod
+    def from_calibration(cls, calibration: dict, target_scale: np.ndarray) -> "ResidualScorer":
+        """The scorer a bundle's manifest.calibration describes (docs/contracts.md, "Anomaly score")."""
+        section = calibration.get("state")
+        state = NormalState.from_manifest(section) if section is not None else None
+        return cls(calibration["residual_mean"], calibration["residual_std"], target_scale, calibration["ewma_alpha"],
+                   calibration.get("score_steps", [1]), calibration.get("slow_alpha"), calibration.get("slow_gain", 1.0),
+                   calibration.get("slow_clip", 3.0), calibration.get("slow_recent_alpha"), calibration.get("fast_gain", 1.0),
+                   state, (section or {}).get("alpha", 1.0), tuple((section or {}).get("gains", (1.0, 1.0))))
 
     def initial_state(self, n_devices: int = 1) -> np.ndarray:
         return np.ones((n_devices, self.n_channels), dtype=np.float64)  # (D, C)
@@ -94,21 +121,22 @@ class ResidualScorer:
     def channels(self, z: np.ndarray) -> np.ndarray:
         """Per-channel residuals (C,) from one sample's z: (S, T) or, for a one-step scorer, (T,)."""
         flat = np.ravel(z)
-        if not self.slow:
+        if not self.slow and not self.n_state:
             return flat
         # Slow channels: the first scored step, clipped so that a few huge residuals (a spike, a step) cannot
         # hold them up for their whole long memory; they are meant to see many moderately larger residuals.
-        clipped = np.clip(flat[: self.n_targets], -self.slow_clip, self.slow_clip)
-        return np.concatenate([flat] + [clipped] * self.n_slow_copies)
+        clipped = [np.clip(flat[: self.n_targets], -self.slow_clip, self.slow_clip)] * self.n_slow_copies
+        return np.concatenate([flat, *clipped, np.full(self.n_state, np.nan)])  # no state statistics: they keep their value
 
     def slow_levels(self, state: np.ndarray) -> np.ndarray:
         """Unweighted slow level per target (..., T) of states (..., C): the long EWMA, or with recent channels
         the smaller of long and recent."""
-        T = self.n_targets
-        long = state[..., self.n_fast : self.n_fast + T]
-        return np.minimum(long, state[..., self.n_fast + T :]) if self.recent else long
+        long = state[..., self._long]
+        return np.minimum(long, state[..., self._recent]) if self.recent else long
 
     def _score(self, state: np.ndarray) -> float:
+        if not self._plain:
+            return float(self._scores(state[None])[0])
         if not self.slow:
             return float(np.sqrt(state.max()))
         if not self.recent:
@@ -134,15 +162,20 @@ class ResidualScorer:
             state += self.alphas * (z * z)
         return self._score(state)
 
-    def prepare(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Many samples' z (K, S, T) -> (alpha * z**2 per channel (K, C), rows with a missing channel (K,)),
-        so that `update_prepared` does the least per-sample work."""
+    def prepare(self, z: np.ndarray, scaled: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Many samples' z (K, S, T) (and, for the state channels, their scaled feature rows (K, F)) ->
+        (alpha * z**2 per channel (K, C), rows with a missing channel (K,)), so that `update_prepared` does the
+        least per-sample work."""
         K = z.shape[0]
         flat = z.reshape(K, -1)  # (K, S*T)
         if self.slow:
             clipped = np.clip(flat[:, : self.n_targets], -self.slow_clip, self.slow_clip)
-            flat = np.concatenate([flat] + [clipped] * self.n_slow_copies, axis=1)  # (K, C)
-        return self.alphas * (flat * flat), np.isnan(flat).any(axis=1)
+            flat = np.concatenate([flat] + [clipped] * self.n_slow_copies, axis=1)  # (K, C - n_state)
+        squares = flat * flat
+        if self.n_state:
+            stats = self.state.statistics(scaled) if scaled is not None else np.full((K, 2), np.nan)  # (K, 2), already squares
+            squares = np.concatenate([squares, stats], axis=1)  # (K, C)
+        return self.alphas * squares, np.isnan(squares).any(axis=1)
 
     def update_prepared(self, state: np.ndarray, weighted_sq: np.ndarray, missing: bool) -> float:
         """`update` for one row of `prepare`'s output."""
@@ -163,6 +196,13 @@ class ResidualScorer:
 
     def _scores(self, states: np.ndarray) -> np.ndarray:
         """`_score` of each row of states (N, C) -> (N,)."""
+        if not self._plain:
+            best = states[:, self._fast].max(axis=1) * self.fast_weight  # (N,)
+            if self.slow:
+                best = np.maximum(best, self.slow_weight * self.slow_levels(states).max(axis=1))
+            if self.n_state:
+                best = np.maximum(best, (states[:, self._state] * self.state_weights).max(axis=1))
+            return np.sqrt(best)
         if not self.slow:
             return np.sqrt(states.max(axis=1))
         if not self.recent:
@@ -181,6 +221,10 @@ class ResidualScorer:
         slow = np.sqrt(self.slow_levels(state).max(axis=-1)) if self.slow else np.zeros_like(fast)
         return fast, slow
 
+    def state_scores(self, state: np.ndarray) -> np.ndarray:
+        """Unweighted sqrt of the smoothed state statistics (..., 2) of states (..., C) (T^2, SPE)."""
+        return np.sqrt(state[..., self._state])
+
     def score_series(self, observed: np.ndarray, forecast: np.ndarray) -> np.ndarray:
         """Scores of one device's consecutive samples (one-step scorer): (N, T) each -> (N,)."""
         zs = self.z(observed, forecast)  # (N, T)
@@ -193,7 +237,7 @@ class ResidualScorer:
     def target_levels(self, state: np.ndarray) -> np.ndarray:
         """Per target, sqrt of its largest weighted channel (T,): how much each target deviates."""
         T = self.n_targets
-        fast = state[: self.n_fast].reshape(-1, T).max(axis=0)
+        fast = state[: self.n_fast].reshape(-1, T).max(axis=0) * self.fast_weight
         if self.slow:
             fast = np.maximum(fast, self.slow_weight * self.slow_levels(state))
         return np.sqrt(fast)

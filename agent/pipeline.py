@@ -86,15 +86,16 @@ class Pipeline:
                                    on_commit=self._on_commit, max_lateness_periods=settings.window.max_lateness_periods)
         calibration = bundle.calibration
         try:
-            scorer = ResidualScorer(calibration["residual_mean"], calibration["residual_std"], bundle.target_scale,
-                                    calibration["ewma_alpha"], calibration.get("score_steps", [1]),
-                                    calibration.get("slow_alpha"), calibration.get("slow_gain", 1.0),
-                                    calibration.get("slow_clip", 3.0), calibration.get("slow_recent_alpha"))
+            scorer = ResidualScorer.from_calibration(calibration, bundle.target_scale)
+            if scorer.state is not None and scorer.state.center.shape[0] != bundle.n_features:
+                raise ValueError(f"the state model has {scorer.state.center.shape[0]} features, the bundle {bundle.n_features}")
             repeats = calibration.get("flatline_repeats")
             if repeats is not None and (len(repeats) != len(bundle.targets) or any(not isinstance(r, int) or r < 0 for r in repeats)):
                 raise ValueError(f"flatline_repeats must be one non-negative integer per target, got {repeats!r}")
         except (TypeError, ValueError) as exc:
             raise BundleError(f"manifest.calibration: {exc}") from None
+        self._state_on = scorer.state is not None  # commits then log every feature, not only the targets
+        self._offset, self._scale = np.asarray(bundle.offset, np.float64), np.asarray(bundle.scale, np.float64)  # (F,)
         self.detector = AlertDetector.from_settings(scorer, calibration, bundle.targets, settings.detect, salt=bundle.sha256[:16])
         # Past forecasts per device, for multi-step scoring: those made in the last `ring` slots, each holding the
         # forecasts of the looked-up steps (step 1 always, for the replay's `expected` column). A device's
@@ -151,7 +152,8 @@ class Pipeline:
 
     # -- phase 1 callback ---------------------------------------------------------------------------------------
     def _on_commit(self, d: int, slot: int, observed: bool, values) -> None:
-        self._log.append((_COMMIT, self._current, d, slot, observed, self._target_values(values)))
+        self._log.append((_COMMIT, self._current, d, slot, observed, self._target_values(values),
+                          list(values) if self._state_on else None))
         windows = self.windows
         commits = windows.commits[d]
         if commits < self.lookback or (commits - self.lookback) % self.stride:
@@ -252,7 +254,8 @@ class Pipeline:
         """For every commit of the call: the forecasts made 1..k periods earlier for its slot.
 
         Returns (observed (K, T), looked-up forecasts (K, S', T) NaN where none, usable (K, S') bool, devices (K,),
-        observed slot (K,) bool), or None.
+        observed slot (K,) bool, every feature in the model's scaled units (K, F) or None without a state model),
+        or None.
         Forecasts of this call come from `forecasts` (matched by (device, slot) with a sorted key search), older
         ones from the per-device ring.
         """
@@ -260,7 +263,7 @@ class Pipeline:
         if not commits:
             return None
         K, S, T = len(commits), len(self.lookup_steps), self.bundle.n_targets
-        _, _, device_column, slot_column, observed_flags, observed_column = zip(*commits)  # log columns, transposed in C
+        _, _, device_column, slot_column, observed_flags, observed_column, feature_column = zip(*commits)  # log columns, transposed in C
         devices = np.array(device_column, dtype=np.int64)
         slots = np.array(slot_column, dtype=np.int64)
         observed = np.array(observed_column, dtype=np.float64)  # (K, T)
@@ -286,7 +289,8 @@ class Pipeline:
             rows = call[order[at], 2]
             expected[hit] = forecasts[rows[hit], self._lookup_index[cols[hit]]]
             usable = np.where(hit, call[order[at], 3].astype(bool), usable)
-        return observed, expected, usable, devices, np.array(observed_flags, dtype=bool)
+        scaled = (np.array(feature_column, dtype=np.float64) - self._offset) / self._scale if self._state_on else None  # (K, F)
+        return observed, expected, usable, devices, np.array(observed_flags, dtype=bool), scaled
 
     def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
               trace: Trace | None) -> list[Event]:
@@ -297,13 +301,13 @@ class Pipeline:
         period = self.period_s
         looked_up = self._past_forecasts(log, call_forecasts, forecasts)
         if looked_up is not None:
-            observed_rows, expected_all, usable, devices, observed_slot = looked_up
+            observed_rows, expected_all, usable, devices, observed_slot, scaled_rows = looked_up
             score_expected = expected_all[:, self._score_cols]  # (K, S, T)
             score_usable = usable[:, self._score_cols]  # (K, S)
             z_rows = scorer.z_steps(observed_rows, np.where(score_usable[:, :, None], score_expected, np.nan))  # (K, S, T)
             scorable_rows = score_usable.any(axis=1)  # (K,)
             scorable = scorable_rows.tolist()
-            weighted_sq, missing = scorer.prepare(z_rows)  # (K, C), (K,)
+            weighted_sq, missing = scorer.prepare(z_rows, scaled_rows)  # (K, C), (K,)
             missing = missing.tolist()
             # Samples of devices that stay quiet are scored all at once, the rest one by one below (a trace reads
             # the detector's state after each sample, so with one they all go one by one).
@@ -326,7 +330,7 @@ class Pipeline:
         for entry in log:
             kind = entry[0]
             if kind == _COMMIT:
-                _, i, d, slot, observed, _values = entry
+                _, i, d, slot, observed, _values, _features = entry
                 if observed and scorable[k]:
                     scored += 1
                     if not handled[k]:

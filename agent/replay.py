@@ -31,6 +31,40 @@ class ReplayError(Exception):
     """The data file cannot be replayed (missing column, unparseable cell); the message says where."""
 
 
+class TimestampColumnError(ReplayError, ValueError):
+    """No usable timestamp column: the message lists the columns and says to pass --ts-column NAME.
+    A ValueError too, so the training commands (which report ValueErrors) show it as it is."""
+
+
+# Timestamp column names recognised without --ts-column, in order of preference (matched case-insensitively);
+# every command that reads a data file (replay, fit, train, data-report, cv, search, evaluate-alerts) uses this.
+TS_COLUMN_NAMES = ("ts", "timestamp", "time", "datetime", "date")
+
+
+def find_ts_column(header: list[str], given: str | None = None, source: str | None = None) -> str:
+    """The timestamp column of a file with this header: `given` (--ts-column) when set, else the first of
+    TS_COLUMN_NAMES present (any case). Raises TimestampColumnError naming the columns that exist; `source`
+    (the file) starts the message."""
+    where = f"{source}: " if source else ""
+    columns = [str(h) for h in header]
+    if given:
+        if given in columns:
+            return given
+        try:
+            found = find_ts_column(columns)
+            hint = f"; without --ts-column the timestamp column {found!r} is used"
+        except TimestampColumnError:
+            hint = ""
+        raise TimestampColumnError(f"{where}no timestamp column {given!r} (--ts-column); the columns are {columns}{hint}")
+    lowered = [c.strip().lstrip("\ufeff").lower() for c in columns]
+    for name in TS_COLUMN_NAMES:
+        if name in lowered:
+            return columns[lowered.index(name)]
+    raise TimestampColumnError(
+        f"{where}no timestamp column: none of the columns {columns} is named {', '.join(TS_COLUMN_NAMES)} (any case); "
+        f"name it with --ts-column NAME")
+
+
 @dataclass
 class ReplayResult:
     rows: int
@@ -104,20 +138,25 @@ def parse_ts_column(texts: list[str], ts_format: str = "auto") -> np.ndarray:
     return out
 
 
-def read_table(path: str | Path, features: list[str], ts_column: str = "ts", device_column: str = "device", delimiter: str = ",",
+def read_table(path: str | Path, features: list[str], ts_column: str | None = None, device_column: str = "device", delimiter: str = ",",
                ts_format: str = "auto", label_column: str | None = None) -> Table:
-    with open(path, newline="", encoding="utf-8") as f:
+    """Read the CSV; `ts_column` None finds the timestamp column by name (find_ts_column)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel) is not part of the first name
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise ReplayError(f"{path} is empty") from None
         rows = [row for row in reader if row]
+    one_column = "" if len(header) > 1 else f" (one column only: is the delimiter {delimiter!r} right?)"
+    try:
+        ts_column = find_ts_column(header, ts_column, str(path))
+    except TimestampColumnError as exc:
+        raise TimestampColumnError(f"{exc}{one_column}") from None
     position = {name: k for k, name in enumerate(header)}
-    missing = [c for c in [ts_column, *features] if c not in position]
+    missing = [c for c in features if c not in position]
     if missing:
-        hint = "" if len(header) > 1 else f" (one column only: is the delimiter {delimiter!r} right?)"
-        raise ReplayError(f"{path} lacks column(s) {missing}; it has {header}{hint}")
+        raise ReplayError(f"{path} lacks column(s) {missing}; it has {header}{one_column}")
     width = len(header)
     for k, row in enumerate(rows):
         if len(row) != width:
@@ -258,7 +297,7 @@ def replay(
     out_path: str | Path,
     *,
     settings: Settings | None = None,
-    ts_column: str = "ts",
+    ts_column: str | None = None,
     device_column: str = "device",
     delimiter: str = ",",
     chunk_rows: int = 8192,
@@ -267,7 +306,8 @@ def replay(
     plot_device: str | None = None,
     label_column: str = "label",
 ) -> ReplayResult:
-    """Read, run and write; returns counts and timing (the whole run, reading and writing included, the plot not)."""
+    """Read, run and write; returns counts and timing (the whole run, reading and writing included, the plot not).
+    `ts_column` None finds the timestamp column by name (TS_COLUMN_NAMES); the output's column is always `ts`."""
     settings = settings or Settings(model={"path": Path(model_dir)})
     if "max_batch" not in settings.inference.model_fields_set:
         # Offline there is no latency to keep low: larger model calls, same results (the batch never changes them).

@@ -23,6 +23,7 @@ import numpy as np
 from agent.config import Settings
 from agent.events import AlertEvent, Sample
 from agent.pipeline import Pipeline
+from agent.state import NormalState
 from training.data import DeviceSeries, Prepared
 
 EWMA_ALPHA = 0.4  # fast channels: ~2-sample memory; a longer one only lengthens the alert after a fault's end
@@ -34,6 +35,17 @@ MIN_SAMPLES_UNDER = 5
 FLATLINE_EVENTS_PER_YEAR = 0.01  # tolerated healthy flat-line runs per device and year
 FLATLINE_MIN_REPEATS = 4
 FLATLINE_MAX_REPEATS = 1440
+FALSE_ALARM_RATE = 3e-4  # per scored sample: the share of healthy samples over the warning, all families together
+POT_INITIAL_QUANTILE = 0.9  # excesses over this quantile of the healthy scores make the tail that is fitted
+POT_MIN_EXCESSES = 10
+FAST_FLOOR = 2.0  # a warning never below 2 standard deviations of the one-step residuals (tiny validation sets)
+SLOW_FLOOR = 1.8  # nor below a residual variance 3.2 x the healthy one (chosen on the tuning seeds 101, 102)
+STATE_FLOOR = 1.2
+STATE_VARIANCE = 0.9  # principal components kept: this share of the normal rows' variance
+STATE_FOLDS = 5
+RESIDUAL_SPLITS = ("train", "val")  # the residual families' tail: normalized on validation, tail fitted on both
+SLOW_MIN_MEMORIES = 5  # slow channels only where each calibration stretch spans this many of their memories
+STATE_ALPHA = 1.0  # the state statistics unsmoothed: the alert rule's run of min_samples_over samples is the filter
 
 
 def default_score_steps(horizon: int) -> list[int]:
@@ -211,8 +223,98 @@ class Calibrator:
         return PredictorBundle(self.prepared, self.predict, calibration)
 
 
-def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2.0, score_steps: list[int] | None = None,
-              alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA) -> tuple[dict, Calibrator, list[ScoredRun]]:
+def pot_threshold(scores: np.ndarray, risk: float, initial_quantile: float = POT_INITIAL_QUANTILE) -> float:
+    """The level that `scores` (healthy scores the model did not train on) exceed with probability `risk`, by
+    peaks over threshold (the initial step of SPOT, Siffer et al., KDD 2017): a generalized Pareto law fitted
+    to the excesses over the `initial_quantile` quantile (probability-weighted moments, Hosking & Wallis 1987)
+    and extrapolated to `risk`.
+
+    The shape is kept >= 0 (an exponential tail or heavier): a fitted bounded tail extrapolates a few hundred
+    samples into levels that new data crosses at once. With few samples the initial quantile is lowered until
+    POT_MIN_EXCESSES excesses exist."""
+    x = np.asarray(scores, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        raise ValueError("too few healthy scores to set a threshold on")
+    q = min(initial_quantile, 1.0 - POT_MIN_EXCESSES / x.size) if x.size > POT_MIN_EXCESSES else 0.5
+    t = float(np.quantile(x, q))
+    excess = np.sort(x[x > t] - t)
+    if excess.size < 2 or excess.mean() <= 0:
+        return float(x.max())
+    n = excess.size
+    a0 = excess.mean()
+    a1 = float(np.mean((1.0 - (np.arange(1, n + 1) - 0.35) / n) * excess))
+    denominator = a0 - 2.0 * a1
+    shape = float(np.clip(2.0 - a0 / denominator, 0.0, 0.5)) if denominator > 0 else 0.0  # xi; Hosking's k = -xi
+    sigma = 2.0 * a0 * a1 / denominator if denominator > 0 and shape > 0 else a0  # xi = 0: the mean excess
+    if shape == 0.0:
+        sigma = a0
+    r = min(risk * x.size / n, 1.0)  # the risk among the excesses
+    level = t - sigma * math.log(r) if shape < 1e-6 else t + sigma / shape * (r ** -shape - 1.0)
+    return float(max(level, x.max()))
+
+
+def state_rows(prepared: Prepared, splits=("train", "val")) -> list[np.ndarray]:
+    """Per device, the scaled rows of `splits` that were observed and healthy, in time order."""
+    out = []
+    for s, offset in zip(prepared.series, prepared.offsets):
+        keep = []
+        for split in splits:
+            lo, hi = s.bounds[split]
+            keep.append(np.arange(lo, hi)[s.observed[lo:hi] & s.healthy[lo:hi]])
+        rows = np.concatenate(keep)
+        out.append(prepared.scaled[offset + rows].astype(np.float64))  # (N_d, F)
+    return out
+
+
+def _ewma(values: np.ndarray, alpha: float) -> np.ndarray:
+    """EWMA over rows (N, C) starting at 1, as the detector's channels do."""
+    if alpha >= 1.0:
+        return values
+    out = np.empty_like(values)
+    level = np.ones(values.shape[1])
+    for i, row in enumerate(values):
+        level = (1.0 - alpha) * level + alpha * row
+        out[i] = level
+    return out
+
+
+def out_of_sample_state(per_device: list[np.ndarray], folds: int = STATE_FOLDS, variance: float = STATE_VARIANCE,
+                        alpha: float = STATE_ALPHA) -> np.ndarray:
+    """sqrt of the smoothed (T^2, SPE) of every normal row, each scored by a state model fitted without its own
+    block: each device's rows are cut into `folds` blocks in time order, and fold i holds out block i of every
+    device (blocked time-series cross-validation). Returns (N, 2)."""
+    out = []
+    for i in range(folds):
+        held, kept = [], []
+        for rows in per_device:
+            cuts = np.linspace(0, len(rows), folds + 1).astype(int)
+            held.append(rows[cuts[i] : cuts[i + 1]])
+            kept.append(np.concatenate([rows[: cuts[i]], rows[cuts[i + 1] :]]))
+        train = np.concatenate(kept)
+        if train.shape[0] < 3:
+            continue
+        model = NormalState.fit(train, variance)
+        for block in held:
+            if len(block):
+                out.append(np.sqrt(_ewma(model.statistics(block), alpha)))
+    if not out:
+        raise ValueError("too few normal rows to calibrate the state channels (need at least 5 per device)")
+    return np.concatenate(out)
+
+
+def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM_RATE, score_steps: list[int] | None = None,
+              alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA, state: bool = True,
+              state_variance: float = STATE_VARIANCE) -> tuple[dict, Calibrator, list[ScoredRun]]:
+    """The bundle's anomaly calibration: every channel family's level at the target false-alarm rate.
+
+    Families: fast residuals, slow residuals (variance that rises over hours), state T^2 and SPE. Each family's
+    threshold is the level its healthy out-of-sample scores exceed with probability false_alarm_rate / (number
+    of families) (pot_threshold): the residual families on the validation stretches (the forecaster never
+    trained on them), the state families on blocked folds of the training and validation rows. Each family's
+    gain puts that threshold at 1, so the warning is 1.0 (anomaly_score 0.5) for every bundle."""
+    if not 0 < false_alarm_rate < 1:
+        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate!r}")
     mean, std = residual_stats(prepared, predict)
     steps = score_steps or default_score_steps(prepared.horizon)
     repeats, repeat_p = flatline_repeats(prepared, prepared.period_s)
@@ -221,7 +323,7 @@ def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2
         "ewma_alpha": alpha,
         "thresholds": {"warning": 1e9, "critical": 2e9, "exit": 0.7e9},  # provisional: scoring only
         "score_steps": steps,
-        **({"slow_alpha": slow_alpha, "slow_recent_alpha": SLOW_RECENT_ALPHA, "slow_gain": 0.0, "slow_clip": SLOW_CLIP}
+        **({"slow_alpha": slow_alpha, "slow_recent_alpha": SLOW_RECENT_ALPHA, "slow_gain": 1.0, "slow_clip": SLOW_CLIP}
            if slow_alpha else {}),  # gain provisional: measured below
         "flatline_repeats": repeats,
         "flatline_repeat_probability": [round(p, 8) for p in repeat_p],
@@ -230,9 +332,12 @@ def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2
     parts = []
     warmup = prepared.lookback + prepared.horizon + 2
     for s in prepared.series:
-        lo, hi = s.bounds["val"]
-        for name, feed, keep in stretches(s, lo, hi, True, warmup):
-            parts.append((name, s, feed, keep))
+        for split in RESIDUAL_SPLITS:
+            lo, hi = s.bounds[split]
+            for name, feed, keep in stretches(s, lo, hi, True, warmup):
+                parts.append((f"{name}@{split}", s, feed, keep))
+    if not parts:
+        raise ValueError("no healthy validation rows to calibrate on: give more rows or a larger validation split")
     pipeline, scored, _ = run_pipeline(calibrator.bundle(), _settings({"enabled": False, "flatline": False}),
                                        [(n, s, f) for n, s, f, _ in parts])
     scorer = pipeline.detector.scorer
@@ -242,22 +347,43 @@ def calibrate(prepared: Prepared, predict, margin: float = 1.3, floor: float = 2
         if mask.any():
             fast, slow = scorer.split_scores(rows[mask, 2:])
             kept.append((name, s.ts[rows[mask, 0].astype(np.int64)], fast, slow))
-    gain = 0.0
+    if not kept:
+        raise ValueError(f"no validation sample could be scored: each validation stretch needs more than lookback "
+                         f"{prepared.lookback} + horizon {prepared.horizon} rows; give more rows, a larger validation "
+                         f"split or a shorter --lookback / --horizon")
+    if slow_alpha and min(len(f) for *_, f, _ in kept) * slow_alpha < SLOW_MIN_MEMORIES:
+        # The slow channels remember ~1/slow_alpha samples: stretches shorter than a few memories never show their
+        # healthy level, and a threshold set on them alarms on healthy data. Off for such data.
+        slow_alpha = None
+        for key in ("slow_alpha", "slow_recent_alpha", "slow_gain", "slow_clip"):
+            calibration.pop(key, None)
+    state_model = NormalState.fit(np.concatenate(state_rows(prepared)), state_variance) if state else None
+    families = 1 + bool(slow_alpha) + (1 + state_model.has_spe if state_model is not None else 0)
+    risk = false_alarm_rate / families
+    fast_all = np.concatenate([f for *_, f, _ in kept])
+    levels = {"fast": max(FAST_FLOOR, pot_threshold(fast_all, risk))}
+    calibration["fast_gain"] = round(1.0 / levels["fast"], 6)
     if slow_alpha:
-        # Slow channels on the fast channels' scale: both kinds reach the same healthy sustained peak.
-        gain = max(sustained_peak(f) for *_, f, _ in kept) / max(max(sustained_peak(w) for *_, w in kept), 1e-9)
-        calibration["slow_gain"] = round(gain, 6)
-    runs = [ScoredRun(name, ts, np.maximum(fast, gain * slow)) for name, ts, fast, slow in kept]
+        levels["slow"] = max(SLOW_FLOOR, pot_threshold(np.concatenate([w for *_, w in kept]), risk))
+        calibration["slow_gain"] = round(1.0 / levels["slow"], 6)
+    if state_model is not None:
+        oos = out_of_sample_state(state_rows(prepared), variance=state_variance)  # (N, 2)
+        levels["t2"] = max(STATE_FLOOR, pot_threshold(oos[:, 0], risk))
+        levels["spe"] = max(STATE_FLOOR, pot_threshold(oos[:, 1], risk)) if state_model.has_spe else 1.0
+        calibration["state"] = {**state_model.to_manifest(), "alpha": STATE_ALPHA, "variance": state_variance,
+                                "gains": [round(1.0 / levels["t2"], 6), round(1.0 / levels["spe"], 6) if state_model.has_spe else 0.0],
+                                "out_of_sample_rows": int(oos.shape[0])}
+    runs = [ScoredRun(name, ts, np.maximum(fast / levels["fast"], slow / levels.get("slow", np.inf)))
+            for name, ts, fast, slow in kept]
     scores = np.concatenate([r.score for r in runs])
-    peak = max(sustained_peak(r.score) for r in runs)
-    q999 = float(np.quantile(scores, 0.999))
-    # The alert rule needs `min_samples_over` samples in a row, so the healthy level that matters is the sustained peak.
-    warning = round(max(floor, margin * max(peak, q999)), 3)
     calibration.update({
-        "thresholds": {"warning": warning, "critical": round(2 * warning, 3), "exit": round(0.7 * warning, 3)},
+        "thresholds": {"warning": 1.0, "critical": 2.0, "exit": 0.7},
+        "false_alarm_rate": false_alarm_rate,
+        "family_levels": {k: round(v, 4) for k, v in levels.items()},
         "min_samples_over": MIN_SAMPLES_OVER,
         "validation_score_quantiles": {"0.5": float(np.quantile(scores, 0.5)), "0.99": float(np.quantile(scores, 0.99)),
-                                       "0.999": q999, "max": float(scores.max()), "sustained_max": peak},
+                                       "0.999": float(np.quantile(scores, 0.999)), "max": float(scores.max()),
+                                       "sustained_max": max(sustained_peak(r.score) for r in runs)},
         "validation_scored_samples": int(scores.size),
     })
     return calibration, calibrator, runs

@@ -72,11 +72,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data preparation")
     g.add_argument("--lookback", type=int, help="input window (default 60)")
     g.add_argument("--horizon", type=int, help="forecast steps (default 10)")
-    g.add_argument("--timestamp-column", default="ts")
+    g.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
+                   help="timestamp column (default: the first column named ts, timestamp, time, datetime or date, any case)")
     g.add_argument("--device-column", default="device", help="absent column = one series")
     g.add_argument("--features", help="comma-separated input features (default: every numeric column)")
     g.add_argument("--targets", help="comma-separated targets, a subset of the features (default: all)")
-    g.add_argument("--period", type=int, default=60, help="resampling period in seconds")
+    g.add_argument("--period-s", "--period", dest="period_s", type=int, metavar="S",
+                   help="resampling period in whole seconds (default: the median step between rows)")
     g.add_argument("--fill", choices=("ffill", "linear"), default="ffill", help="how gaps up to --max-fill are filled")
     g.add_argument("--max-fill", type=int, default=10, help="longest gap (periods) filled; longer gaps drop their windows")
     g.add_argument("--scaler", choices=("standard", "minmax"), default="standard", help="fitted on training rows only")
@@ -115,7 +117,7 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
 
 def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data_info: dict,
                  eval_rows=None, eval_schedule=None, log=print, features=None, targets=None,
-                 prepare_kwargs: dict | None = None) -> dict:
+                 prepare_kwargs: dict | None = None, min_steps: int = 0, false_alarm_rate: float | None = None) -> dict:
     """Train, export, verify, evaluate and calibrate; write the bundle (+ report.md and plots); return the manifest.
 
     `prepare_kwargs` go to training.data.prepare (scaler, fill, max_fill_periods, split)."""
@@ -126,13 +128,17 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
     from training.export import OnnxPredictor, export_onnx, utc_now, write_bundle
     from training.bundle import architecture_section
     from training.report import report_files
-    from training.train import fit
+    from training.train import fit, sized_for_data
 
     began = time.perf_counter()
     prepared = prepare(rows, cfg.lookback, cfg.horizon, data_info.get("period_s", 60),
                        **({"features": list(features)} if features else {}), targets=targets, **(prepare_kwargs or {}))
     log(f"data: {len(prepared.series)} devices, windows train {len(prepared.starts['train'])} "
         f"val {len(prepared.starts['val'])} test {len(prepared.starts['test'])}")
+    if min_steps:
+        cfg = sized_for_data(cfg, len(prepared.starts["train"]), min_steps)
+        log(f"training: batch {cfg.batch_size}, every {cfg.train_stride} window(s), up to {cfg.epochs} epochs "
+            f"(at least {min_steps} optimizer steps), patience {cfg.patience}")
     result = fit(prepared, cfg, log=log)
     log(f"trained {result.epochs_run} epochs in {result.seconds:.0f} s (best epoch {result.best_epoch})")
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +150,12 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
         test_metrics = evaluate.metrics(prepared, predict, "test")
         val_metrics = evaluate.metrics(prepared, predict, "val")
         log(evaluate.format_metrics("test", test_metrics))
-        calibration, scorer, _ = calibrate.calibrate(prepared, predict)
+        ratio = val_metrics["model"]["rmse"] / max(val_metrics["repeat_last"]["rmse"], 1e-12)
+        if ratio >= 0.99:
+            log(f"warning: the model does not beat repeat-last on validation (RMSE ratio {ratio:.4f}): its forecasts add "
+                f"little; more rows, a longer --lookback or more --epochs may help (the state channels still score)")
+        calibration, scorer, _ = calibrate.calibrate(
+            prepared, predict, **({"false_alarm_rate": false_alarm_rate} if false_alarm_rate is not None else {}))
         thresholds = calibration["thresholds"]
         log(f"calibration: thresholds {thresholds}, validation scores {calibration['validation_score_quantiles']}")
         checks = {"healthy_test": calibrate.healthy_alert_check(prepared, predict, scorer, thresholds, "test")}
@@ -221,6 +232,13 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
+def _period(args: argparse.Namespace, rows: dict) -> int:
+    """--period-s, or else the median step between a device's rows (the default of `fit` too)."""
+    from training.fit import infer_period
+
+    return infer_period(rows["ts"], rows["device"], getattr(args, "period_s", None))
+
+
 def data_options(args: argparse.Namespace) -> dict:
     """training.data.prepare keyword arguments from the data-preparation options."""
     from training.data import Split
@@ -254,7 +272,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     try:
-        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))
+        period = _period(args, rows)
         eval_rows = read_csv(args.eval_data) if args.eval_data else None
         schedule = json.loads(Path(args.eval_schedule).read_text()) if args.eval_schedule else []
         options = data_options(args)
@@ -262,9 +281,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     try:
-        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": args.period},
+        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, {"csv": args.data, "period_s": period},
                      eval_rows, schedule, features=features, targets=_names(args.targets), prepare_kwargs=options)
-    except ValueError as exc:  # unusable data (too short, duplicate timestamps, ...): nothing is written
+    except ValueError as exc:  # unusable data (too short for the windows, ...): nothing is written
         print(f"train: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -318,15 +337,16 @@ def load_training_data(args: argparse.Namespace):
 
     cfg = toolbox_config(args)
     if args.data:
-        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))
         info = {"file": args.data}
     else:
         fleet_cfg = FleetConfig(devices=args.synthetic_devices, hours=args.synthetic_hours, seed=0, faults="auto")
         rows, features = generate_fleet(fleet_cfg).rows, list(FEATURES)
         info = {"synthetic": {k: v for k, v in asdict(fleet_cfg).items() if k != "faults"}}
-    prepared = prepare(rows, cfg.lookback, cfg.horizon, args.period, features=features, targets=_names(args.targets),
+    period = _period(args, rows)
+    prepared = prepare(rows, cfg.lookback, cfg.horizon, period, features=features, targets=_names(args.targets),
                        **data_options(args))
-    info.update({"period_s": args.period, "train_windows": int(len(prepared.starts["train"])),
+    info.update({"period_s": period, "train_windows": int(len(prepared.starts["train"])),
                  "val_windows": int(len(prepared.starts["val"])), "test_windows": int(len(prepared.starts["test"]))})
     return prepared, info
 
@@ -346,13 +366,13 @@ def run_cv(args: argparse.Namespace) -> int:
 
     cfg = toolbox_config(args)
     if args.data:
-        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))
     else:
         rows = generate_fleet(FleetConfig(devices=args.synthetic_devices, hours=args.synthetic_hours, seed=0, faults="auto")).rows
         features = list(FEATURES)
     options = {k: v for k, v in data_options(args).items() if k != "split"}
     result = cross_validate(rows, cfg, args.folds, args.mode, args.initial,
-                            prepare_kwargs={"features": features, "targets": _names(args.targets), "period_s": args.period, **options})
+                            prepare_kwargs={"features": features, "targets": _names(args.targets), "period_s": _period(args, rows), **options})
     print(json.dumps(result["mean"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -370,14 +390,15 @@ def run_data_report(args: argparse.Namespace) -> int:
     from training.data import gap_report, load_table, prepare
 
     try:
-        rows, features = load_table(args.data, args.timestamp_column, args.device_column, _names(args.features))
+        rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))
+        period = _period(args, rows)
         options = data_options(args)
-        prepared = prepare(rows, args.lookback or 60, args.horizon or 10, args.period, features=features,
+        prepared = prepare(rows, args.lookback or 60, args.horizon or 10, period, features=features,
                            targets=_names(args.targets), required_splits=(), **options)
     except (OSError, ValueError) as exc:
         print(f"data-report: {exc}", file=sys.stderr)
         return 2
-    report = {"features": features, "targets": prepared.targets, "period_s": args.period,
+    report = {"features": features, "targets": prepared.targets, "period_s": period,
               "gaps": gap_report(prepared.series, args.max_fill),
               "windows": {k: int(len(v)) for k, v in prepared.starts.items()},
               "scaler": prepared.scaler.manifest(features)}

@@ -143,10 +143,12 @@ class Split:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_table(path: str | Path, timestamp: str = "ts", device: str | None = "device",
+def load_table(path: str | Path, timestamp: str | None = None, device: str | None = "device",
                features: list[str] | None = None, label: str = "label") -> tuple[dict[str, np.ndarray], list[str]]:
     """Read a CSV or Parquet file into columns: `ts` (unix seconds), `device`, the features, `label`.
 
+    The timestamp column is `timestamp` (--ts-column), or when None the first column named ts, timestamp, time,
+    datetime or date, any case (agent.replay.find_ts_column, the rule of every command).
     Timestamps may be numbers (unix seconds) or date strings (ISO-8601, UTC unless they say otherwise).
     Without a device column the whole file is one series named "series". Features default to every numeric
     column other than the timestamp, device and label.
@@ -158,8 +160,9 @@ def load_table(path: str | Path, timestamp: str = "ts", device: str | None = "de
         frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read: {exc}") from None
-    if timestamp not in frame.columns:
-        raise ValueError(f"{path}: no timestamp column {timestamp!r} (columns: {list(frame.columns)})")
+    from agent.replay import find_ts_column
+
+    timestamp = find_ts_column([str(c) for c in frame.columns], timestamp, str(path))  # a ValueError naming the columns
     stamps = frame[timestamp]
     if pd.api.types.is_numeric_dtype(stamps):
         ts = stamps.to_numpy(dtype=np.float64)
@@ -209,7 +212,8 @@ def _fill_gaps(values: np.ndarray, observed: np.ndarray, healthy: np.ndarray, ma
 def to_device_series(rows: dict[str, np.ndarray], period_s: int = 60, max_fill_periods: int = 10,
                      features: list[str] = FEATURES, split_fractions=(0.7, 0.15, 0.15), fill: str = "ffill",
                      split: Split | None = None) -> list[DeviceSeries]:
-    """Put every device on its own regular grid (rows in one slot are averaged), fill short gaps, split by time.
+    """Put every device on its own regular grid (rows in one slot, repeated timestamps included, are averaged),
+    fill short gaps, split by time.
 
     Rows that are missing or hold a non-finite value count as not observed; a gap longer than
     `max_fill_periods` stays NaN so no window spans it.
@@ -224,9 +228,7 @@ def to_device_series(rows: dict[str, np.ndarray], period_s: int = 60, max_fill_p
         mask = rows["device"] == name
         ts = rows["ts"][mask].astype(np.int64)
         order = np.argsort(ts, kind="stable")
-        ts = ts[order]
-        if np.any(np.diff(ts) == 0):
-            raise ValueError(f"device {name}: duplicate timestamps")
+        ts = ts[order]  # repeated timestamps are accepted: like any rows in one slot they are averaged (replay takes them too)
         raw = np.stack([rows[f][mask][order] for f in features], axis=1).astype(np.float64)  # (n_rows, F)
         finite = np.isfinite(raw).all(axis=1)
         slot = (ts - ts[0]) // period_s  # resample: rows off the grid fall into their slot, averaged
@@ -347,6 +349,32 @@ def prepare(rows: dict[str, np.ndarray], lookback: int = 60, horizon: int = 10, 
     merged = {k: np.concatenate(v).astype(np.int64) for k, v in starts.items()}
     for name in required_splits:
         if merged[name].size == 0:
-            raise ValueError(f"no healthy {name} windows: the data is too short for lookback {lookback} + horizon {horizon}")
+            raise ValueError(_too_short(series, name, lookback, horizon, required_splits))
     return Prepared(list(features), targets, lookback, horizon, period_s, fitted, series,
                     np.concatenate(parts), offsets, merged, rows_per_split)
+
+
+def _longest_usable_run(s: DeviceSeries, split: str) -> int:
+    """Longest run of observed, healthy rows inside the split: any lookback + horizon up to it has a window."""
+    lo, hi = s.bounds[split]
+    good = np.concatenate([[0], (s.observed[lo:hi] & s.healthy[lo:hi]).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(good))
+    return int((edges[1::2] - edges[::2]).max()) if edges.size else 0
+
+
+def _too_short(series: list[DeviceSeries], split: str, lookback: int, horizon: int, required_splits) -> str:
+    """The "no healthy windows" message: the split's rows per device and a lookback / horizon that fits."""
+    sizes = [s.bounds[split][1] - s.bounds[split][0] for s in series]
+    rows = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)} to {max(sizes)}"
+    longest = max(_longest_usable_run(s, split) for s in series)
+    # what fits every required split: per split the best device, then the tightest split
+    fits = min(max(_longest_usable_run(s, name) for s in series) for name in required_splits)
+    text = (f"no healthy {split} windows: the data is too short for lookback {lookback} + horizon {horizon} "
+            f"(the {split} split has {rows} rows per device; longest stretch without a gap or labeled fault: {longest})")
+    more = f"more rows per device (a larger --rows or time range) or the {split} split a larger share (--split)"
+    if fits < 2:
+        return f"{text}; no window of any size fits: give {more}"
+    span = max(2, fits // 2)  # half the limit leaves several windows, not just one
+    h = horizon if horizon < span else max(1, round(span * horizon / (lookback + horizon)))
+    h = min(h, span - 1)
+    return (f"{text}; lookback + horizon must be at most {fits}: try --lookback {span - h} --horizon {h}, or {more}")

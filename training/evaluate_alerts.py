@@ -34,8 +34,26 @@ class EvaluationError(Exception):
     """Unusable inputs (missing column, nothing to join); the message says what."""
 
 
+def read_header(path: str, delimiter: str = ",") -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            return [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
+        except StopIteration:
+            raise EvaluationError(f"{path} is empty") from None
+
+
+def find_ts(path: str, given: str | None) -> str:
+    """The file's timestamp column: `given`, or found by name (agent.replay.find_ts_column); EvaluationError if none."""
+    from agent.replay import TimestampColumnError, find_ts_column
+
+    try:
+        return find_ts_column(read_header(path), given, path)
+    except TimestampColumnError as exc:
+        raise EvaluationError(str(exc)) from None
+
+
 def read_columns(path: str, wanted: list[str], optional: list[str] = (), delimiter: str = ",") -> dict[str, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = [h.strip() for h in next(reader)]
@@ -73,28 +91,39 @@ class Joined:
 
 
 def join(pred_path: str, labels_path: str | None, label_column: str = "label", kind_column: str = "fault",
-         ts_column: str = "ts", device_column: str = "device") -> Joined:
-    pred = read_columns(pred_path, [ts_column, "alert"], [device_column, label_column, kind_column])
+         ts_column: str | None = None, device_column: str = "device") -> Joined:
+    """Join the predictions and the labels on (device, timestamp text). Each file's timestamp column is found on
+    its own: `ts_column` (--ts-column) names the labels file's, and the predictions' when they have it; otherwise
+    the first column named ts, timestamp, time, datetime or date (replay writes `ts`, the data file may say `time`)."""
+    pred_header = read_header(pred_path)
+    pred_ts = find_ts(pred_path, ts_column if labels_path is None or ts_column in pred_header else None)
+    pred_device = device_column if device_column in pred_header else "device"  # replay writes `device`, whatever the input's
+    pred = read_columns(pred_path, [pred_ts, "alert"], [pred_device, label_column, kind_column])
     if labels_path is None:
         if label_column not in pred:
             raise EvaluationError(f"{pred_path} has no {label_column!r} column; give --labels FILE")
-        labels = pred
+        labels, lab_ts = pred, pred_ts
     else:
-        labels = read_columns(labels_path, [ts_column, label_column], [device_column, kind_column])
-    n_pred, n_lab = len(pred[ts_column]), len(labels[ts_column])
-    pred_dev = pred.get(device_column, ["device"] * n_pred)
+        lab_ts = find_ts(labels_path, ts_column)
+        labels = read_columns(labels_path, [lab_ts, label_column], [device_column, kind_column])
+    n_pred, n_lab = len(pred[pred_ts]), len(labels[lab_ts])
+    pred_dev = pred.get(pred_device, ["device"] * n_pred)
     lab_dev = labels.get(device_column, ["device"] * n_lab)
-    position = {key: k for k, key in enumerate(zip(lab_dev, labels[ts_column]))}
-    rows = [position.get(key, -1) for key in zip(pred_dev, pred[ts_column])]
+    position = {key: k for k, key in enumerate(zip(lab_dev, labels[lab_ts]))}
+    rows = [position.get(key, -1) for key in zip(pred_dev, pred[pred_ts])]
     rows = np.array(rows, dtype=np.int64)
     if not (rows >= 0).any():
-        raise EvaluationError("no row of the predictions matches a labeled row on (device, ts)")
+        first = lambda devices, stamps: (devices[0], stamps[0]) if stamps else None  # noqa: E731
+        raise EvaluationError(
+            f"no row of the predictions matches a labeled row on (device, timestamp as written): the predictions' first "
+            f"(device, {pred_ts}) is {first(pred_dev, pred[pred_ts])}, the labels' (device, {lab_ts}) {first(lab_dev, labels[lab_ts])}; "
+            f"give --labels the file that was replayed (replay copies its timestamps as written) and the same --device-column")
     keep = rows >= 0
     kinds = labels.get(kind_column, [""] * n_lab)
     label = np.array([labels[label_column][r] for r in rows[keep]], dtype=np.float64) > 0
     kind = np.array([kinds[r] or ("fault" if l else "") for r, l in zip(rows[keep], label)], dtype=object)
     alert = np.asarray(pred["alert"], dtype=np.float64)[keep] > 0
-    ts = _seconds([t for t, k in zip(pred[ts_column], keep) if k])
+    ts = _seconds([t for t, k in zip(pred[pred_ts], keep) if k])
     device = np.array([d for d, k in zip(pred_dev, keep) if k], dtype=object)
     return Joined(device, ts, alert, label, kind)
 
@@ -245,7 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="CSV with ts, device and the label column (default: the label column of --pred)")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--kind-column", default="fault", help="fault kind column (optional)")
-    parser.add_argument("--ts-column", default="ts")
+    parser.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
+                        help="timestamp column of --labels (and of --pred when it has one of that name); default: each "
+                             "file's first column named ts, timestamp, time, datetime or date, any case")
     parser.add_argument("--device-column", default="device")
     parser.add_argument("--grace-min", type=float, default=30.0, help="an alert starting this soon after a fault ended is a recovery alert")
     parser.add_argument("--recovery-min", type=float, default=60.0,

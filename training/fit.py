@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 NON_FEATURE_COLUMNS = ("label", "fault", "anomaly", "is_anomaly")
+MIN_STEPS = 600
 
 
 def _header(path: str, delimiter: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             return [h.strip() for h in next(csv.reader(f, delimiter=delimiter))]
         except StopIteration:
@@ -33,16 +35,17 @@ def _names(text: str | None) -> list[str] | None:
 
 def load_rows(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], list[str], list[str], float]:
     """The selected rows as training.data's column dict, the features, the targets and the period."""
-    from agent.replay import ReplayError, parse_ts_column, read_table
+    from agent.replay import ReplayError, find_ts_column, parse_ts_column, read_table
 
     header = _header(args.data, args.delimiter)
-    features = _names(args.features) or [c for c in header if c not in (args.ts_column, args.device_column, args.label_column, *NON_FEATURE_COLUMNS)]
+    ts_column = find_ts_column(header, args.ts_column, args.data)  # a ValueError naming the columns when there is none
+    features = _names(args.features) or [c for c in header if c not in (ts_column, args.device_column, args.label_column, *NON_FEATURE_COLUMNS)]
     targets = _names(args.targets) or list(features)
     unknown = [t for t in targets if t not in features]
     if unknown:
         raise ValueError(f"--targets {unknown} are not among the features {features}")
     try:
-        table = read_table(args.data, features, args.ts_column, args.device_column, args.delimiter, args.ts_format,
+        table = read_table(args.data, features, ts_column, args.device_column, args.delimiter, args.ts_format,
                            label_column=args.label_column)
     except ReplayError as exc:
         raise ValueError(str(exc)) from None
@@ -58,16 +61,28 @@ def load_rows(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], list[str
         raise ValueError("fewer than 2 usable rows selected (check --rows / --start / --end and empty cells)")
     devices = np.asarray(table.devices, dtype=object)[keep]
     ts = table.ts[keep]
-    period = args.period_s or _median_period(ts, devices)
-    if period < 1 or abs(period - round(period)) > 1e-6:
-        raise ValueError(f"the sampling period must be a whole number of seconds >= 1, got {period:g} (give --period-s)")
-    period = int(round(period))
+    period = infer_period(ts, devices, args.period_s)
     rows = {"ts": np.round(ts).astype(np.int64), "device": devices}
     for j, name in enumerate(features):
         rows[name] = table.values[keep, j]
     labels = table.labels[keep] if table.labels is not None else np.zeros(int(keep.sum()))
     rows["label"] = (np.nan_to_num(labels) > 0).astype(np.int64)
     return rows, features, targets, period
+
+
+def infer_period(ts: np.ndarray, devices: np.ndarray, given: int | None = None) -> int:
+    """The sampling period in whole seconds: `given` (--period-s) when set, else the median step between a
+    device's rows (fit, train, data-report, cv and search share this default)."""
+    if given:
+        if given < 1:
+            raise ValueError(f"--period-s must be a whole number of seconds >= 1, got {given}")
+        return int(given)
+    period = _median_period(ts, devices)
+    if period < 1 or abs(period - round(period)) > 1e-6:
+        suggestion = max(1, int(round(period)))
+        raise ValueError(f"the median step between rows is {period:g} s, not a whole number of seconds >= 1: "
+                         f"give --period-s (e.g. --period-s {suggestion}; rows in one period are averaged)")
+    return int(round(period))
 
 
 def _median_period(ts: np.ndarray, devices: np.ndarray) -> float:
@@ -93,19 +108,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", help="end of the training range, exclusive (with or without --start)")
     parser.add_argument("--features", help="comma-separated input columns (default: every other column)")
     parser.add_argument("--targets", help="comma-separated forecast targets, a subset of the features (default: all)")
-    parser.add_argument("--ts-column", default="ts")
+    parser.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
+                        help="timestamp column (default: the first column named ts, timestamp, time, datetime or date, any case)")
     parser.add_argument("--ts-format", default="auto", help="auto | unix | unix_ms | iso | a strptime format such as '%%Y-%%m-%%d %%H:%%M:%%S' (UTC)")
     parser.add_argument("--device-column", default="device", help="device column; without it the file is one device")
     parser.add_argument("--label-column", default="label", help="0/1 anomaly labels, if present: labeled rows are kept out of training windows")
     parser.add_argument("--delimiter", default=",")
-    parser.add_argument("--period-s", type=int, help="sampling period (default: the median step between rows)")
-    parser.add_argument("--lookback", type=int, default=60)
-    parser.add_argument("--horizon", type=int, default=10)
+    parser.add_argument("--period-s", "--period", dest="period_s", type=int, metavar="S",
+                        help="sampling period in whole seconds (default: the median step between rows)")
+    parser.add_argument("--lookback", type=int, help="input window in samples (default: sqrt of the training rows per device, 8..60)")
+    parser.add_argument("--horizon", type=int, help="forecast steps (default: lookback / 6, 1..10)")
+    parser.add_argument("--split", default="0.7,0.15,0.15",
+                        help="train,validation,test fractions of the selected rows per device, in time order (default 0.7,0.15,0.15)")
+    parser.add_argument("--false-alarm-rate", type=float, default=None,
+                        help="share of healthy samples allowed over the warning level (default 0.001)")
+    parser.add_argument("--min-steps", type=int, default=MIN_STEPS,
+                        help=f"at least this many optimizer steps however small the data (default {MIN_STEPS})")
     _add_model_arguments(parser)
+
+
+def window_sizes(rows_per_device: int) -> tuple[int, int]:
+    """The documented default: lookback = sqrt(rows per device) within 8..60, horizon = lookback / 6 within 1..10.
+
+    Why: a window long enough to see the dynamics, short enough that the validation part (15 %) still holds
+    two windows of lookback + horizon (400 rows: lookback 20, horizon 3)."""
+    lookback = int(min(60, max(8, round(math.sqrt(max(rows_per_device, 1))))))
+    return lookback, int(min(10, max(1, lookback // 6)))
 
 
 def run(args: argparse.Namespace) -> int:
     from training.cli import _train_config, build_bundle
+    from training.data import Split
 
     if args.rows is not None and args.rows < 2:
         print("fit: --rows must be >= 2", file=sys.stderr)
@@ -114,14 +147,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"fit: --delimiter must be one character, got {args.delimiter!r}", file=sys.stderr)
         return 2
     cfg = _train_config(args)
-    cfg.lookback, cfg.horizon = args.lookback, args.horizon
     try:
+        split = Split(fractions=tuple(float(v) for v in args.split.split(",")))
+        if len(split.fractions) != 3:
+            raise ValueError(f"--split needs three fractions train,validation,test, got {args.split!r}")
         rows, features, targets, period = load_rows(args)
-        print(f"fit: {len(rows['ts'])} rows, {len(set(rows['device'].tolist()))} device(s), features {features}, "
-              f"targets {targets}, period {period:g} s")
+        devices = len(set(rows["device"].tolist()))
+        lookback, horizon = window_sizes(len(rows["ts"]) // max(devices, 1))
+        cfg.lookback = args.lookback or lookback
+        cfg.horizon = args.horizon or horizon
+        print(f"fit: {len(rows['ts'])} rows, {devices} device(s), features {features}, "
+              f"targets {targets}, period {period:g} s, lookback {cfg.lookback}, horizon {cfg.horizon}")
         build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation,
                      {"csv": str(Path(args.data)), "period_s": period, "rows": args.rows, "start": args.start, "end": args.end},
-                     features=features, targets=targets)
+                     features=features, targets=targets, prepare_kwargs={"split": split}, min_steps=args.min_steps,
+                     false_alarm_rate=args.false_alarm_rate)
     except (OSError, ValueError) as exc:
         print(f"fit: {exc}", file=sys.stderr)
         return 2

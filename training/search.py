@@ -30,6 +30,11 @@ DEFAULT_SPACE = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="CSV/Parquet (default: a synthetic fleet)")
+    parser.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
+                        help="timestamp column of --data (default: the first column named ts, timestamp, time, datetime or date, any case)")
+    parser.add_argument("--device-column", default="device", help="absent column = one series")
+    parser.add_argument("--period-s", "--period", dest="period_s", type=int, metavar="S",
+                        help="resampling period in whole seconds (default: the median step between rows)")
     parser.add_argument("--synthetic-devices", type=int, default=3)
     parser.add_argument("--synthetic-hours", type=float, default=72.0)
     parser.add_argument("--study", default="edgecast-search", help="study name (shared by all workers)")
@@ -54,7 +59,7 @@ def _load_rows(args):
     if args.data:
         from training.data import load_table
 
-        rows, features = load_table(args.data)
+        rows, features = load_table(args.data, args.ts_column, args.device_column)
         return rows, features
     from training.synth import FEATURES, FleetConfig, generate_fleet
 
@@ -112,8 +117,14 @@ def run(args: argparse.Namespace) -> int:
     grid = json.loads(args.grid) if args.grid else None
     if args.sampler == "grid" and grid is None:
         grid = {"hidden_size": [8, 16, 32], "num_layers": [1, 2]}
-    rows, features = _load_rows(args)
-    prepared = prepare(rows, args.lookback, args.horizon, features=features)
+    from training.fit import infer_period
+
+    try:
+        rows, features = _load_rows(args)
+        prepared = prepare(rows, args.lookback, args.horizon, infer_period(rows["ts"], rows["device"], args.period_s), features=features)
+    except (OSError, ValueError) as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
     seed = None if args.seed is None else args.seed + args.worker
     study = None
     for attempt in range(STUDY_OPEN_ATTEMPTS):

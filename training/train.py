@@ -126,6 +126,26 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if native else "fp32"
 
 
+def sized_for_data(cfg: TrainConfig, train_windows: int, min_steps: int) -> TrainConfig:
+    """A floor on optimizer steps, not on epochs: small data gets every window in every epoch, smaller batches
+    (at least 8 a epoch) and as many epochs as `min_steps` needs; early stopping waits as many more epochs.
+
+    Why: batch 256 with stride 3 is one step an epoch on 400 rows, and early stopping then ends a model that
+    never left repeat-last. Large data is unchanged (its epochs already hold more than `min_steps` steps)."""
+    cfg = copy.copy(cfg)
+    if train_windows <= 0 or min_steps <= 0:
+        return cfg
+    if train_windows < 8 * cfg.batch_size * cfg.train_stride:
+        cfg.train_stride = 1
+    cfg.batch_size = int(min(cfg.batch_size, max(16, train_windows // 8)))
+    per_epoch = math.ceil(math.ceil(train_windows / cfg.train_stride) / cfg.batch_size)
+    needed = math.ceil(min_steps / per_epoch)
+    if needed > cfg.epochs:
+        cfg.patience = max(cfg.patience, math.ceil(cfg.patience * needed / cfg.epochs))
+        cfg.epochs = needed
+    return cfg
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
