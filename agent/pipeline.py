@@ -92,7 +92,7 @@ class Pipeline:
             repeats = calibration.get("flatline_repeats")
             if repeats is not None and (len(repeats) != len(bundle.targets) or any(not isinstance(r, int) or r < 0 for r in repeats)):
                 raise ValueError(f"flatline_repeats must be one non-negative integer per target, got {repeats!r}")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise BundleError(f"manifest.calibration: {exc}") from None
         self._state_on = scorer.state is not None  # commits then log every feature, not only the targets
         self._offset, self._scale = np.asarray(bundle.offset, np.float64), np.asarray(bundle.scale, np.float64)  # (F,)

@@ -68,6 +68,47 @@ def run_benchmark(model_dir: str | Path, out_dir: str | Path, seed: int = HELDOU
     return evaluation
 
 
+ABLATIONS = ("full", "no state channels", "no residual channels", "no slow channels", "no flat-line check")
+
+
+def ablation_variants(model: Path, folder: Path, names=ABLATIONS):
+    """(name, bundle folder) per ablation: copies of the bundle whose calibration has one component switched off
+    (the same model and thresholds: what each component adds at the calibrated levels)."""
+    import shutil
+
+    manifest = json.loads((Path(model) / "manifest.json").read_text(encoding="utf-8"))
+    calibration = manifest["calibration"]
+    for name in names:
+        if name == "full":
+            yield name, Path(model)
+            continue
+        cal = json.loads(json.dumps(calibration))
+        if name == "no state channels":
+            if "state" not in cal:
+                continue
+            cal.pop("state")
+        elif name == "no residual channels":
+            if "state" not in cal:
+                continue
+            cal["fast_gain"], cal["flatline_repeats"] = 1e-9, [0] * len(cal.get("flatline_repeats") or manifest["targets"])
+            for key in ("slow_alpha", "slow_recent_alpha", "slow_gain", "slow_clip"):
+                cal.pop(key, None)
+        elif name == "no slow channels":
+            if "slow_alpha" not in cal:
+                continue
+            for key in ("slow_alpha", "slow_recent_alpha", "slow_gain", "slow_clip"):
+                cal.pop(key, None)
+        elif name == "no flat-line check":
+            if not any(cal.get("flatline_repeats") or []):
+                continue
+            cal["flatline_repeats"] = [0] * len(cal["flatline_repeats"])
+        target = folder / name.replace(" ", "-")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(model, target)
+        (target / "manifest.json").write_text(json.dumps({**manifest, "calibration": cal}, indent=1), encoding="utf-8")
+        yield name, target
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from agent.config import shipped_model_path
 
@@ -79,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-mode", choices=["fixed", "dynamic"], default="fixed")
     parser.add_argument("--grace-min", type=float, default=30.0)
     parser.add_argument("--out", default="benchmark-detection", help="folder for the fleet, replay output and JSON")
+    parser.add_argument("--suite", choices=("all", "tep", "synthetic"), default="all",
+                        help="all (default): the Tennessee Eastman protocol and the held-out synthetic fleet")
+    parser.add_argument("--tep-dir", default=None, help="folder of d00.csv and dNN_te.csv (default: ../shared/data/tep beside the repository)")
+    parser.add_argument("--no-ablation", action="store_true", help="only the full detector (each component off is skipped)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,11 +134,42 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.healthy < args.devices:
         print("detection-benchmark: need 0 <= --healthy < --devices", file=sys.stderr)
         return 2
-    settings = Settings(model={"path": Path(args.model)}, detect={"threshold_mode": args.threshold_mode})
-    try:
-        result = run_benchmark(args.model, args.out, args.seed, args.devices, args.healthy, args.days, settings, args.grace_min)
-    except BundleError as exc:
-        print(f"detection-benchmark: model bundle {args.model} refused: {exc}", file=sys.stderr)
-        return 1
-    print(evaluate_alerts.format_report(result))
+    from training import tep_benchmark
+
+    names = ABLATIONS[:1] if args.no_ablation else ABLATIONS
+    out = Path(args.out)
+    summary = {}
+    if args.suite in ("all", "tep"):
+        tep = Path(args.tep_dir) if args.tep_dir else tep_benchmark.default_tep_dir()
+        try:
+            results = tep_benchmark.run_tep(tep, out / "tep", lambda model, folder: ablation_variants(model, folder, names))
+            timing = tep_benchmark.new_user_timing(tep, out / "tep")
+        except (FileNotFoundError, RuntimeError) as exc:
+            print(f"detection-benchmark: {exc}", file=sys.stderr)
+            return 1
+        summary["tep"] = {"results": results, "new_user_timing": timing}
+        print(tep_benchmark.format_tep(results, timing), flush=True)
+    if args.suite in ("all", "synthetic"):
+        rows = []
+        for name, bundle in ablation_variants(Path(args.model), out / "variants", names):
+            settings = Settings(model={"path": bundle}, detect={"threshold_mode": args.threshold_mode})
+            try:
+                result = run_benchmark(bundle, out / "synthetic" / name.replace(" ", "-"), args.seed, args.devices, args.healthy,
+                                       args.days, settings, args.grace_min, log=lambda *a: None)
+            except BundleError as exc:
+                print(f"detection-benchmark: model bundle {bundle} refused: {exc}", file=sys.stderr)
+                return 1
+            if name == "full":
+                print("\n## Synthetic fleet (held-out seed %d), the shipped or given bundle\n" % args.seed)
+                print(evaluate_alerts.format_report(result), flush=True)
+            rows.append((name, result))
+        summary["synthetic"] = {name: {k: r[k] for k in ("points", "events", "healthy_devices") if k in r} for name, r in rows}
+        print("\n| synthetic fleet, ablation | point F1 | precision | recall | event recall | alerts on healthy pumps |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows:
+            p, e = r["points"], r["events"]
+            print(f"| {name} | {p['f1']:.3f} | {p['precision']:.3f} | {p['recall']:.3f} | {e['recall']:.3f} | "
+                  f"{r['healthy_devices']['alerts']} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return 0

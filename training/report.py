@@ -10,6 +10,8 @@ import numpy as np
 
 from training.data import Prepared
 
+MAX_PLOTTED_TARGETS = 6
+
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
@@ -42,7 +44,7 @@ def plots(prepared: Prepared, predict, history: list[dict], calibration: dict, m
     pred = predict(x)  # (W, H, T)
     t_idx = prepared.target_index
     scale, offset = prepared.scaler.scale[t_idx], prepared.scaler.offset[t_idx]
-    n_t = len(prepared.targets)
+    n_t = min(len(prepared.targets), MAX_PLOTTED_TARGETS)  # 52 targets x 3 windows took 15 s to draw
     fig, axes = plt.subplots(n_t, len(pick), figsize=(3.2 * len(pick), 2.2 * n_t), squeeze=False)
     tail = min(prepared.lookback, 3 * prepared.horizon)
     for w in range(len(pick)):
@@ -63,12 +65,13 @@ def plots(prepared: Prepared, predict, history: list[dict], calibration: dict, m
     resid = (y - predict(x))[:, 0, :]  # (W, T) one-step residuals, scaled
     z = (resid - np.asarray(calibration["residual_mean"])[0]) / np.asarray(calibration["residual_std"])[0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for j, name in enumerate(prepared.targets):
+    for j, name in enumerate(prepared.targets[:MAX_PLOTTED_TARGETS]):
         ax.hist(np.clip(z[:, j], -10, 10), bins=80, histtype="step", density=True, label=name)
-    t = calibration["thresholds"]
-    for key, style in (("warning", "--"), ("critical", ":")):
+    # The warning in z units: the fast family's level where the calibration has one (then the score's warning is 1).
+    warning = calibration.get("family_levels", {}).get("fast", calibration["thresholds"]["warning"])
+    for level, style, label in ((warning, "--", "warning"), (2 * warning, ":", "critical")):
         for sign in (-1, 1):
-            ax.axvline(sign * t[key], color="red", linestyle=style, label=key if sign > 0 else None)
+            ax.axvline(sign * level, color="red", linestyle=style, label=label if sign > 0 else None)
     ax.set(xlabel="one-step residual z (test windows)", ylabel="density", yscale="log",
            title="Residuals and anomaly thresholds (score units)")
     ax.legend(fontsize=7)
