@@ -136,3 +136,22 @@ def test_no_alert_on_the_rows_the_model_was_fitted_on(fitted):
     """The training rows (the first 400) raise no alert: thresholds come from out-of-sample scores."""
     _, alert = fitted
     assert alert[:400].sum() == 0
+
+
+@pytest.mark.training
+def test_fit_on_data_too_short_for_its_validation_part_says_what_would_fit_instead_of_crashing(tmp_path, capsys):
+    """A validation part too short for the windows exits 2 with a message naming a lookback/horizon or split, no traceback."""
+    from training.__main__ import main as train_main
+
+    data = tmp_path / "short.csv"
+    rng = np.random.default_rng(3)
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["time", "a", "b"])
+        for i, (a, b) in enumerate(rng.standard_normal((300, 2))):
+            writer.writerow([1_700_000_000 + 60 * i, f"{a:.4f}", f"{b:.4f}"])
+    code = train_main(["fit", "--data", str(data), "--out", str(tmp_path / "m"), "--split", "0.9,0.05,0.05"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--lookback" in err or "--split" in err
+    assert "Traceback" not in err
