@@ -1,16 +1,18 @@
-"""Anomaly calibration from validation data, run through the daemon's own code (agent.pipeline.Pipeline).
+"""Anomaly calibration, run through the daemon's own code (agent.pipeline.Pipeline); docs/contracts.md,
+"Anomaly score", is the reference.
 
 1. residual_mean / residual_std per horizon step and target (scaled units) on validation windows;
-2. slow channels (`slow_alpha`, each target's level limited by a shorter `slow_recent_alpha` EWMA): their gain
-   is set so that they peak like the fast channels on healthy data;
-3. flat-line check: per target, the share of exact repeats between consecutive healthy observed samples;
+2. flat-line check: per target, the share of exact repeats between consecutive healthy observed samples;
    the repeat count at which a run this long would be expected less than FLATLINE_EVENTS_PER_YEAR times per
-   device and year (None: the sensor repeats too often to tell);
-4. the score over each validation device's healthy stretches, produced by agent.pipeline.Pipeline (windows,
-   gaps, multi-step lookup, EWMA: the daemon's code) with an in-memory bundle around the same model;
-   warning = margin x max(highest healthy level held for `min_samples_over` samples, 99.9 % quantile),
-   critical = 2 x warning, exit = 0.7 x warning;
-5. alert checks with the daemon's state machine on the healthy test split and on a labeled fleet (report).
+   device and year (0: the sensor repeats too often to tell);
+3. the residual families' healthy scores: the training and validation splits' healthy stretches through
+   agent.pipeline.Pipeline (windows, gaps, multi-step lookup, EWMA: the daemon's code) with an in-memory
+   bundle around the same model; slow channels only where those stretches span SLOW_MIN_MEMORIES memories;
+4. the state model (agent.state.NormalState) on the healthy training and validation rows, its healthy scores
+   from blocked time-series folds;
+5. each family's level at false_alarm_rate / families by peaks over threshold (pot_threshold), its gain = 1 /
+   level: warning 1, critical 2, exit 0.7 for every bundle;
+6. alert checks with the daemon's state machine on the healthy test split and on a labeled fleet (report).
 """
 
 from __future__ import annotations
@@ -246,9 +248,7 @@ def pot_threshold(scores: np.ndarray, risk: float, initial_quantile: float = POT
     a1 = float(np.mean((1.0 - (np.arange(1, n + 1) - 0.35) / n) * excess))
     denominator = a0 - 2.0 * a1
     shape = float(np.clip(2.0 - a0 / denominator, 0.0, 0.5)) if denominator > 0 else 0.0  # xi; Hosking's k = -xi
-    sigma = 2.0 * a0 * a1 / denominator if denominator > 0 and shape > 0 else a0  # xi = 0: the mean excess
-    if shape == 0.0:
-        sigma = a0
+    sigma = 2.0 * a0 * a1 / denominator if shape > 0 else a0  # xi = 0: the exponential tail's scale, the mean excess
     r = min(risk * x.size / n, 1.0)  # the risk among the excesses
     level = t - sigma * math.log(r) if shape < 1e-6 else t + sigma / shape * (r ** -shape - 1.0)
     return float(max(level, x.max()))
