@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import json
 import logging
 import queue
 import shutil
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 WORKER_BATCH_MAX = 1024  # samples taken from the queue per Pipeline.process call (more: no faster, more memory)
 WORKER_POLL_S = 0.2
 ERRORS_FLUSH_EVERY_S = 1.0
+LEARNED_FILE = "learned-normal.json"  # in state.directory: each device's learned normal (detect.learning_hours)
 STOP_INPUT_TIMEOUT_S = 2.0
 STOP_DRAIN_TIMEOUT_S = 20.0
 STOP_ACK_TIMEOUT_S = 5.0
@@ -220,6 +222,7 @@ class Agent:
             self.metrics = AgentMetrics(self)  # MetricsUnavailable without prometheus-client: before anything is opened
             self.bundle.observer = self.metrics.observe_inference
         self.pipeline = Pipeline(self.bundle, settings)
+        self._restore_learned()
         self.ingest = Ingest(settings, list(self.bundle.features))
         self.errors.set_sink(lambda body: self._publish(self.errors_topic, body, qos=0))
         if settings.outbox.enabled:
@@ -298,6 +301,7 @@ class Agent:
         if worker.is_alive():
             log.error("the worker did not finish the queue within %.0fs; %d samples lost", STOP_DRAIN_TIMEOUT_S, self._queue.qsize())
         self._stop_jobs.set()
+        self._save_learned()
         self._reload_requested.set()  # wakes the model watcher, which then sees the stop
         self.errors.flush(force=True)
         if self.forwarder is not None and link.connected.is_set():
@@ -820,6 +824,8 @@ class Agent:
         if ended:
             log.info("model swap: ending %d open alerts of the old model", len(ended))
             self._publish_events(ended)
+        if pipeline.learning.enabled:
+            pipeline.load_learned(self.pipeline.learned())  # a device's normal belongs to the machine, not the model
         self.pipeline, self.bundle = pipeline, bundle
         previous_dir, self.model_dir = self.model_dir, Path(bundle.path)
         if self.rollout is not None:
@@ -835,6 +841,35 @@ class Agent:
         self._publish_status()
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def learned_path(self) -> Path:
+        return Path(self.settings.state.directory) / LEARNED_FILE
+
+    def _restore_learned(self) -> None:
+        """At start, with a learning period: what the devices learned before the last stop."""
+        if not self.pipeline.learning.enabled or not self.learned_path.is_file():
+            return
+        try:
+            data = json.loads(self.learned_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("learned device normals in %s unreadable (%s): every device learns again", self.learned_path, exc)
+            return
+        log.info("learned device normals: %d device(s) restored from %s", self.pipeline.load_learned(data), self.learned_path)
+
+    def _save_learned(self) -> None:
+        """Write the devices' learned normals (atomically: a crash mid-write keeps the previous file)."""
+        pipeline = self.pipeline
+        if pipeline is None or not pipeline.learning.enabled:
+            return
+        path = self.learned_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")  # the periodic job and stop() may both write
+            tmp.write_text(json.dumps(pipeline.learned()), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot write the learned device normals to %s: %s", path, exc)
 
     def _publish(self, topic: str, body: bytes, qos: int, retain: bool = False) -> None:
         link = self.link
@@ -866,6 +901,8 @@ class Agent:
         last_line = ""
         while not self._stop_jobs.wait(ERRORS_FLUSH_EVERY_S):
             self.errors.flush()
+            if self.pipeline is not None and self.pipeline.learning.changed:
+                self._save_learned()
             if self.rollout is not None:
                 self.rollout.check_timeout()
             if time.monotonic() >= next_log:

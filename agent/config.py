@@ -225,6 +225,15 @@ class DetectConfig(Section):
         240, ge=0, le=1_000_000, description="Flap suppression: when flap_max_alerts alerts opened within this many samples, the next end is followed by a cooldown of this length (0: off)."
     )
     flap_max_alerts: int = Field(3, ge=1, le=1000, description="Flap suppression: alerts within flap_window_samples that count as flapping.")
+    learning_hours: float = Field(
+        0.0, ge=0.0, le=8760.0,
+        description="Learning period per device (0: off): a device's first hours of data raise no alert and teach the agent its "
+        "normal level and spread, which then stand in for the training machines' (a bundle trained on other machines); "
+        "kept in state.directory/learned-normal.json across restarts.",
+    )
+    learning_min_samples: int = Field(
+        60, ge=2, le=10_000_000, description="Learning period: at least this many observed samples per device (and the model's lookback)."
+    )
 
 
 class ErrorsConfig(Section):

@@ -113,9 +113,11 @@ class ResidualScorer:
         """One-step normalized residuals; observed and forecast in original units, (..., T)."""
         return ((observed - forecast) / self.scale - self.mean0) / self.std0
 
-    def z_steps(self, observed: np.ndarray, forecasts: np.ndarray) -> np.ndarray:
-        """Normalized residuals of every step: observed (..., T), forecasts (..., S, T) (NaN where missing)."""
-        resid = (observed[..., None, :] - forecasts) / self.scale  # (..., S, T) scaled units
+    def z_steps(self, observed: np.ndarray, forecasts: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Normalized residuals of every step: observed (..., T), forecasts (..., S, T) (NaN where missing);
+        `scale` (..., T): per-sample units per scaled unit (devices with a learned normal), else the bundle's."""
+        per_unit = self.scale if scale is None else scale[..., None, :]
+        resid = (observed[..., None, :] - forecasts) / per_unit  # (..., S, T) scaled units
         return (resid - self.mean) / self.std  # (..., S, T)
 
     def channels(self, z: np.ndarray) -> np.ndarray:

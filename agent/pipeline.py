@@ -28,6 +28,7 @@ import numpy as np
 from agent import arrays
 from agent.detect import AlertDetector, ResidualScorer
 from agent.events import AlertEvent, Forecast, ForecastValues, Rejected, Rejection, Sample
+from agent.learning import DeviceLearning
 from agent.model import Bundle, BundleError
 from agent.window import NO_SLOT, WindowStore
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 Event = Forecast | AlertEvent | Rejection
 
 _COMMIT, _FORECAST, _REJECT = 0, 1, 2
+LEARNING_CALL = 64  # samples per call in process() while learning periods are on (replay, calibration)
 SPARE_BATCHES = 2  # prepare, infer and finish overlap by at most one call each
 _KEY_SPAN = 1 << 34  # (device, slot) -> one int64 key: device * span + slot (slots are < 2**34)
 
@@ -50,6 +52,10 @@ class Prepared:
     call_forecasts: list[tuple[int, int, int, bool]]
     windows: np.ndarray | None  # (>= n_windows, L, F) in the model's input units (scaled by prepare); None after infer
     n_windows: int
+    # Per batch row, the target offset and scale that turn the model's outputs back into the device's units
+    # ((N, T) each), when devices have learned their own normal; None: the bundle's for every row.
+    target_offset: np.ndarray | None = None
+    target_scale: np.ndarray | None = None
 
 
 class Trace(Protocol):
@@ -94,8 +100,12 @@ class Pipeline:
                 raise ValueError(f"flatline_repeats must be one non-negative integer per target, got {repeats!r}")
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise BundleError(f"manifest.calibration: {exc}") from None
-        self._state_on = scorer.state is not None  # commits then log every feature, not only the targets
-        self._offset, self._scale = np.asarray(bundle.offset, np.float64), np.asarray(bundle.scale, np.float64)  # (F,)
+        self._state_on = scorer.state is not None
+        normal = calibration.get("normal") or {}
+        detect = settings.detect
+        self.learning = DeviceLearning(bundle.features, bundle.offset, bundle.scale, bundle.period_s, detect.learning_hours,
+                                       max(detect.learning_min_samples, bundle.lookback), normal.get("mean"), normal.get("std"))
+        self._log_features = self._state_on or self.learning.enabled  # commits then log every feature, not only the targets
         self.detector = AlertDetector.from_settings(scorer, calibration, bundle.targets, settings.detect, salt=bundle.sha256[:16])
         # Past forecasts per device, for multi-step scoring: those made in the last `ring` slots, each holding the
         # forecasts of the looked-up steps (step 1 always, for the replay's `expected` column). A device's
@@ -121,7 +131,7 @@ class Pipeline:
         self._spare_batches: list[np.ndarray] = []  # batch arrays infer is done with, for the next calls
         self._state_lock = threading.Lock()  # phase 3 against the growth of the per-device arrays
         self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
-                         "scored": 0, "alerts_opened": 0, "rejected_devices": 0}
+                         "scored": 0, "alerts_opened": 0, "rejected_devices": 0, "devices_learned": 0}
 
     # -- per-device arrays beside the window store --------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -138,6 +148,7 @@ class Pipeline:
             setattr(self, key, array)
         self._capacity = capacity
         self.detector.ensure_capacity(capacity, used)
+        self.learning.ensure_capacity(capacity)
 
     def _device(self, name: str) -> int | None:
         d = self.windows.index.get(name)
@@ -153,7 +164,7 @@ class Pipeline:
     # -- phase 1 callback ---------------------------------------------------------------------------------------
     def _on_commit(self, d: int, slot: int, observed: bool, values) -> None:
         self._log.append((_COMMIT, self._current, d, slot, observed, self._target_values(values),
-                          list(values) if self._state_on else None))
+                          list(values) if self._log_features else None))
         windows = self.windows
         commits = windows.commits[d]
         if commits < self.lookback or (commits - self.lookback) % self.stride:
@@ -170,16 +181,26 @@ class Pipeline:
         # window that ends in carried-forward values forecasts from a stale state).
         imputed = windows.last_imputed[d]
         clean = imputed is None or slot - imputed >= self.clean_periods
-        self._call_forecasts.append((d, slot, n, completeness >= self.min_completeness and clean))
+        # A forecast made while its device is still learning its normal used the training machines' scaling: never scored.
+        learned = not self._log_features or not self.learning.learning[d]
+        self._call_forecasts.append((d, slot, n, completeness >= self.min_completeness and clean and learned))
         self._log.append((_FORECAST, self._current, d, slot, n, completeness))
 
     # -- the entry point ------------------------------------------------------------------------------------------
     def process(self, samples: list[Sample], now: float, trace: Trace | None = None) -> list[Event]:
         """Samples in arrival order -> events in the same order (per sample: rejection | score alerts, forecast)."""
+        if self.learning.enabled and len(samples) > LEARNING_CALL:
+            # Devices that finish learning switch to their own scaling from the next call on: short calls keep the
+            # stretch scored with neither (the rest of the call in which a device finished) short.
+            events: list[Event] = []
+            for start in range(0, len(samples), LEARNING_CALL):
+                prepared = self.prepare(samples[start : start + LEARNING_CALL], first_index=start)
+                events += self.finish(prepared, self.infer(prepared), now, trace)
+            return events
         prepared = self.prepare(samples)
         return self.finish(prepared, self.infer(prepared), now, trace)
 
-    def prepare(self, samples: list[Sample]) -> Prepared:
+    def prepare(self, samples: list[Sample], first_index: int = 0) -> Prepared:
         """Phase 1: the samples into the windows; the windows due for a forecast copied into a batch of their own.
 
         The daemon runs the phases on three threads, one call each at a time, in call order: prepare (worker),
@@ -195,19 +216,27 @@ class Pipeline:
             d = self._device(sample.device)
             if d is None:
                 self.counters["rejected_devices"] += 1
-                log.append((_REJECT, i, Rejection("queue_full", f"device table is full (ingest.max_devices={self.max_devices})", sample.device)))
+                log.append((_REJECT, first_index + i, Rejection("queue_full", f"device table is full (ingest.max_devices={self.max_devices})", sample.device)))
                 continue
-            self._current = i
+            self._current = first_index + i
             try:
                 windows.update(d, sample.ts, sample.values)
             except Rejected as exc:
                 self.counters["late_samples"] += 1
-                log.append((_REJECT, i, Rejection(exc.reason, exc.detail, exc.device)))
+                log.append((_REJECT, first_index + i, Rejection(exc.reason, exc.detail, exc.device)))
         self.counters["samples"] += len(samples)
         self.counters["reordered"] += windows.reordered - reordered
-        if self._n_batch:
+        target_offset = target_scale = None
+        if self._n_batch and self.learning.enabled:
+            # Each row scaled by its device's own normal once it has learned one (agent/learning.py).
+            rows = np.fromiter((c[0] for c in self._call_forecasts), dtype=np.int64, count=self._n_batch)  # (N,) devices
+            offset, scale = self.learning.device_offset[rows], self.learning.device_scale[rows]  # (N, F) each
+            batch = self._batch[: self._n_batch]
+            batch[...] = (batch - offset[:, None, :]) / scale[:, None, :]  # (N, L, F)
+            target_offset, target_scale = offset[:, self.target_index], scale[:, self.target_index]  # (N, T) each
+        elif self._n_batch:
             self.bundle.scale_inputs(self._batch[: self._n_batch])  # here, so that the model thread only runs the model
-        return Prepared(log, self._call_forecasts, self._batch, self._n_batch)
+        return Prepared(log, self._call_forecasts, self._batch, self._n_batch, target_offset, target_scale)
 
     def _batch_for(self, rows: int) -> np.ndarray:
         """A batch array of at least `rows` windows: one that infer handed back, or a new one. A new array per call
@@ -239,7 +268,11 @@ class Pipeline:
             chunks.append(bundle.run_scaled(prepared.windows[start : min(n, start + self.max_batch)]))  # (n_i, H, T)
             if bundle.observer is not None:
                 bundle.observer(len(chunks[-1]), time.perf_counter() - began)
-        out = bundle.unscale_outputs(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))  # (N, H, T)
+        scaled = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)  # (N, H, T) the model's units
+        if prepared.target_scale is None:
+            out = bundle.unscale_outputs(scaled)
+        else:
+            out = (scaled * prepared.target_scale[:, None, :] + prepared.target_offset[:, None, :]).astype(np.float32)
         self._hand_back(prepared)
         self.counters["batches"] += len(chunks)
         self.counters["inferences"] += n
@@ -289,8 +322,8 @@ class Pipeline:
             rows = call[order[at], 2]
             expected[hit] = forecasts[rows[hit], self._lookup_index[cols[hit]]]
             usable = np.where(hit, call[order[at], 3].astype(bool), usable)
-        scaled = (np.array(feature_column, dtype=np.float64) - self._offset) / self._scale if self._state_on else None  # (K, F)
-        return observed, expected, usable, devices, np.array(observed_flags, dtype=bool), scaled
+        features = np.array(feature_column, dtype=np.float64) if self._log_features else None  # (K, F) original units
+        return observed, expected, usable, devices, np.array(observed_flags, dtype=bool), slots, features
 
     def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
               trace: Trace | None) -> list[Event]:
@@ -301,11 +334,24 @@ class Pipeline:
         period = self.period_s
         looked_up = self._past_forecasts(log, call_forecasts, forecasts)
         if looked_up is not None:
-            observed_rows, expected_all, usable, devices, observed_slot, scaled_rows = looked_up
+            observed_rows, expected_all, usable, devices, observed_slot, slots, features = looked_up
+            learning = self.learning
+            offset, scale = ((learning.device_offset[devices], learning.device_scale[devices]) if learning.enabled
+                             else (learning.offset, learning.scale))  # (K, F) or (F,)
+            scaled_rows = (features - offset) / scale if self._state_on else None  # (K, F)
             score_expected = expected_all[:, self._score_cols]  # (K, S, T)
             score_usable = usable[:, self._score_cols]  # (K, S)
-            z_rows = scorer.z_steps(observed_rows, np.where(score_usable[:, :, None], score_expected, np.nan))  # (K, S, T)
+            target_scale = scale[..., self.target_index] if learning.enabled else None  # (K, T)
+            z_rows = scorer.z_steps(observed_rows, np.where(score_usable[:, :, None], score_expected, np.nan), target_scale)  # (K, S, T)
             scorable_rows = score_usable.any(axis=1)  # (K,)
+            if learning.enabled:
+                # A device that is still learning its normal raises nothing; its observed samples are what it learns.
+                learning_rows = observed_slot & learning.learning[devices]
+                if learning_rows.any():
+                    rows = np.flatnonzero(learning_rows)
+                    taken, finished = learning.observe(devices[rows], slots[rows], features[rows])
+                    self.counters["devices_learned"] += len(finished)
+                    scorable_rows[rows[taken]] = False
             scorable = scorable_rows.tolist()
             weighted_sq, missing = scorer.prepare(z_rows, scaled_rows)  # (K, C), (K,)
             missing = missing.tolist()
@@ -382,6 +428,16 @@ class Pipeline:
         self.past[call[:, 0], pos] = forecasts[call[:, 2]][:, self._lookup_index]  # (N, S', T)
         self.past_slot[call[:, 0], pos] = call[:, 1]
         self.past_ok[call[:, 0], pos] = call[:, 3].astype(bool)
+
+    # -- learned normal per device (agent/learning.py) ----------------------------------------------------------
+    def learned(self) -> dict:
+        """What the devices learned and are learning (JSON-ready), read consistently with phase 3."""
+        with self._state_lock:
+            return self.learning.to_dict(self.windows.names)
+
+    def load_learned(self, data: dict) -> int:
+        """Take a `learned()` dict (a previous run's or the old pipeline's); returns the devices restored."""
+        return self.learning.load(data, self._device)
 
     # -- queries ------------------------------------------------------------------------------------------------
     def active_alerts(self, device: str) -> list[AlertEvent]:

@@ -357,7 +357,11 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
         slow_alpha = None
         for key in ("slow_alpha", "slow_recent_alpha", "slow_gain", "slow_clip"):
             calibration.pop(key, None)
-    state_model = NormalState.fit(np.concatenate(state_rows(prepared)), state_variance) if state else None
+    normal_rows = np.concatenate(state_rows(prepared))  # (N, F) scaled
+    raw = normal_rows * prepared.scaler.scale + prepared.scaler.offset  # (N, F) original units
+    # The training machines' normal in original units: a device's learning period maps its own normal onto it.
+    calibration["normal"] = {"mean": [float(v) for v in raw.mean(axis=0)], "std": [float(v) for v in np.maximum(raw.std(axis=0), 1e-9)]}
+    state_model = NormalState.fit(normal_rows, state_variance) if state else None
     families = 1 + bool(slow_alpha) + (1 + state_model.has_spe if state_model is not None else 0)
     risk = false_alarm_rate / families
     fast_all = np.concatenate([f for *_, f, _ in kept])
