@@ -105,7 +105,8 @@ class Pipeline:
         detect = settings.detect
         self.learning = DeviceLearning(bundle.features, bundle.offset, bundle.scale, bundle.period_s, detect.learning_hours,
                                        max(detect.learning_min_samples, bundle.lookback), normal.get("mean"), normal.get("std"))
-        self._log_features = self._state_on or self.learning.enabled  # commits then log every feature, not only the targets
+        self._learning_on = self.learning.enabled
+        self._log_features = self._state_on or self._learning_on  # commits then log every feature, not only the targets
         self.detector = AlertDetector.from_settings(scorer, calibration, bundle.targets, settings.detect, salt=bundle.sha256[:16])
         # Past forecasts per device, for multi-step scoring: those made in the last `ring` slots, each holding the
         # forecasts of the looked-up steps (step 1 always, for the replay's `expected` column). A device's
@@ -182,7 +183,7 @@ class Pipeline:
         imputed = windows.last_imputed[d]
         clean = imputed is None or slot - imputed >= self.clean_periods
         # A forecast made while its device is still learning its normal used the training machines' scaling: never scored.
-        learned = not self._log_features or not self.learning.learning[d]
+        learned = not self._learning_on or not self.learning.learning[d]
         self._call_forecasts.append((d, slot, n, completeness >= self.min_completeness and clean and learned))
         self._log.append((_FORECAST, self._current, d, slot, n, completeness))
 

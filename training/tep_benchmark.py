@@ -134,6 +134,12 @@ def run_tep(tep: Path, out: Path, variants, log=print) -> dict:
     results = {}
     for name, bundle in variants(model, out / "variants"):
         results[name] = score_alerts(replay_all(bundle, tep, out))
+        if name == "full":
+            from agent.replay import replay
+
+            replay(bundle, tep / "d00.csv", out / "replay-d00.csv")  # the rows the model was fitted on
+            with open(out / "replay-d00.csv", newline="", encoding="utf-8") as f:
+                results[name]["far_training_rows"] = float(np.mean([int(r["alert"]) for r in csv.DictReader(f)]))
     results["classical PCA (README anchor)"] = pca_anchor(tep)
     return results
 
@@ -153,6 +159,8 @@ def format_tep(results: dict, timing: dict | None = None) -> str:
     for name, r in results.items():
         lines.append(f"| {name} | {r['far_d00_te']:.3f} | {r['far_prefault_mean']:.3f} / {r['far_prefault_max']:.3f} | "
                      f"{r['fdr_18']:.3f} | {r['fdr_21']:.3f} |")
+    if "far_training_rows" in full:
+        lines += ["", f"alerts on the rows the model was fitted on (d00.csv replayed): {full['far_training_rows']:.3f} of the rows"]
     if timing:
         lines += ["", f"new user: `fit --rows 400` {timing['fit_s']} s + `replay` of {timing['replay_rows']} rows "
                       f"{timing['replay_s']} s = {timing['total_s']} s (fresh processes)"]
