@@ -155,3 +155,37 @@ def test_fit_on_data_too_short_for_its_validation_part_says_what_would_fit_inste
     err = capsys.readouterr().err
     assert "--lookback" in err or "--split" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.training
+def test_fit_warns_when_the_model_does_not_beat_repeat_last(tmp_path, capsys):
+    """On a random walk (repeat-last is the best forecast) fit says that its model adds little, instead of staying silent."""
+    from training.__main__ import main as train_main
+
+    data = tmp_path / "walk.csv"
+    walk = np.cumsum(np.random.default_rng(4).standard_normal((400, 2)), axis=0)
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ts", "a", "b"])
+        for i, (a, b) in enumerate(walk):
+            writer.writerow([1_700_000_000 + 60 * i, f"{a:.4f}", f"{b:.4f}"])
+    assert train_main(["fit", "--data", str(data), "--out", str(tmp_path / "m")]) == 0
+    assert "does not beat repeat-last on validation" in capsys.readouterr().out
+
+
+@pytest.mark.training
+def test_a_univariate_bundle_has_no_state_channels_unless_asked(tmp_path):
+    """With one feature the state channels are off by default (a level limit on a drifting stream) and on with --state on."""
+    from training.__main__ import main as train_main
+
+    data = tmp_path / "one.csv"
+    values = np.sin(np.arange(400) / 7.0) + 0.1 * np.random.default_rng(5).standard_normal(400)
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["timestamp", "level"])
+        for i, v in enumerate(values):
+            writer.writerow([1_700_000_000 + 60 * i, f"{v:.4f}"])
+    assert train_main(["fit", "--data", str(data), "--out", str(tmp_path / "auto"), "--min-steps", "50"]) == 0
+    assert "state" not in json.loads((tmp_path / "auto" / "manifest.json").read_text())["calibration"]
+    assert train_main(["fit", "--data", str(data), "--out", str(tmp_path / "on"), "--min-steps", "50", "--state", "on"]) == 0
+    assert "state" in json.loads((tmp_path / "on" / "manifest.json").read_text())["calibration"]

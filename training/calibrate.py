@@ -304,7 +304,7 @@ def out_of_sample_state(per_device: list[np.ndarray], folds: int = STATE_FOLDS, 
 
 
 def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM_RATE, score_steps: list[int] | None = None,
-              alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA, state: bool = True,
+              alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA, state: bool | None = None,
               state_variance: float = STATE_VARIANCE) -> tuple[dict, Calibrator, list[ScoredRun]]:
     """The bundle's anomaly calibration: every channel family's level at the target false-alarm rate.
 
@@ -312,7 +312,8 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
     threshold is the level its healthy out-of-sample scores exceed with probability false_alarm_rate / (number
     of families) (pot_threshold): the residual families on the validation stretches (the forecaster never
     trained on them), the state families on blocked folds of the training and validation rows. Each family's
-    gain puts that threshold at 1, so the warning is 1.0 (anomaly_score 0.5) for every bundle."""
+    gain puts that threshold at 1, so the warning is 1.0 (anomaly_score 0.5) for every bundle. `state`: None
+    (default) uses the state channels with two or more features."""
     if not 0 < false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate!r}")
     mean, std = residual_stats(prepared, predict)
@@ -361,6 +362,10 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
     raw = normal_rows * prepared.scaler.scale + prepared.scaler.offset  # (N, F) original units
     # The training machines' normal in original units: a device's learning period maps its own normal onto it.
     calibration["normal"] = {"mean": [float(v) for v in raw.mean(axis=0)], "std": [float(v) for v in np.maximum(raw.std(axis=0), 1e-9)]}
+    if state is None:
+        # With one feature there is no combination of features to judge, only a level: on a stream whose level
+        # drifts past the training range (most real univariate series) a level limit alarms on every regime.
+        state = len(prepared.features) >= 2
     state_model = NormalState.fit(normal_rows, state_variance) if state else None
     families = 1 + bool(slow_alpha) + (1 + state_model.has_spe if state_model is not None else 0)
     risk = false_alarm_rate / families

@@ -117,7 +117,8 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
 
 def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data_info: dict,
                  eval_rows=None, eval_schedule=None, log=print, features=None, targets=None,
-                 prepare_kwargs: dict | None = None, min_steps: int = 0, false_alarm_rate: float | None = None) -> dict:
+                 prepare_kwargs: dict | None = None, min_steps: int = 0, false_alarm_rate: float | None = None,
+                 state: bool | None = None) -> dict:
     """Train, export, verify, evaluate and calibrate; write the bundle (+ report.md and plots); return the manifest.
 
     `prepare_kwargs` go to training.data.prepare (scaler, fill, max_fill_periods, split)."""
@@ -155,7 +156,7 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
             log(f"warning: the model does not beat repeat-last on validation (RMSE ratio {ratio:.4f}): its forecasts add "
                 f"little; more rows, a longer --lookback or more --epochs may help (the state channels still score)")
         calibration, scorer, _ = calibrate.calibrate(
-            prepared, predict, **({"false_alarm_rate": false_alarm_rate} if false_alarm_rate is not None else {}))
+            prepared, predict, state=state, **({"false_alarm_rate": false_alarm_rate} if false_alarm_rate is not None else {}))
         thresholds = calibration["thresholds"]
         log(f"calibration: thresholds {thresholds}, validation scores {calibration['validation_score_quantiles']}")
         checks = {"healthy_test": calibrate.healthy_alert_check(prepared, predict, scorer, thresholds, "test")}

@@ -122,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train,validation,test fractions of the selected rows per device, in time order (default 0.7,0.15,0.15)")
     parser.add_argument("--false-alarm-rate", type=float, default=None,
                         help="share of healthy samples allowed over the warning level (default 0.001)")
+    parser.add_argument("--state", choices=("auto", "on", "off"), default="auto",
+                        help="state channels (how far the features are from normal operation): auto (default) = on with two "
+                             "or more features; off for data whose normal level drifts past the training range")
     parser.add_argument("--min-steps", type=int, default=MIN_STEPS,
                         help=f"at least this many optimizer steps however small the data (default {MIN_STEPS})")
     _add_model_arguments(parser)
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation,
                      {"csv": str(Path(args.data)), "period_s": period, "rows": args.rows, "start": args.start, "end": args.end},
                      features=features, targets=targets, prepare_kwargs={"split": split}, min_steps=args.min_steps,
-                     false_alarm_rate=args.false_alarm_rate)
+                     false_alarm_rate=args.false_alarm_rate, state={"auto": None, "on": True, "off": False}[args.state])
     except (OSError, ValueError) as exc:
         print(f"fit: {exc}", file=sys.stderr)
         return 2
