@@ -87,11 +87,26 @@ def _load_settings(config: str | None, **overrides):
         return None, _error(f"cannot read configuration {config}: {exc}")
 
 
+def _load_checked(config: str | None):
+    """(settings, None) when they validate and pass every check `run` makes before connecting (agent/preflight.py),
+    or (None, exit code) after printing why not, each problem naming its setting."""
+    from agent import preflight
+
+    settings, code = _load_settings(config)
+    if settings is None:
+        return None, code
+    problems = preflight.problems(settings)
+    if problems:
+        return None, _error(preflight.describe(problems))
+    return settings, None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.snapshot import load_in_child
 
-    # Validated in a forked child: the daemon runs on a plain snapshot and never imports pydantic (~14 MiB).
-    settings, code = load_in_child(lambda: _load_settings(args.config))
+    # Validated (and checked as check-config checks it) in a forked child: the daemon runs on a plain snapshot
+    # and never imports pydantic (~14 MiB).
+    settings, code = load_in_child(lambda: _load_checked(args.config))
     if settings is None:
         return code
     from agent.app import run_daemon  # imported late: paho and the daemon are not needed by the other commands
@@ -104,12 +119,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The effective configuration, then every check `run` makes before connecting (the same function), then the
+    model bundle (unless --no-model); exit 1 naming each problem's setting."""
+    from agent import preflight
     from agent.config import masked_dump
 
     settings, code = _load_settings(args.config)
     if settings is None:
         return code
     print(json.dumps(masked_dump(settings), indent=2, sort_keys=False))
+    problems = preflight.problems(settings)
+    if problems:
+        return _error(preflight.describe(problems))
     if args.no_model:
         return EXIT_OK
     from agent.model import BundleError, load_configured_bundle

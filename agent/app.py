@@ -46,6 +46,7 @@ from .events import AlertEvent, Forecast, Rejected, Rejection, Sample
 from .mqtt import MqttLink, Retained
 from .notify import Notifier
 from .outbox import Forwarder, Message, Outbox
+from .releases import ReleaseLedger
 
 if TYPE_CHECKING:  # the pipeline (numpy, onnxruntime) is imported when the agent starts
     from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 WORKER_BATCH_MAX = 1024  # samples taken from the queue per Pipeline.process call (more: no faster, more memory)
 WORKER_POLL_S = 0.2
 ERRORS_FLUSH_EVERY_S = 1.0
+OPEN_ALERTS_FILE = "open-alerts.json"  # in state.directory: alerts open at the last stop, resumed at the next start
 LEARNED_FILE = "learned-normal.json"  # in state.directory: each device's learned normal (detect.learning_hours)
 STOP_INPUT_TIMEOUT_S = 2.0
 STOP_DRAIN_TIMEOUT_S = 20.0
@@ -135,6 +137,8 @@ class Counters:
     forecasts: int = 0
     alerts: int = 0
     worker_errors: int = 0
+    encode_errors: int = 0  # events that could not be encoded (dropped alone, the batch's others published)
+    dropped_at_stop: int = 0  # accepted samples left unprocessed when a stop ran out of time (STOP_DRAIN_TIMEOUT_S)
     ignored_after_stop: int = 0
     backpressure_waits: int = 0  # messages the network thread had to wait for room for
     backpressure_s: float = 0.0  # total time it waited (not reading the socket meanwhile)
@@ -162,6 +166,7 @@ class Agent:
         self._rollouts: queue.Queue[tuple[dict, bytes]] = queue.Queue()  # complete transfers for the watcher
         self.model_dir = Path(settings.model.path)  # where the running bundle came from (a rollout changes it)
         self.models_dir = Path(settings.state.directory) / "models"  # rolled-out bundles
+        self.releases = ReleaseLedger(settings.state.directory, clock=clock)  # highest signed release accepted (rollback guard)
         self.metrics = None  # agent.metrics.AgentMetrics when metrics.enabled
         self.hass = None  # agent.hass.HassDiscovery when homeassistant.enabled
         self.rollout = None  # agent.rollout.RolloutReceiver when rollout.enabled
@@ -187,6 +192,7 @@ class Agent:
         self._outgoing: queue.Queue[tuple[Callable[[], list], int, object] | None] = queue.Queue(maxsize=2)
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
         self._drain_and_exit = threading.Event()
+        self._abandon = threading.Event()  # a stop out of time: drop what is still queued
         self._stop_jobs = threading.Event()
         self._stop_forwarder = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -209,7 +215,8 @@ class Agent:
         partition = (settings.partition.count, settings.partition.index)
         self._placement = affinity.placement(settings.inference.model_cpu, affinity.usable_cpus(), partition,
                                              settings.model.intra_op_threads)  # ValueError for an unusable CPU, before anything starts
-        self.bundle = self._rolled_out_bundle() or load_configured_bundle(settings.model)
+        self.bundle = self._rolled_out_bundle() or self.releases.admit(load_configured_bundle(settings.model))
+        self.releases.record(self.bundle)
         self.model_dir = Path(self.bundle.path)
         log.info(
             "model %s %s loaded from %s (sha256 %s..., %s, lookback %d, horizon %d, period %ss)",
@@ -223,7 +230,11 @@ class Agent:
             self.bundle.observer = self.metrics.observe_inference
         self.pipeline = Pipeline(self.bundle, settings)
         self._restore_learned()
-        self.ingest = Ingest(settings, list(self.bundle.features))
+        ended_at_start = self._restore_open_alerts()
+        self.ingest = Ingest(settings, list(self.bundle.features), self._plausible_limits(self.bundle))
+        # A reading of a device that cannot get a row is rejected before the queue (counted once, never accepted).
+        self.ingest.device_gate = lambda device, now: self.pipeline.admits(device, now)
+        self.ingest.device_limit_detail = lambda: self.pipeline.device_limit_detail()
         self.errors.set_sink(lambda body: self._publish(self.errors_topic, body, qos=0))
         if settings.outbox.enabled:
             box = settings.outbox
@@ -235,10 +246,14 @@ class Agent:
                     f"outbox {self.outbox.path} was unreadable ({self.outbox.corruption}); moved aside to "
                     f"{self.outbox.moved_aside.name}; a fresh outbox was started (its undelivered messages are lost)",
                 )
+            if self.outbox.lost is not None:  # its -wal file was lost: stored messages are missing (agent/outbox.py)
+                self.errors.fault("outbox_corrupt", self.outbox.lost)
         else:
             self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
         control = self._make_control_parts()
         self._publisher = self._spawn("edgecast-publisher", self._publish_loop)
+        if ended_at_start:  # alerts of another model, open at the last stop: their end goes out like any event
+            self._outgoing.put((lambda: ended_at_start, 0, self.bundle))
         self._model_thread = self._spawn("edgecast-model", self._infer_loop, model=True)
         self._worker = self._spawn("edgecast-worker", self._work)
         self._spawn("edgecast-errors-flush", self._periodic_jobs)
@@ -299,9 +314,16 @@ class Agent:
         worker = self._worker
         worker.join(STOP_DRAIN_TIMEOUT_S)
         if worker.is_alive():
-            log.error("the worker did not finish the queue within %.0fs; %d samples lost", STOP_DRAIN_TIMEOUT_S, self._queue.qsize())
+            # Out of time: the samples still queued are dropped (counted exactly); the batches already in the
+            # pipeline finish, so every alert they raise reaches the outbox before it closes.
+            self._abandon.set()
+            worker.join()
+            log.error("the worker did not finish the queue within %.0fs: %d accepted samples dropped unprocessed; "
+                      "every batch already in the pipeline was processed and published", STOP_DRAIN_TIMEOUT_S,
+                      self.counters.dropped_at_stop)
         self._stop_jobs.set()
         self._save_learned()
+        self._save_open_alerts()
         self._reload_requested.set()  # wakes the model watcher, which then sees the stop
         self.errors.flush(force=True)
         if self.forwarder is not None and link.connected.is_set():
@@ -317,8 +339,9 @@ class Agent:
             self.metrics.stop()
         c = self.counters
         log.info(
-            "stopped: %d samples accepted, %d processed, %d forecasts, %d alert events, %d rejected, %d worker errors%s",
-            c.accepted, c.processed, c.forecasts, c.alerts, self.errors.total, c.worker_errors, self._outbox_line(),
+            "stopped: %d samples accepted, %d processed, %d forecasts, %d alert events, %d rejected, %d worker errors, "
+            "%d dropped at the stop%s",
+            c.accepted, c.processed, c.forecasts, c.alerts, self.errors.total, c.worker_errors, c.dropped_at_stop, self._outbox_line(),
         )
 
     def wait_connected(self, timeout: float) -> bool:
@@ -397,7 +420,7 @@ class Agent:
                 ro.topic, ro.max_bundle_bytes, ro.transfer_timeout_s,
                 subscribe=lambda topic: self.link.add_control_subscription(topic),
                 unsubscribe=lambda topic: self.link.remove_control_subscription(topic),
-                running=lambda: (self.bundle.version, self.bundle.sha256),
+                running=lambda: (self.bundle.version, self.bundle.sha256, self.bundle.release),
                 on_complete=self._rollout_arrived,
                 on_failure=lambda detail: self._reload_failed("rollout", detail),
             )
@@ -458,7 +481,7 @@ class Agent:
             return None
         folder = self.models_dir / name
         try:
-            bundle = load_configured_bundle(self.settings.model.model_copy(update={"path": folder, "require_signature": True}))
+            bundle = self.releases.admit(load_configured_bundle(self.settings.model.model_copy(update={"path": folder, "require_signature": True})))
         except (BundleError, OSError) as exc:
             log.warning("rollout: the last rolled-out bundle %s is unusable (%s); starting with %s", folder, exc, self.settings.model.path)
             return None
@@ -580,6 +603,9 @@ class Agent:
     def _work_until_drained(self) -> None:
         while True:
             self._worker_beat = time.monotonic()
+            if self._abandon.is_set():
+                self._drop_queued()
+                return
             if self._pending_bundle is not None:
                 self._inference.join()  # the model thread has handed on every batch of the running model,
                 self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
@@ -594,6 +620,14 @@ class Agent:
             except Exception:  # a bug on one batch must not end the daemon
                 self.counters.add("worker_errors")
                 log.exception("worker failed on a batch of %d samples", len(batch))
+
+    def _drop_queued(self) -> None:
+        """At a stop out of time: empty the ingest queue unprocessed, counting every sample."""
+        while True:
+            batch = self._queue.get_many(WORKER_BATCH_MAX, 0.0)
+            if not batch:
+                return
+            self.counters.add("dropped_at_stop", len(batch))
 
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
@@ -651,7 +685,7 @@ class Agent:
         durable_forecasts = self.outbox is not None and self.settings.outbox.forecasts
         stored: list[Message] = []  # one outbox transaction per batch
         active: list[Retained] = []
-        bodies = iter(payloads.forecasts([e for e in events if isinstance(e, Forecast)], name, version))  # encoded together
+        bodies = iter(self._encode_forecasts([e for e in events if isinstance(e, Forecast)], name, version))  # encoded together
         published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together (before an alert, or after the loop)
         forecasts_sent = 0
         for event in events:
@@ -660,12 +694,20 @@ class Agent:
                     if event.device not in self._open_alerts:  # the alert entity needs a state from the start
                         active.append(Retained(f"{prefix}/{event.device}/alerts/active", payloads.active_alerts(event.device, event.ts, [])))
                 topic, body = f"{prefix}/{event.device}/forecast", next(bodies)
+                if body is None:
+                    continue  # could not be encoded: logged and counted; the other devices' events go on
                 if durable_forecasts:
                     stored.append(Message("forecast", topic, body, event.device))
                 else:
                     published.append((topic, body))
             elif isinstance(event, AlertEvent):
-                topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version)
+                try:
+                    topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version)
+                except (ValueError, TypeError, OverflowError):
+                    self.counters.add("encode_errors")
+                    log.exception("alert %s %s on %s could not be encoded; the batch's other events go on",
+                                  event.alert_id, event.state, event.device)
+                    continue
                 if self.outbox is not None:
                     stored.append(Message("alert", topic, body, event.device))
                 else:
@@ -706,6 +748,22 @@ class Agent:
         for message in active:  # after the alerts are safe on disk; republished on every connect
             if self.link is not None:
                 self.link.set_retained(message)
+
+    def _encode_forecasts(self, forecasts: list[Forecast], name: str, version: str) -> list[bytes | None]:
+        """The batch's forecast payloads; when the batch fails to encode, one by one, None for each that fails, so
+        that one device's unencodable forecast never takes the other devices' events down with it."""
+        try:
+            return payloads.forecasts(forecasts, name, version)
+        except (ValueError, TypeError, OverflowError):
+            bodies: list[bytes | None] = []
+            for fc in forecasts:
+                try:
+                    bodies.append(payloads.forecast(fc, name, version))
+                except (ValueError, TypeError, OverflowError):
+                    self.counters.add("encode_errors")
+                    log.error("forecast of %s at %s could not be encoded (non-finite values?); dropped", fc.device, fc.ts)
+                    bodies.append(None)
+            return bodies
 
     def _store(self, messages: list[Message]) -> None:
         assert self.outbox is not None
@@ -780,7 +838,7 @@ class Agent:
         if signature_required:
             config = config.model_copy(update={"require_signature": True})
         try:
-            bundle = load_configured_bundle(config)  # checksum, signature, shapes, finite warm-up
+            bundle = self.releases.admit(load_configured_bundle(config))  # checksum, signature, shapes, warm-up, release
             if list(bundle.features) != list(running.features):
                 raise BundleError(f"the new bundle's features {bundle.features} differ from the running model's {running.features}")
         except (BundleError, OSError) as exc:
@@ -827,6 +885,8 @@ class Agent:
         if pipeline.learning.enabled:
             pipeline.load_learned(self.pipeline.learned())  # a device's normal belongs to the machine, not the model
         self.pipeline, self.bundle = pipeline, bundle
+        self.releases.record(bundle)
+        self.ingest.set_limits(self._plausible_limits(bundle))
         previous_dir, self.model_dir = self.model_dir, Path(bundle.path)
         if self.rollout is not None:
             self.rollout.model_changed()
@@ -834,6 +894,8 @@ class Agent:
                 self._remember_rolled_out(self.model_dir, previous_dir)
         self.counters.add("model_swaps")
         self._reload_outcome = {"state": "ok", "version": bundle.version, "sha256": bundle.sha256, "ts": round(now)}
+        if bundle.release is not None:
+            self._reload_outcome["release"] = bundle.release
         log.info(
             "model swapped: %s %s (%s...) -> %s %s (%s...); per-device windows restart (forecasts resume after %d samples)",
             old.name, old.version, old.sha256[:12], bundle.name, bundle.version, bundle.sha256[:12], bundle.lookback,
@@ -841,6 +903,46 @@ class Agent:
         self._publish_status()
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def open_alerts_path(self) -> Path:
+        return Path(self.settings.state.directory) / OPEN_ALERTS_FILE
+
+    def _restore_open_alerts(self) -> list[AlertEvent]:
+        """At start: the alerts open at the last stop resume (same model: the detector decides their end as if
+        there had been no restart) or end now (another model); returns those end events."""
+        path = self.open_alerts_path
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("open alerts of the last run in %s unreadable (%s); they are not resumed", path, exc)
+            return []
+        resumed, ended = self.pipeline.restore_open_alerts(data, self.clock())
+        for event in resumed:
+            self._open_alerts.setdefault(event.device, {})[event.alert_id] = event
+        if resumed or ended:
+            log.info("open alerts of the last run: %d resumed, %d ended (the model changed)", len(resumed), len(ended))
+        return ended
+
+    def _save_open_alerts(self) -> None:
+        """At stop, after the last batch: the open alerts and their detector state (atomically)."""
+        if self.pipeline is None:
+            return
+        path = self.open_alerts_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.pipeline.open_alerts_state()), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot write the open alerts to %s: %s; they will not resume after a restart", path, exc)
+
+    def _plausible_limits(self, bundle) -> dict[str, tuple[float, float]]:
+        from .ingest import plausible_limits
+
+        return plausible_limits(list(bundle.features), bundle.offset, bundle.scale, self.settings.ingest)
 
     @property
     def learned_path(self) -> Path:

@@ -32,7 +32,8 @@ The daemon stops on SIGTERM/SIGINT after publishing what it accepted; exit 1 whe
   edgecast-agent check-config --config agent.toml            # effective settings + model bundle check
   EDGECAST_MQTT__PORT=99999 edgecast-agent check-config      # shows the error with its path (mqtt.port)
 
-exit codes: 0 valid (and the bundle verified), 1 invalid (every error listed with its field path).""",
+Runs every check `run` makes before connecting (secret and TLS files, password without TLS, model_cpu, ...).
+exit codes: 0 valid (and the bundle verified), 1 invalid or refused (every problem listed with its setting path).""",
     "replay": """examples:
   edgecast-agent replay --model exported_models/pump-lstm --data fleet.csv --out scored.csv
   edgecast-agent replay --model DIR --data plant.csv --out out.csv --ts-column time --ts-format iso --device-column machine""",
@@ -118,7 +119,7 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
         if settings is None:
             return code
         try:
-            key = settings.model.resolved_public_key()
+            key = settings.model.resolved_public_keys() or None  # any trusted key may sign, as in the daemon
         except (OSError, ValueError) as exc:
             return _error(f"cannot read the model public key: {exc}")
         required = settings.model.require_signature or args.require_signature
@@ -144,7 +145,8 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
     if key is None:
         signature = "not checked (no public key given)"
     elif bundle.signed:
-        signature = f"verified (ed25519, key {key.hex()[:16]}...)"
+        signer = getattr(bundle, "signed_by", None) or (key if isinstance(key, bytes) else key[0])
+        signature = f"verified (ed25519, key {signer.hex()[:16] if isinstance(signer, bytes) else str(signer)[:16]}...)"
     else:
         signature = "absent (allowed: --require-signature not set)"
     manifest = bundle.manifest

@@ -6,12 +6,16 @@ be read from files (including systemd credentials in $CREDENTIALS_DIRECTORY), ne
 
 from __future__ import annotations
 
+import math
+
 import os
 import socket
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,8 +44,40 @@ def default_state_directory() -> Path:
     return Path(state.split(":")[0]) if state else Path("state")
 
 
+def _numeric_not_bool(annotation: Any) -> bool:
+    """The type takes an int or float and no bool (pydantic's lax mode would read true/false as 1/0)."""
+
+    def walk(tp: Any) -> tuple[bool, bool]:  # (takes a number, takes a bool)
+        if tp is bool:
+            return False, True
+        if tp in (int, float):
+            return True, False
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            return walk(typing.get_args(tp)[0])
+        if origin is Literal:
+            args = typing.get_args(tp)
+            return any(type(a) in (int, float) for a in args), any(isinstance(a, bool) for a in args)
+        if origin in (typing.Union, types.UnionType):
+            parts = [walk(arg) for arg in typing.get_args(tp)]
+            return any(n for n, _ in parts), any(b for _, b in parts)
+        return False, False
+
+    number, boolean = walk(annotation)
+    return number and not boolean
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # `port = true` in TOML must not become port 1: numbers refuse true/false (strings such as "1883" from
+        # environment variables still parse as before).
+        if isinstance(value, bool) and info.field_name and _numeric_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean (true/false)")
+        return value
 
 
 class TlsConfig(Section):
@@ -108,14 +144,24 @@ class TopicsConfig(Section):
         return self
 
 
+MAX_TRUSTED_KEYS = 16
+PublicKeyHex = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-fA-F]{64}$")]
+
+
 class ModelConfig(Section, ModelMethods):
     path: Path = Field(default_factory=shipped_model_path, description="Model bundle folder (model.onnx + manifest.json).")
     intra_op_threads: int = Field(1, ge=0, le=64, description="onnxruntime intra-op threads (0: onnxruntime decides).")
-    public_key: str | None = Field(
-        None, min_length=64, max_length=64, pattern=r"^[0-9a-fA-F]{64}$",
-        description="ed25519 public key (64 hex digits) that signs bundles (manifest.json.sig over manifest.json).",
+    public_key: PublicKeyHex | Annotated[list[PublicKeyHex], Field(min_length=1, max_length=MAX_TRUSTED_KEYS)] | None = Field(
+        None,
+        description="ed25519 public key (64 hex digits) that signs bundles (manifest.json.sig over manifest.json), or a list of "
+        "such keys, any of which may sign (key rotation: trust the new key beside the old one, then drop the old one; "
+        "at most 16; in the environment a JSON list).",
     )
-    public_key_file: Path | None = Field(None, description="File holding the ed25519 public key (hex); relative names are looked up in $CREDENTIALS_DIRECTORY first.")
+    public_key_file: Path | Annotated[list[Path], Field(min_length=1, max_length=MAX_TRUSTED_KEYS)] | None = Field(
+        None,
+        description="File holding the ed25519 public key(s) (hex, one per line), a directory whose *.pub files are trusted, or a "
+        "list of these; relative names are looked up in $CREDENTIALS_DIRECTORY first.",
+    )
     require_signature: bool = Field(False, description="Refuse bundles without a valid signature (needs public_key or public_key_file).")
     reload_poll_s: float = Field(10.0, ge=0.0, le=86400.0, description="How often the model folder is checked for a new bundle (0: only on SIGHUP).")
 
@@ -135,6 +181,26 @@ class IngestConfig(Section):
     max_age_s: float = Field(7 * 86400.0, ge=60, le=10 * 365 * 86400.0, description="Timestamps older than this are rejected.")
     unknown_features: Literal["reject", "ignore"] = Field("reject", description="What to do with values the model does not use.")
     max_devices: int = Field(100_000, ge=1, le=10_000_000, description="Devices beyond this many are rejected (memory bound).")
+    device_idle_s: float = Field(
+        3600.0, ge=0.0, le=365 * 86400.0,
+        description="With ingest.max_devices known, a new device takes the row of the device silent longest, if it has "
+        "been silent this long (its window, detector state and open alert end); else it is rejected as device_limit. 0: never evict.",
+    )
+    plausible_range_stds: float = Field(
+        1000.0, ge=1.0, le=1e12,
+        description="Readings further than this many training standard deviations from the training mean (the bundle's "
+        "scaler) are rejected as out_of_range: a broken sensor's 1e30 must not reach the model. ingest.value_limits overrides it per feature.",
+    )
+    value_limits: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description='Per feature, the [low, high] readings accepted (original units), e.g. {bearing_temp = [-40, 250]}.'
+    )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "IngestConfig":
+        for name, (low, high) in self.value_limits.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"ingest.value_limits.{name} must be [low, high] with finite low < high, got [{low}, {high}]")
+        return self
     full_wait_s: float = Field(
         10.0, ge=0.0, le=600.0,
         description="How long the MQTT thread waits for room in a full ingest queue (it stops reading meanwhile, so "
@@ -143,7 +209,7 @@ class IngestConfig(Section):
 
 
 class StateConfig(Section):
-    directory: Path = Field(default_factory=default_state_directory, description="Where the outbox lives ($STATE_DIRECTORY under systemd, else ./state).")
+    directory: Path = Field(default_factory=default_state_directory, description="Where the outbox, rolled-out bundles and the release ledger (releases.json) live ($STATE_DIRECTORY under systemd, else ./state).")
 
 
 class OutboxConfig(Section):
@@ -237,7 +303,7 @@ class DetectConfig(Section):
 
 
 class ErrorsConfig(Section):
-    max_per_minute: int = Field(60, ge=0, le=100_000, description="Messages on the errors topic per minute; the rest are counted as suppressed.")
+    max_per_minute: int = Field(60, ge=0, le=100_000, description="Most messages on the errors topic in any 60 s window (at most half of them back to back); the rest are counted as suppressed.")
 
 
 class LogConfig(Section):

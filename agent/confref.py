@@ -34,7 +34,7 @@ SECTION_NOTES = {
     "detect": "Anomaly score thresholds and the alert state machine (docs/contracts.md, \"Anomaly score\").",
     "errors": "The rate-limited errors topic.",
     "log": "Logging to stderr (the journal under systemd).",
-    "state": "Where the daemon keeps state: the outbox and rolled-out model bundles.",
+    "state": "Where the daemon keeps state: the outbox, rolled-out model bundles and the highest signed release accepted per bundle name (`releases.json`, the rollback guard).",
     "outbox": "Store-and-forward of alerts (and optionally forecasts) until the broker acknowledges them.",
     "health": "Liveness as reported to the systemd watchdog.",
     "metrics": "The optional Prometheus endpoint (`pip install 'edgecast[metrics]'`); see the README, \"Metrics\".",
@@ -51,7 +51,11 @@ The daemon reads an optional TOML file (`edgecast-agent run --config FILE`) and 
 variables, which take precedence: `EDGECAST_<SECTION>__<SETTING>` (nested sections add another `__`, e.g.
 `EDGECAST_MQTT__TLS__ENABLED=true`). Unknown keys and unknown `EDGECAST_*` variables are errors, and
 `edgecast-agent check-config --config FILE` prints the effective configuration (secrets masked) or every
-error with its path. Every setting has a default; an empty file is a valid configuration.
+error with its path. It also runs every check `run` makes before connecting (the same function,
+agent/preflight.py: password, key and TLS files readable, no password without TLS where
+`mqtt.plaintext_password` forbids it, a usable `inference.model_cpu`, a writable `state.directory`, the
+`metrics` extra when enabled) and verifies the model bundle; each refusal names its setting. Every setting
+has a default; an empty file is a valid configuration.
 
 Example: [systemd/agent.example.toml](../systemd/agent.example.toml).
 """
@@ -65,6 +69,8 @@ def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:  # a bounded member of a union: its bounds are in the description
         return _type_name(typing.get_args(annotation)[0])
+    if origin is list:  # in the environment: a JSON list, e.g. EDGECAST_MODEL__PUBLIC_KEY='["ab...", "cd..."]'
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is Literal:
         return " \\| ".join(f'`"{v}"`' if isinstance(v, str) else f"`{v}`" for v in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):

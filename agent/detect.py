@@ -19,6 +19,7 @@ calibration keys (`score_steps`, `slow_alpha`, `flatline_repeats`) this is the o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -415,6 +416,42 @@ class AlertDetector:
                 array[:rows] = getattr(self, key)[:rows]
             setattr(self, key, array)
         self.capacity = capacity
+
+    def open_state(self, d: int) -> dict | None:
+        """Device d's open alert and the detector state that decides its end (JSON-ready), or None."""
+        alert = self.open.get(d)
+        if alert is None:
+            return None
+        return {"event": dataclasses.asdict(alert.last_event), "started_at": alert.started_at, "severity": alert.severity,
+                "since_event": alert.since_event, "ewma": self.ewma[d].tolist(), "score": float(self.score[d]),
+                "under": int(self.under[d]), "first_under_ts": float(self.first_under_ts[d])}
+
+    def restore_open(self, d: int, state: dict) -> AlertEvent:
+        """Reopen an alert saved by `open_state` on device row d (same model); returns its last event."""
+        event = dict(state["event"])
+        event["features"] = [FeatureDeviation(**f) for f in event.get("features") or []]
+        last = AlertEvent(**event)
+        ewma = np.asarray(state["ewma"], dtype=np.float64)
+        if ewma.shape == self.ewma[d].shape:
+            self.ewma[d] = ewma
+        self.score[d] = float(state.get("score", 0.0))
+        self.under[d] = int(state.get("under", 0))
+        self.first_under_ts[d] = float(state.get("first_under_ts", 0.0))
+        self.open[d] = _OpenAlert(last.alert_id, float(state["started_at"]), str(state["severity"]), int(state.get("since_event", 0)), last)
+        return last
+
+    def reset(self, d: int) -> None:
+        """Device row d starts over (its device was evicted and the row given to another); no open alert."""
+        self.open.pop(d, None)
+        self.ewma[d] = self.scorer.initial_state(1)[0]
+        self.warn[d] = self.warning
+        for key in ("score", "scored", "over", "under", "cooldown", "first_over_ts", "first_under_ts", "repeats",
+                    "peak_z", "peak_expected", "peak_observed"):
+            getattr(self, key)[d] = 0
+        self.last_value[d] = np.nan
+        self.opens[d] = -(2**62)
+        if self.dynamic:
+            self.history[d] = 0
 
     def state_bytes(self) -> int:
         keys = ["ewma", "score", "warn", "scored", "over", "under", "cooldown", "first_over_ts", "first_under_ts",

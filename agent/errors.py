@@ -1,10 +1,12 @@
 """Rejected input: counters per reason and a rate-limited report on `{prefix}/agent/{agent_id}/errors`.
 
-Every rejection is counted; only as many are published as a token bucket allows (`errors.max_per_minute`,
-burst of the same size). The rest are summed in the next message's `suppressed` field, so a flood of bad
-input never becomes a flood of error messages, and `sum(1 + suppressed)` over the messages equals the number
-of rejections. `flush()` (called periodically and at shutdown) reports a suppressed remainder once a token is
-available, so a burst's total is not held back until the next rejection.
+Every rejection is counted; only as many are published as the RateLimiter allows: at most
+`errors.max_per_minute` in any 60 s window (the first minute included), at most half of them back to back.
+The rest are summed in the next message's `suppressed` field, so a flood of bad input never becomes a flood
+of error messages, and `sum(1 + suppressed)` over the messages equals the number of rejections. `flush()`
+(called periodically and at shutdown) reports a suppressed remainder once the limiter allows a message, so a
+burst's total is not held back until the next rejection; only the forced flush at shutdown (one message, so
+the counts add up) may go beyond the limit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from . import payloads
@@ -27,24 +30,40 @@ Sink = Callable[[bytes], None]
 FAULT_REASONS = ("outbox_corrupt", "model_reload_failed")
 
 
-class TokenBucket:
-    """`rate_per_minute` tokens per minute, holding at most `capacity`; starts full."""
+class RateLimiter:
+    """At most `per_minute` passes in any 60 s window, and at most half of them (rounded up) back to back.
 
-    def __init__(self, rate_per_minute: float, capacity: float, monotonic: Callable[[], float] = time.monotonic):
-        self.rate_per_s = rate_per_minute / 60.0
-        self.capacity = float(capacity)
+    The window is exact: the times of the last `per_minute` passes are kept, and another passes only once the
+    oldest of them is WINDOW_S old, so no 60 s window (the first minute included) ever holds more. A token bucket
+    (capacity `per_minute` / 2, refilled at `per_minute` per minute) spreads them out: after a burst the rest of
+    the minute's allowance comes back at one per 60 / `per_minute` s, and a summary of what was suppressed goes
+    out within seconds rather than a minute later.
+    """
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int, monotonic: Callable[[], float] = time.monotonic):
+        self.per_minute = int(per_minute)
         self._monotonic = monotonic
-        self._tokens = self.capacity
+        self._sent: deque[float] = deque(maxlen=max(1, self.per_minute))  # times of the last `per_minute` passes
+        self._capacity = float(max(1, -(-self.per_minute // 2)))
+        self._rate_per_s = self.per_minute / self.WINDOW_S
+        self._tokens = self._capacity
         self._last = monotonic()
 
     def take(self) -> bool:
+        if self.per_minute <= 0:
+            return False
         now = self._monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate_per_s)
+        self._tokens = min(self._capacity, self._tokens + max(0.0, now - self._last) * self._rate_per_s)
         self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
+        if self._tokens < 1.0:
+            return False
+        if len(self._sent) >= self.per_minute and now - self._sent[0] < self.WINDOW_S:
+            return False
+        self._tokens -= 1.0
+        self._sent.append(now)  # the deque's maxlen drops the oldest
+        return True
 
 
 class ErrorReporter:
@@ -59,7 +78,7 @@ class ErrorReporter:
     ):
         self._sink = sink
         self._clock = clock
-        self._bucket = TokenBucket(max_per_minute, max_per_minute, monotonic)
+        self._limiter = RateLimiter(max_per_minute, monotonic)
         self._enabled = max_per_minute > 0  # 0: count only, never publish
         self._lock = threading.Lock()
         self.counts: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
@@ -123,7 +142,7 @@ class ErrorReporter:
             raise ValueError(f"unknown rejection reason {reason!r}")
         with self._lock:
             self.counts[reason] += 1
-            if self._sink is None or not self._bucket.take():
+            if self._sink is None or not self._limiter.take():
                 self._suppressed += 1
                 self._last_suppressed = (reason, detail, topic, device)
                 return
@@ -135,12 +154,12 @@ class ErrorReporter:
     def flush(self, force: bool = False) -> None:
         """Report the suppressed remainder (its latest rejection, carrying the rest as `suppressed`).
 
-        Needs a token unless `force` (shutdown: one last message so the counts add up).
+        Needs the limiter to allow one more message unless `force` (shutdown: one last message so the counts add up).
         """
         with self._lock:
             if self._last_suppressed is None or self._sink is None or not self._enabled:
                 return
-            if not force and not self._bucket.take():
+            if not force and not self._limiter.take():
                 return
             reason, detail, topic, device = self._last_suppressed
             suppressed, self._suppressed, self._last_suppressed = self._suppressed - 1, 0, None

@@ -23,6 +23,8 @@ REJECTION_REASONS = (
     "timestamp_out_of_range",
     "late_sample",
     "queue_full",
+    "out_of_range",
+    "device_limit",
 )
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.events import Rejected, Sample
@@ -81,12 +83,25 @@ def parse_timestamp(value: object) -> float:
     raise ValueError(f"timestamp must be unix seconds or an ISO-8601 string, got {type(value).__name__}")
 
 
+def plausible_limits(features: list[str], offset, scale, ingest) -> dict[str, tuple[float, float]]:
+    """Per feature, the readings accepted: ingest.value_limits where given, else the bundle scaler's offset +-
+    ingest.plausible_range_stds x its scale (a standard scaler's training mean and standard deviation). Far wider
+    than any fault; what it keeps out are values no sensor reads (1e30 overflows the model's float32)."""
+    k = ingest.plausible_range_stds
+    limits = {}
+    for name, center, spread in zip(features, offset, scale):
+        given = ingest.value_limits.get(name)
+        limits[name] = (float(given[0]), float(given[1])) if given else (float(center - k * spread), float(center + k * spread))
+    return limits
+
+
 class Ingest:
     """Turns (topic, payload) into validated Samples for the model's features; raises events.Rejected."""
 
-    def __init__(self, settings: Settings, features: list[str]):
+    def __init__(self, settings: Settings, features: list[str], limits: dict[str, tuple[float, float]] | None = None):
         self.features = list(features)
         self._feature_set = frozenset(self.features)
+        self.set_limits(limits or {})
         self.max_payload_bytes = settings.ingest.max_payload_bytes
         self.max_future_s = settings.ingest.max_future_s
         self.max_age_s = settings.ingest.max_age_s
@@ -96,6 +111,13 @@ class Ingest:
         if settings.topics.sensor:
             self.routes.append(compile_template(settings.topics.sensor, "sensor"))
         self.partition = PartitionFilter(settings.partition.count, settings.partition.index)
+        # (device, now) -> whether the device can have a row (the pipeline's `admits`); None: no limit checked here
+        self.device_gate: Callable[[str, float], bool] | None = None
+        self.device_limit_detail: Callable[[], str] = lambda: "device table full"
+
+    def set_limits(self, limits: dict[str, tuple[float, float]]) -> None:
+        """The [low, high] range accepted per feature (plausible_limits); features not named: any finite float."""
+        self._bounds = {name: tuple(limits.get(name, (-sys.float_info.max, sys.float_info.max))) for name in self.features}
 
     def subscriptions(self) -> list[str]:
         """MQTT filters for the templates; a filter covered by another is dropped (no duplicate deliveries)."""
@@ -120,6 +142,8 @@ class Ingest:
         route, device, sensor = self.match(topic)
         if self.partition.active and not self.partition.owns(device):
             return []
+        if self.device_gate is not None and not self.device_gate(device, now):
+            raise Rejected("device_limit", self.device_limit_detail(), device)
         if len(payload) > self.max_payload_bytes:
             raise Rejected("oversized_payload", f"{len(payload)} bytes > ingest.max_payload_bytes={self.max_payload_bytes}", device)
         try:
@@ -144,13 +168,15 @@ class Ingest:
         if not isinstance(raw, dict):
             raise Rejected("wrong_type", f'"values" must be an object of feature -> number, got {type(raw).__name__}', device)
         values: dict[str, float] = {}
+        bounds = self._bounds
         for name, value in raw.items():
             if name not in self._feature_set:
                 if self.ignore_unknown:
                     continue
                 raise Rejected("unknown_feature", f"{str(name)[:80]!r} is not a model feature {self.features}", device)
-            # The usual value, a finite float, without the full check's call (thousands of messages a second)
-            values[name] = value if type(value) is float and math.isfinite(value) else self._number(device, name, value)
+            # The usual value, a float in its plausible range (so finite), without the full check's call
+            low, high = bounds[name]
+            values[name] = value if type(value) is float and low <= value <= high else self._number(device, name, value)
         if len(values) != len(self.features):
             missing = [f for f in self.features if f not in values]
             raise Rejected("missing_feature", f"telemetry lacks {missing}", device)
@@ -180,6 +206,10 @@ class Ingest:
             raise Rejected("non_finite", f"{name}: {str(value)[:40]} overflows a float", device) from None
         if not math.isfinite(number):
             raise Rejected("non_finite", f"{name}: {value!r} is not finite", device)
+        low, high = self._bounds[name]
+        if not low <= number <= high:
+            raise Rejected("out_of_range", f"{name}: {number:.6g} is outside the plausible range [{low:.6g}, {high:.6g}] "
+                           "(ingest.value_limits, ingest.plausible_range_stds)", device)
         return number
 
     def _timestamp(self, device: str, value: object, now: float) -> float:

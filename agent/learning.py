@@ -59,6 +59,12 @@ class DeviceLearning:
             setattr(self, key, array)
         self.capacity = capacity
 
+    def reset(self, d: int) -> None:
+        """Device row d starts over: nothing learned (its device was evicted and the row given to another)."""
+        self.count[d], self.first_slot[d], self.learning[d] = 0, -1, self.enabled
+        self.total[d] = self.squares[d] = 0.0
+        self.device_offset[d], self.device_scale[d] = self.offset, self.scale
+
     def observe(self, devices: np.ndarray, slots: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Observed samples (K,) of learning devices, in time order per device (values (K, F), original units) ->
         (which samples the learning took (K,): a device's samples after the one that completes its learning are

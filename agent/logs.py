@@ -72,7 +72,12 @@ def make_formatter(fmt: str = "text", journald: bool | None = None) -> logging.F
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Replace the root logger's handlers with one stderr handler in the requested format."""
+    """Replace the root logger's handlers with one stderr handler in the requested format.
+
+    Python warnings (warnings.warn, numpy's RuntimeWarning on an overflow) go through logging too, as WARNING
+    records of the `py.warnings` logger: in the same format as every other line (a JSON object with format
+    json, a priority prefix under journald), never as raw lines in between.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(fmt))
     root = logging.getLogger()
@@ -80,3 +85,14 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    if _strip_warning_newline not in warnings_log.filters:
+        warnings_log.addFilter(_strip_warning_newline)
+
+
+def _strip_warning_newline(record: logging.LogRecord) -> bool:
+    # warnings.formatwarning ends its text with a newline: a blank line after every warning in text format.
+    if isinstance(record.msg, str):
+        record.msg = record.msg.rstrip()
+    return True

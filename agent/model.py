@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .releases import ReleaseError, release_info
+
 SCHEMA_VERSION = 1
 SCALER_TYPES = ("standard", "minmax")
 
@@ -127,6 +129,9 @@ class Bundle:
         self.session = session
         self.sha256 = sha256
         self.signed = False  # set by load_bundle when a signature was verified
+        self.signed_by: bytes | None = None  # the trusted public key that made the signature
+        self.manifest_sha256 = ""  # of manifest.json's bytes (what the signature covers), set by load_bundle
+        self.release_info = release_info(manifest)  # release number, expiry, rollback marker (agent/releases.py)
         self.name: str = manifest["name"]
         self.version: str = manifest["version"]
         self.features: list[str] = list(manifest["features"])
@@ -187,57 +192,66 @@ class Bundle:
             self.observer(x.shape[0], time.perf_counter() - started)
         return y
 
+    @property
+    def release(self) -> int | None:
+        return self.release_info.release
+
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
-def verify_signature(folder: Path, manifest_bytes: bytes, public_key: bytes | None, require_signature: bool) -> bool:
-    """Check `manifest.json.sig` (ed25519 over the manifest's bytes) against `public_key`.
+def verify_signature(folder: Path, manifest_bytes: bytes, public_key: bytes | list[bytes] | None, require_signature: bool) -> bytes | None:
+    """Check `manifest.json.sig` (ed25519 over the manifest's bytes) against the trusted key(s) `public_key`.
 
-    True when a valid signature was checked; False when the bundle is unsigned and that is allowed.
-    Raises BundleError when a signature is required but missing, malformed, or made by another key.
+    The key that made a valid signature; None when the bundle is unsigned and that is allowed.
+    Raises BundleError when a signature is required but missing, malformed, or made by a key not trusted.
     """
-    from .signing import SIGNATURE_FILE, SignatureError, parse_hex, verify
+    from .signing import SIGNATURE_FILE, SignatureError, key_id, parse_hex, verify_any
 
+    keys = [public_key] if isinstance(public_key, (bytes, bytearray)) else list(public_key or [])
     sig_path = folder / SIGNATURE_FILE
-    if public_key is None:
+    if not keys:
         _require(not require_signature, "model.require_signature is set but no public key is configured")
-        return False
+        return None
     if not sig_path.is_file():
         _require(not require_signature, f"the bundle is not signed ({sig_path} not found) and model.require_signature is set")
-        return False
+        return None
     try:
         signature = parse_hex(sig_path.read_text(encoding="ascii", errors="replace"), 64, f"{sig_path.name}")
+        signer = verify_any(keys, manifest_bytes, signature)
     except SignatureError as exc:
         raise BundleError(f"bad signature file: {exc}") from None
+    trusted = ", ".join(f"{key_id(k)}..." for k in keys)
     _require(
-        verify(public_key, manifest_bytes, signature),
-        f"the signature in {sig_path.name} does not match manifest.json and the configured public key "
-        f"{public_key.hex()[:16]}...: the bundle was changed after signing or signed by another key",
+        signer is not None,
+        f"the signature in {sig_path.name} does not match manifest.json and the configured public key"
+        f"{'s' if len(keys) > 1 else ''} {trusted}: the bundle was changed after signing or signed by another key",
     )
-    return True
+    return signer
 
 
 def load_configured_bundle(model_config) -> Bundle:
-    """load_bundle with the [model] section's threads and signature settings (key file read here)."""
+    """load_bundle with the [model] section's threads and signature settings (key files read here)."""
     try:
-        key = model_config.resolved_public_key()
+        keys = model_config.resolved_public_keys()
     except (OSError, ValueError) as exc:
         raise BundleError(f"cannot read the model public key: {exc}") from None
-    return load_bundle(model_config.path, model_config.intra_op_threads, public_key=key, require_signature=model_config.require_signature)
+    return load_bundle(model_config.path, model_config.intra_op_threads, public_key=keys, require_signature=model_config.require_signature)
 
 
-def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes | None = None, require_signature: bool = False) -> Bundle:
+def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes | list[bytes] | None = None, require_signature: bool = False) -> Bundle:
     """Read, verify and warm up a bundle folder; BundleError names the first thing that does not match.
 
-    With `public_key`, a `manifest.json.sig` must verify (and must exist when `require_signature`).
+    With `public_key` (one trusted key, or a list of them: any may sign), a `manifest.json.sig` must verify (and must
+    exist when `require_signature`). The manifest's release fields are validated (agent/releases.py); whether the
+    release may run is the daemon's release ledger's decision.
     """
     folder = Path(path)
     _require(folder.is_dir(), f"model bundle folder not found: {folder}")
     manifest_path = folder / "manifest.json"
     _require(manifest_path.is_file(), f"{manifest_path} not found (a bundle is model.onnx + manifest.json)")
     manifest_bytes = manifest_path.read_bytes()  # read once: the signed bytes are the parsed bytes
-    signed = verify_signature(folder, manifest_bytes, public_key, require_signature)
+    signer = verify_signature(folder, manifest_bytes, public_key, require_signature)
     try:
         manifest = json.loads(manifest_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -247,6 +261,10 @@ def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes |
     _require(schema == SCHEMA_VERSION, f"manifest.schema_version is {schema!r}; this agent reads schema_version {SCHEMA_VERSION}")
     for key in ("name", "version"):
         _require(isinstance(manifest.get(key), str) and manifest[key], f"manifest.{key} must be a non-empty string")
+    try:
+        release_info(manifest)
+    except ReleaseError as exc:
+        raise BundleError(str(exc)) from None
 
     features = _name_list(manifest, "features")
     targets = _name_list(manifest, "targets")
@@ -304,7 +322,9 @@ def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes |
     _check_calibration(manifest.get("calibration"), horizon, len(targets))
 
     bundle = Bundle(folder, manifest, session, actual_sha)
-    bundle.signed = signed
+    bundle.signed = signer is not None
+    bundle.signed_by = signer
+    bundle.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     _warm_up(bundle)
     return bundle
 

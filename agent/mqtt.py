@@ -12,7 +12,11 @@ just came back in lockstep). The retained status topic carries `online` while co
 Besides the sensor input, the link carries *control* subscriptions (Home Assistant's birth topic, the model
 rollout topics): they go to their own handler, survive reconnects like the input, may be added and removed
 while running, and stay when the input stops. Connects, refusals, disconnects and reconnects are logged with
-their MQTT reason codes (and counted for the metrics).
+their MQTT reason codes (and counted for the metrics). A broker keeps one connection per client id (the
+agent_id): a second client with the same id takes the connection over, and the two keep kicking each other off.
+That is logged as an ERROR naming the client id (_TakeoverWatch): reason code 142 (Session taken over, MQTT 5),
+or, since mosquitto with MQTT 3.1.1 just closes the older connection, connections lost again and again right
+after they were made.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -234,6 +239,45 @@ def _publish_header(topic_length: int, payload_length: int) -> bytes:
     return bytes(header)
 
 
+class _TakeoverWatch:
+    """Spots another client connected with our client id, from the connections the broker closes.
+
+    Reason code 142 (Session taken over) says so outright; MQTT 3.1.1 brokers (mosquitto) just close the older
+    connection, so COUNT connections within WINDOW_S that were each lost within SHORT_S of their connect count
+    as a takeover too. An ordinary reconnect (a broker restart, a network blip) is one short connection at most.
+    Says so at most once per LOG_EVERY_S: two clients fighting over an id would otherwise log every second.
+    """
+
+    SESSION_TAKEN_OVER = 142
+    SHORT_S = 5.0
+    WINDOW_S = 60.0
+    COUNT = 3
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic):
+        self._monotonic = monotonic
+        self._short: deque[float] = deque()  # when short-lived connections were lost, within the last WINDOW_S
+        self._last_reported: float | None = None
+
+    def lost(self, uptime_s: float | None, reason_value: int | None) -> str | None:
+        """A connection was lost `uptime_s` after its connect; returns the evidence when a takeover should be reported now."""
+        now = self._monotonic()
+        why = None
+        if reason_value == self.SESSION_TAKEN_OVER:
+            why = "the broker closed the connection with reason code 142 (Session taken over)"
+        elif uptime_s is not None and uptime_s <= self.SHORT_S:
+            self._short.append(now)
+            while self._short and now - self._short[0] > self.WINDOW_S:
+                self._short.popleft()
+            if len(self._short) >= self.COUNT:
+                why = (f"{len(self._short)} connections within {self.WINDOW_S:.0f}s were each closed by the broker within "
+                       f"{self.SHORT_S:.0f}s of connecting")
+        if why is None or (self._last_reported is not None and now - self._last_reported < self.LOG_EVERY_S):
+            return None
+        self._last_reported = now
+        return why
+
+
 @dataclass(frozen=True, slots=True)
 class Retained:
     """A retained message the link publishes (again) on every successful connect, e.g. the `online` status."""
@@ -287,6 +331,8 @@ class MqttLink:
         self.disconnects = 0  # lost or closed connections
         self.connect_failures = 0  # attempts that failed (TCP/TLS error or refused by the broker)
         self.dropped_publishes = 0
+        self.client_id_conflicts = 0  # takeovers by another client with our client id, as logged
+        self._takeover = _TakeoverWatch()
         self._max_pending_forecast_bytes = int(settings.mqtt.max_pending_forecast_mib * 2**20)
         self._last_overflow_log = -1e9  # monotonic time of the last "forecasts dropped" warning (one per 10 s)
 
@@ -529,6 +575,7 @@ class MqttLink:
                 "the connection to the broker was lost (socket error, no reason code from the broker)",
                 extra={"event": "mqtt_disconnected", "reason_code": None},
             )
+            self._check_takeover(None)
         first = self.connects == 0
         self.connects += 1
         self._attempt = 0
@@ -598,11 +645,30 @@ class MqttLink:
                 "disconnected from the broker: reason code %s; reconnecting in %.1fs", _reason(reason_code), self.next_delay_s,
                 extra={"event": "mqtt_disconnected", "reason_code": reason_code.value, "retry_in_s": round(self.next_delay_s, 3)},
             )
+            if was_connected:
+                self._check_takeover(getattr(reason_code, "value", None))
         else:
             log.info(
                 "disconnected from the broker: reason code %s", _reason(reason_code),
                 extra={"event": "mqtt_disconnected", "reason_code": reason_code.value},
             )
+
+    def _check_takeover(self, reason_value: int | None) -> None:
+        """A connection was lost: say so when another client with our client id is probably taking it over."""
+        uptime = None if self.connected_at is None else time.monotonic() - self.connected_at
+        why = self._takeover.lost(uptime, reason_value)
+        if why is None:
+            return
+        self.client_id_conflicts += 1
+        mqtt = self._settings.mqtt
+        client_id = self._settings.agent_id
+        log.error(
+            "client id %r: %s. Another client with the same client id (agent_id %r) is probably connected to the broker "
+            "%s:%d; the broker keeps one connection per client id, so the two keep taking it from each other. Give "
+            "each agent its own agent_id (and make sure no other program uses this one).",
+            client_id, why, client_id, mqtt.host, mqtt.port,
+            extra={"event": "mqtt_client_id_conflict", "client_id": client_id, "reason_code": reason_value},
+        )
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
         with self._lock:

@@ -10,14 +10,23 @@ first; expired messages (any kind) are dropped. Every drop is counted by cause a
 
 A file that SQLite cannot read (power loss mid-write on a bad SD card, truncation) is moved aside as
 `outbox.sqlite.corrupt-<UTC time>` (with its -wal/-shm), reported, and a fresh outbox is started.
+
+A database that silently lost its latest transactions (its `-wal` file deleted, emptied or overwritten while the
+daemon was stopped: SQLite then opens the older main file without a complaint) is noticed through
+`outbox.watermark`, a small file beside it that records the highest message id ever stored and how many messages
+are queued (class Watermark). At open, a database whose AUTOINCREMENT sequence is below that id lost stored
+messages; how many of them were still queued is reported in `lost` (and logged at ERROR).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +35,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FILE_NAME = "outbox.sqlite"
+WATERMARK_NAME = "outbox.watermark"
 SCHEMA_VERSION = 1
 KIND_PRIORITY = {"forecast": 0, "alert": 1, "fault": 1}  # lower is dropped first
 
@@ -70,6 +80,89 @@ class OutboxCorrupt(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Mark:
+    stored: int  # the highest message id committed (the AUTOINCREMENT sequence)
+    queued: int  # messages in the outbox after that write
+
+
+class Watermark:
+    """`outbox.watermark`: the outbox's high-water mark, kept outside the database so that losing the database's
+    latest transactions (its -wal file) does not lose the record of them.
+
+    Two fixed 64-byte slots, written in turn (pwrite), each with a generation number and a crc32: a torn write
+    leaves the other slot, and the valid slot with the higher generation is the mark. Written after a commit
+    that stored messages (fdatasync'ed when `durable`) and before a commit that removes messages, so the mark
+    never claims more queued messages than the database holds unless the database lost transactions.
+    """
+
+    MAGIC = b"EWM1"
+    _RECORD = struct.Struct("<4sQQQ")  # magic, generation, stored, queued
+    _CRC = struct.Struct("<I")
+    SLOT = 64
+
+    def __init__(self, path: Path, durable: bool):
+        self.path = path
+        self.durable = durable
+        self.generation = 0
+        self._fd: int | None = None
+
+    def read(self) -> Mark | None:
+        """The last mark written, or None when there is no file; OutboxCorrupt when neither slot is valid."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        best: tuple[int, Mark] | None = None
+        size = self._RECORD.size
+        for slot in (0, 1):
+            chunk = data[slot * self.SLOT : slot * self.SLOT + size + self._CRC.size]
+            if len(chunk) < size + self._CRC.size:
+                continue
+            body, (crc,) = chunk[:size], self._CRC.unpack(chunk[size:])
+            if zlib.crc32(body) != crc:
+                continue
+            magic, generation, stored, queued = self._RECORD.unpack(body)
+            if magic == self.MAGIC and (best is None or generation > best[0]):
+                best = (generation, Mark(stored, queued))
+        if best is None:
+            raise OutboxCorrupt(f"{self.path} holds no valid mark ({len(data)} bytes)")
+        self.generation = best[0]
+        return best[1]
+
+    def write(self, stored: int, queued: int, sync: bool | None = None) -> None:
+        if self._fd is None:
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if created:
+                os.pwrite(self._fd, b"\0" * (2 * self.SLOT), 0)
+                os.fsync(self._fd)
+                _fsync_directory(self.path.parent)
+        self.generation += 1
+        body = self._RECORD.pack(self.MAGIC, self.generation, stored, max(0, queued))
+        os.pwrite(self._fd, body + self._CRC.pack(zlib.crc32(body)), (self.generation % 2) * self.SLOT)
+        if self.durable if sync is None else sync:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _size(topic: str, payload: bytes) -> int:
     return len(payload) + len(topic)
 
@@ -95,6 +188,8 @@ class Outbox:
         self._lock = threading.Lock()
         self.moved_aside: Path | None = None  # where a corrupt file went at open, if one did
         self.corruption: str | None = None  # SQLite's complaint about it
+        self.lost: str | None = None  # queued messages the database lost before this open (detected), described
+        self.lost_range: tuple[int, int] | None = None  # (at least, at most) queued messages lost
         self.enqueued = 0
         self.sent = 0
         self.dropped: dict[str, int] = {"overflow_forecast": 0, "overflow_alert": 0, "expired": 0}
@@ -109,8 +204,53 @@ class Outbox:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload) + LENGTH(topic)), 0) FROM messages").fetchone()
         self.count, self.bytes = int(row[0]), int(row[1])
         self.recovered = self.count  # left by the previous run: delivered first
+        self._mark = Watermark(self.directory / WATERMARK_NAME, durable=synchronous == "full")
+        self._check_watermark()
         if self.recovered:
             log.info("outbox holds %d undelivered messages from before the restart; delivering them first", self.recovered)
+
+    def _sequence_locked(self) -> int:
+        """The highest message id ever committed (SQLite's AUTOINCREMENT sequence; 0 before the first)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_watermark(self) -> None:
+        """At open: did the database lose stored messages since the watermark was written? Then the mark is reset."""
+        try:
+            mark = self._mark.read()
+        except (OSError, OutboxCorrupt) as exc:
+            log.warning("outbox watermark unreadable (%s): cannot tell whether queued messages were lost; starting a new one", exc)
+            mark = None
+        stored = self._stored = self._sequence_locked()
+        if mark is not None and mark.stored > stored:
+            # Messages up to id mark.stored were committed; the database now ends at `stored`. Of the lost ids,
+            # those still queued when the mark was written are lost: at most min(queued, lost ids); at least the
+            # queued ones the database cannot hold (it may hold messages whose removal was lost: duplicates).
+            at_most = min(mark.queued, mark.stored - stored)
+            at_least = min(at_most, max(0, mark.queued - self.count))
+            if self.moved_aside is not None:
+                if mark.queued:
+                    log.error("outbox: the unreadable file moved aside held %d undelivered messages when last written; they are lost",
+                              mark.queued)
+            elif at_most > 0:
+                count = str(at_most) if at_least == at_most else (f"between {at_least} and {at_most}" if at_least else f"up to {at_most}")
+                self.lost_range = (at_least, at_most)
+                self.lost = (
+                    f"{count} queued message(s) lost: outbox {self.path} lost its latest transactions (its -wal file or the "
+                    f"database was deleted, emptied or damaged): its last message id is {stored}, but {mark.stored} had been "
+                    f"stored; the {self.count} message(s) it still holds will be delivered"
+                )
+                log.error("outbox: %s", self.lost)
+        try:
+            self._mark.write(stored, self.count, sync=True)
+        except OSError as exc:
+            log.warning("outbox watermark %s cannot be written (%s): lost messages would go unnoticed", self._mark.path, exc)
+
+    def _mark_write(self, stored: int, queued: int, sync: bool | None = None) -> None:
+        try:
+            self._mark.write(stored, queued, sync)
+        except OSError as exc:  # the database is what matters; the mark only detects its loss
+            log.warning("outbox watermark %s cannot be written (%s)", self._mark.path, exc)
 
     def _open(self, synchronous: str) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -167,12 +307,15 @@ class Outbox:
                 self.count += len(rows)
                 self.bytes += added
                 self._enforce_bounds_locked()
+                stored = self._sequence_locked()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 self._recount_locked()
                 raise
             self.enqueued += len(rows)
+            self._stored = stored
+            self._mark_write(stored, self.count)  # after the commit: the mark never runs ahead of the database
         return len(rows)
 
     def _enforce_bounds_locked(self) -> None:
@@ -227,6 +370,8 @@ class Outbox:
                     db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     removed += 1
                     self.bytes -= int(row[0])
+                if removed:
+                    self._mark_write(self._stored, self.count - removed, sync=False)  # before the commit: never above it
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -245,6 +390,7 @@ class Outbox:
             ).fetchone()
             n = int(row[0])
             if n:
+                self._mark_write(self._stored, self.count - n, sync=False)
                 self._db.execute("DELETE FROM messages WHERE created_at < ?", (horizon,))
                 self.count -= n
                 self.bytes -= int(row[1])
@@ -272,6 +418,7 @@ class Outbox:
             except sqlite3.Error:
                 pass
             self._db.close()
+            self._mark.close()
 
 
 class Forwarder:

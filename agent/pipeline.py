@@ -17,6 +17,7 @@ devices grow the per-device arrays, under a lock. `process` runs all three (repl
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import threading
 import time
@@ -27,7 +28,7 @@ import numpy as np
 
 from agent import arrays
 from agent.detect import AlertDetector, ResidualScorer
-from agent.events import AlertEvent, Forecast, ForecastValues, Rejected, Rejection, Sample
+from agent.events import AlertEvent, FeatureDeviation, Forecast, ForecastValues, Rejected, Rejection, Sample
 from agent.learning import DeviceLearning
 from agent.model import Bundle, BundleError
 from agent.window import NO_SLOT, WindowStore
@@ -88,6 +89,8 @@ class Pipeline:
         self.min_completeness = settings.window.min_completeness
         self.clean_periods = settings.window.clean_periods
         self.max_devices = settings.ingest.max_devices
+        self.device_idle_s = settings.ingest.device_idle_s
+        self._evictable_at = 0.0  # agent clock before which no device is idle enough to evict (a lower bound)
         self.windows = WindowStore(bundle.features, bundle.lookback, bundle.period_s, settings.window.max_gap_periods,
                                    on_commit=self._on_commit, max_lateness_periods=settings.window.max_lateness_periods)
         calibration = bundle.calibration
@@ -132,7 +135,7 @@ class Pipeline:
         self._spare_batches: list[np.ndarray] = []  # batch arrays infer is done with, for the next calls
         self._state_lock = threading.Lock()  # phase 3 against the growth of the per-device arrays
         self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
-                         "scored": 0, "alerts_opened": 0, "rejected_devices": 0, "devices_learned": 0}
+                         "scored": 0, "alerts_opened": 0, "rejected_devices": 0, "devices_learned": 0, "devices_evicted": 0}
 
     # -- per-device arrays beside the window store --------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -141,6 +144,7 @@ class Pipeline:
             "past": arrays.zeros((capacity, R, S, T), np.float32),  # forecast made at slot s: (s // spacing) % R
             "past_slot": arrays.full((capacity, R), NO_SLOT, np.int64),  # the slot each was made at
             "past_ok": arrays.zeros((capacity, R), bool),  # made from a window fit for scoring
+            "last_seen": arrays.zeros(capacity, np.float64),  # agent clock of the device's last sample
         }
         used = min(len(self.windows), self._capacity)  # rows past it were never written: copying would only touch memory
         for key, array in fresh.items():
@@ -151,11 +155,48 @@ class Pipeline:
         self.detector.ensure_capacity(capacity, used)
         self.learning.ensure_capacity(capacity)
 
-    def _device(self, name: str) -> int | None:
+    def admits(self, name: str, now: float) -> bool:
+        """Whether a sample of device `name` can find a row (read by the network thread before queueing, so that a
+        rejected reading is counted once; the worker decides for good in `_device`)."""
+        n = len(self.windows)
+        if name in self.windows.index or n < self.max_devices:
+            return True
+        if self.device_idle_s <= 0 or now < self._evictable_at:
+            return False
+        oldest = float(self.last_seen[:n].min())  # read-only here; the worker writes it
+        if oldest > now - self.device_idle_s:
+            self._evictable_at = oldest + self.device_idle_s
+            return False
+        return True
+
+    def _evict_for(self, name: str, now: float, i: int) -> int | None:
+        """With the device table full: give the row of the device silent longest to `name`, if it has been silent
+        for device_idle_s; its open alert ends (an `end` event in this call's log). None: nobody is idle enough."""
+        if self.device_idle_s <= 0 or now < self._evictable_at:
+            return None
+        n = len(self.windows)
+        victim = int(np.argmin(self.last_seen[:n]))
+        if self.last_seen[victim] > now - self.device_idle_s:
+            self._evictable_at = float(self.last_seen[victim]) + self.device_idle_s
+            return None
+        with self._state_lock:  # phase 3 of an earlier call may be running; it has no sample of an idle device
+            alert = self.detector.open.get(victim)
+            if alert is not None:
+                ended = dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now)
+                self._log.append((_REJECT, i, ended))
+            self.detector.reset(victim)
+            self.past_slot[victim] = NO_SLOT
+            self.past_ok[victim] = False
+            self.learning.reset(victim)
+            self.windows.reassign(victim, name)
+        self.counters["devices_evicted"] += 1
+        return victim
+
+    def _device(self, name: str, now: float = 0.0, i: int = 0) -> int | None:
         d = self.windows.index.get(name)
         if d is None:
             if len(self.windows) >= self.max_devices:
-                return None
+                return self._evict_for(name, now, i)
             d = self.windows.device(name)
             if self.windows.capacity > self._capacity:
                 with self._state_lock:
@@ -214,11 +255,12 @@ class Pipeline:
         windows = self.windows
         reordered = windows.reordered
         for i, sample in enumerate(samples):
-            d = self._device(sample.device)
+            d = self._device(sample.device, sample.received_at, first_index + i)
             if d is None:
                 self.counters["rejected_devices"] += 1
-                log.append((_REJECT, first_index + i, Rejection("queue_full", f"device table is full (ingest.max_devices={self.max_devices})", sample.device)))
+                log.append((_REJECT, first_index + i, Rejection("device_limit", self.device_limit_detail(), sample.device)))
                 continue
+            self.last_seen[d] = sample.received_at  # not a local: _device may have grown the array
             self._current = first_index + i
             try:
                 windows.update(d, sample.ts, sample.values)
@@ -429,6 +471,35 @@ class Pipeline:
         self.past[call[:, 0], pos] = forecasts[call[:, 2]][:, self._lookup_index]  # (N, S', T)
         self.past_slot[call[:, 0], pos] = call[:, 1]
         self.past_ok[call[:, 0], pos] = call[:, 3].astype(bool)
+
+    def open_alerts_state(self) -> dict:
+        """Every open alert with the detector state that decides its end, for a restart (JSON-ready)."""
+        with self._state_lock:
+            alerts = {self.windows.names[d]: self.detector.open_state(d) for d in list(self.detector.open)}
+        return {"model_sha256": self.bundle.sha256, "alerts": alerts}
+
+    def restore_open_alerts(self, data: dict, now: float) -> tuple[list[AlertEvent], list[AlertEvent]]:
+        """Take what `open_alerts_state` saved before a restart: (alerts resumed, as their last event; `end` events
+        of alerts that cannot resume because the model changed, to publish)."""
+        resumed, ended = [], []
+        same_model = data.get("model_sha256") == self.bundle.sha256
+        for name, state in (data.get("alerts") or {}).items():
+            try:
+                if same_model:
+                    d = self._device(name, now)
+                    if d is not None:
+                        resumed.append(self.detector.restore_open(d, state))
+                        continue
+                event = dict(state["event"])
+                event["features"] = [FeatureDeviation(**f) for f in event.get("features") or []]
+                ended.append(dataclasses.replace(AlertEvent(**event), state="end", ts=now, ended_at=now))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return resumed, ended
+
+    def device_limit_detail(self) -> str:
+        idle = f"none silent for ingest.device_idle_s={self.device_idle_s:g} s" if self.device_idle_s > 0 else "eviction off (ingest.device_idle_s=0)"
+        return f"device table full (ingest.max_devices={self.max_devices}), {idle}"
 
     # -- learned normal per device (agent/learning.py) ----------------------------------------------------------
     def learned(self) -> dict:

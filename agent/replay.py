@@ -19,7 +19,7 @@ import numpy as np
 
 from agent.config import Settings
 from agent.events import Sample
-from agent.ingest import parse_timestamp
+from agent.ingest import parse_timestamp, plausible_limits
 from agent.model import Bundle, load_bundle
 from agent.pipeline import Pipeline
 
@@ -72,6 +72,7 @@ class ReplayResult:
     seconds: float
     alerts_opened: int
     inferences: int
+    implausible_values: int = 0  # cells outside the plausible range, dropped as the daemon rejects them
 
     @property
     def rows_per_s(self) -> float:
@@ -237,7 +238,11 @@ def replay_table(table: Table, bundle: Bundle, settings: Settings, chunk_rows: i
     trace = _RowTrace(pipeline, n)
     order = np.argsort(table.ts, kind="stable")  # time order; ties keep file order
     features = bundle.features
-    values = table.values
+    # Cells outside the plausible range are dropped as the daemon rejects such readings (ingest.plausible_limits).
+    limits = np.array(list(plausible_limits(features, bundle.offset, bundle.scale, settings.ingest).values()))  # (F, 2)
+    implausible = (table.values < limits[:, 0]) | (table.values > limits[:, 1]) | np.isinf(table.values)
+    values = np.where(implausible, np.nan, table.values) if implausible.any() else table.values
+    pipeline.counters["implausible_values"] = int(implausible.sum())
     complete = ~np.isnan(values).any(axis=1)
     for start in range(0, n, chunk_rows):
         rows = order[start : start + chunk_rows]
@@ -323,13 +328,16 @@ def replay(
     if plot_path is not None:
         plot(plot_path, table, bundle, pipeline, trace, plot_device)
     stats = pipeline.stats()
-    return ReplayResult(len(table.ts), stats["devices"], seconds, stats["alerts_opened"], stats["inferences"])
+    return ReplayResult(len(table.ts), stats["devices"], seconds, stats["alerts_opened"], stats["inferences"],
+                        stats.get("implausible_values", 0))
 
 
 def print_summary(result: ReplayResult, out_path: str | Path, stream=None) -> None:
     print(
         f"replay: {result.rows} rows, {result.devices} device(s), {result.inferences} forecasts, "
-        f"{result.alerts_opened} alert(s) opened in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s) -> {out_path}",
+        f"{result.alerts_opened} alert(s) opened in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s) -> {out_path}"
+        + (f"; {result.implausible_values} implausible value(s) dropped (ingest.plausible_range_stds, ingest.value_limits)"
+           if result.implausible_values else ""),
         file=stream or sys.stderr,
     )
 

@@ -14,6 +14,10 @@ one makes it subscribe to that transfer's chunks (the broker delivers the retain
 them, and hand the archive to the agent, which checks the archive's sha256, unpacks it into
 state.directory/models/, and loads it with the signature required (model.public_key), checksum, shapes and
 warm-up checked: the same path as a reload. Nothing from the network reaches the pipeline unverified.
+
+The descriptor repeats the manifest's release fields (`release`, `expires`, `rollback_to`) for people and tools
+watching the topic; they are not signed there. The agent decides on the signed copies in manifest.json, through
+its release ledger (agent/releases.py): a release not newer than the one it accepted, or an expired one, is refused.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def pack_bundle(folder: str | Path, signature: bytes | None = None) -> bytes:
 
 def make_descriptor(archive: bytes, manifest: dict, chunk_bytes: int, signed: bool, published_at: float | None = None) -> dict:
     archive_sha = hashlib.sha256(archive).hexdigest()
+    release = {key: manifest[key] for key in ("release", "expires", "rollback_to") if manifest.get(key) is not None}
     return {
         "schema_version": DESCRIPTOR_SCHEMA_VERSION,
         "transfer_id": archive_sha[:16],
@@ -95,6 +100,7 @@ def make_descriptor(archive: bytes, manifest: dict, chunk_bytes: int, signed: bo
         "chunks": max(1, -(-len(archive) // chunk_bytes)),
         "signed": signed,
         "published_at": round(time.time() if published_at is None else published_at),
+        **release,
     }
 
 
@@ -148,6 +154,10 @@ def check_descriptor(payload: bytes, max_bytes: int) -> dict:
             raise RolloutError(f"model descriptor {key} must be 64 lowercase hex digits")
     if not descriptor["archive_sha256"].startswith(descriptor["transfer_id"]):
         raise RolloutError("model descriptor transfer_id is not the start of archive_sha256")
+    for key in ("release", "rollback_to"):
+        value = descriptor.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise RolloutError(f"model descriptor {key} must be a positive integer, got {value!r}")
     for key, upper in (("archive_bytes", max_bytes), ("chunks", MAX_CHUNKS)):
         value = descriptor.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -161,7 +171,8 @@ def check_descriptor(payload: bytes, max_bytes: int) -> dict:
 class RolloutReceiver:
     """Collects a published bundle's chunks (paho's thread) and hands the complete archive on.
 
-    `running()` gives the running model's (version, sha256): a descriptor for it is not downloaded again.
+    `running()` gives the running model's (version, sha256, release): a descriptor for it is not downloaded again (the
+    same model signed again under a new release, e.g. to extend its expiry or to roll back, is downloaded).
     `on_complete(descriptor, archive)` and `on_failure(detail)` are called from paho's thread or the agent's
     periodic thread; they must return quickly (the agent queues the work for its model-watcher thread).
     """
@@ -173,7 +184,7 @@ class RolloutReceiver:
         timeout_s: float,
         subscribe: Callable[[str], None],
         unsubscribe: Callable[[str], None],
-        running: Callable[[], tuple[str, str]],
+        running: Callable[[], tuple],
         on_complete: Callable[[dict, bytes], None],
         on_failure: Callable[[str], None],
         monotonic: Callable[[], float] = time.monotonic,
@@ -208,7 +219,7 @@ class RolloutReceiver:
             self._on_chunk(topic, payload)
 
     def model_changed(self) -> None:
-        """A new model runs: any earlier transfer may be fetched again (a rollback re-publishes an old one)."""
+        """A new model runs: any earlier transfer may be fetched again (the ledger refuses releases not newer)."""
         with self._lock:
             self._done.clear()
 
@@ -226,8 +237,9 @@ class RolloutReceiver:
             self._on_failure(str(exc))
             return
         transfer = descriptor["transfer_id"]
-        version, sha = self._running()
-        if descriptor["model_sha256"] == sha and descriptor["version"] == version:
+        version, sha, *rest = self._running()
+        release = rest[0] if rest else None
+        if descriptor["model_sha256"] == sha and descriptor["version"] == version and descriptor.get("release") == release:
             log.info("rollout: %s %s (transfer %s) is the running model already", descriptor["name"], version, transfer)
             return
         with self._lock:

@@ -1,140 +1,84 @@
-"""Ed25519 (RFC 8032) in pure Python: verify a bundle's signature at load without adding a dependency.
-
-The arithmetic follows RFC 8032 section 6 (extended twisted Edwards coordinates). Verification costs a few
-milliseconds, once per bundle load. `sign` is here for the training side's `sign-model` command and the tests;
-it is not constant-time, so sign on a trusted build machine, never on a shared one.
+"""Ed25519 bundle signatures, by the `cryptography` package (OpenSSL's ed25519: RFC 8032, constant-time signing).
 
 A bundle is signed by `manifest.json.sig` (hex text, 128 digits) over the exact bytes of `manifest.json`; the
-manifest carries model.onnx's sha256, which the loader checks, so the signature covers the model too.
+manifest carries model.onnx's sha256, which the loader checks, so the signature covers the model too, and its
+release number, expiry and rollback marker (agent/releases.py), so those cannot be changed without the key.
+
+Key files are hex text: the secret key is the 32-byte RFC 8032 seed, the public key its 32 raw bytes. These are
+the formats the earlier pure-Python implementation wrote and read; ed25519 signatures are deterministic, so the
+same key signs the same manifest to the same bytes as before, and every earlier key and signature still verifies.
+
+`cryptography` is imported on first use, so a daemon without a configured public key does not load it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 SIGNATURE_FILE = "manifest.json.sig"
-
-_P = 2**255 - 19
-_L = 2**252 + 27742317777372353535851937790883648493  # order of the base point
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
-_IDENTITY = (0, 1, 1, 0)
+SECRET_BYTES = 32
+PUBLIC_BYTES = 32
+SIGNATURE_BYTES = 64
 
 
 class SignatureError(ValueError):
-    """A key or signature that is malformed (wrong length, not hex)."""
+    """A key or signature that is malformed (wrong length, not hex), or no ed25519 implementation to check it."""
 
 
-def _inv(x: int) -> int:
-    return pow(x, _P - 2, _P)
+def _ed25519():
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:  # a hand-made install without the dependency: say what is missing
+        raise SignatureError(
+            f"checking or making bundle signatures needs the `cryptography` package (pip install 'cryptography>=42'): {exc}"
+        ) from None
+    return ed25519
 
 
-def _recover_x(y: int, sign: int) -> int | None:
-    if y >= _P:
-        return None
-    x2 = (y * y - 1) * _inv(_D * y * y + 1) % _P
-    if x2 == 0:
-        return None if sign else 0
-    x = pow(x2, (_P + 3) // 8, _P)
-    if (x * x - x2) % _P:
-        x = x * _SQRT_M1 % _P
-    if (x * x - x2) % _P:
-        return None
-    if (x & 1) != sign:
-        x = _P - x
-    return x
+def _private(secret: bytes):
+    if len(secret) != SECRET_BYTES:
+        raise SignatureError(f"an ed25519 secret key is {SECRET_BYTES} bytes, got {len(secret)}")
+    return _ed25519().Ed25519PrivateKey.from_private_bytes(bytes(secret))
 
 
-_GY = 4 * _inv(5) % _P
-_GX = _recover_x(_GY, 0)
-_G = (_GX, _GY, 1, _GX * _GY % _P)
-
-
-def _add(p: tuple, q: tuple) -> tuple:
-    a = (p[1] - p[0]) * (q[1] - q[0]) % _P
-    b = (p[1] + p[0]) * (q[1] + q[0]) % _P
-    c = 2 * p[3] * q[3] * _D % _P
-    d = 2 * p[2] * q[2] % _P
-    e, f, g, h = b - a, d - c, d + c, b + a
-    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
-
-
-def _mul(s: int, p: tuple) -> tuple:
-    q = _IDENTITY
-    while s > 0:
-        if s & 1:
-            q = _add(q, p)
-        p = _add(p, p)
-        s >>= 1
-    return q
-
-
-def _equal(p: tuple, q: tuple) -> bool:
-    return (p[0] * q[2] - q[0] * p[2]) % _P == 0 and (p[1] * q[2] - q[1] * p[2]) % _P == 0
-
-
-def _compress(p: tuple) -> bytes:
-    z = _inv(p[2])
-    x, y = p[0] * z % _P, p[1] * z % _P
-    return (y | ((x & 1) << 255)).to_bytes(32, "little")
-
-
-def _decompress(data: bytes) -> tuple | None:
-    y = int.from_bytes(data, "little")
-    sign = y >> 255
-    y &= (1 << 255) - 1
-    x = _recover_x(y, sign)
-    return None if x is None else (x, y, 1, x * y % _P)
-
-
-def _hash_int(data: bytes) -> int:
-    return int.from_bytes(hashlib.sha512(data).digest(), "little") % _L
-
-
-def _expand(secret: bytes) -> tuple[int, bytes]:
-    if len(secret) != 32:
-        raise SignatureError(f"an ed25519 secret key is 32 bytes, got {len(secret)}")
-    h = hashlib.sha512(secret).digest()
-    a = int.from_bytes(h[:32], "little")
-    a &= (1 << 254) - 8
-    a |= 1 << 254
-    return a, h[32:]
+def generate_secret() -> bytes:
+    """A new 32-byte secret key (seed), from the operating system's random source."""
+    return _ed25519().Ed25519PrivateKey.generate().private_bytes_raw()
 
 
 def public_key(secret: bytes) -> bytes:
     """The 32-byte public key of a 32-byte secret key (seed)."""
-    a, _ = _expand(secret)
-    return _compress(_mul(a, _G))
-
-
-def generate_secret() -> bytes:
-    return os.urandom(32)
+    return _private(secret).public_key().public_bytes_raw()
 
 
 def sign(secret: bytes, message: bytes) -> bytes:
-    """The 64-byte signature of `message` (RFC 8032 5.1.6). Not constant-time: sign on a trusted machine."""
-    a, prefix = _expand(secret)
-    public = _compress(_mul(a, _G))
-    r = _hash_int(prefix + message)
-    r_point = _compress(_mul(r, _G))
-    s = (r + _hash_int(r_point + public + message) * a) % _L
-    return r_point + s.to_bytes(32, "little")
+    """The 64-byte ed25519 signature of `message` (RFC 8032 5.1.6)."""
+    return _private(secret).sign(bytes(message))
 
 
 def verify(public: bytes, message: bytes, signature: bytes) -> bool:
     """True when `signature` is a valid ed25519 signature of `message` by `public` (RFC 8032 5.1.7)."""
-    if len(public) != 32 or len(signature) != 64:
+    if len(public) != PUBLIC_BYTES or len(signature) != SIGNATURE_BYTES:
         return False
-    a_point = _decompress(public)
-    r_point = _decompress(signature[:32])
-    if a_point is None or r_point is None:
+    ed25519 = _ed25519()
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(bytes(public)).verify(bytes(signature), bytes(message))
+    except (InvalidSignature, ValueError):  # ValueError: bytes that are no key
         return False
-    s = int.from_bytes(signature[32:], "little")
-    if s >= _L:  # non-canonical s: RFC 8032 requires rejecting it (no malleability)
-        return False
-    h = _hash_int(signature[:32] + public + message)
-    return _equal(_mul(s, _G), _add(r_point, _mul(h, a_point)))
+    return True
+
+
+def verify_any(publics: list[bytes], message: bytes, signature: bytes) -> bytes | None:
+    """The first of the trusted `publics` that made `signature` over `message`, or None."""
+    for public in publics:
+        if verify(public, message, signature):
+            return public
+    return None
+
+
+def key_id(public: bytes) -> str:
+    """A short name for a public key in messages: its first 16 hex digits."""
+    return public.hex()[:16]
 
 
 def parse_hex(text: str, length: int, what: str) -> bytes:
@@ -147,3 +91,16 @@ def parse_hex(text: str, length: int, what: str) -> bytes:
     if len(data) != length:
         raise SignatureError(f"{what} must be {length} bytes ({2 * length} hex digits), got {len(data)} bytes")
     return data
+
+
+def parse_public_keys(text: str, what: str) -> list[bytes]:
+    """The public keys in a key file: one per line (64 hex digits), `#` starts a comment; at least one."""
+    lines = [(number, line.split("#", 1)[0].strip()) for number, line in enumerate(text.splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line]
+    if len(lines) > 1 and all(len("".join(line.split())) != 2 * PUBLIC_BYTES for _, line in lines):
+        # one key wrapped over several lines, which the single-key reader always accepted
+        return [parse_hex("".join(line for _, line in lines), PUBLIC_BYTES, what)]
+    keys = [parse_hex(line, PUBLIC_BYTES, f"{what}, line {number}") for number, line in lines]
+    if not keys:
+        raise SignatureError(f"{what} holds no public key (64 hex digits per line)")
+    return keys

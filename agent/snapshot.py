@@ -63,20 +63,39 @@ class MqttMethods:
 class ModelMethods:
     """Needs: public_key, public_key_file."""
 
+    def resolved_public_keys(self) -> list[bytes]:
+        """Every trusted 32-byte ed25519 key (any of them may sign a bundle); empty when bundles are not verified.
+
+        `public_key`: one key or a list. `public_key_file`: one path or a list; each a file with one key per line
+        (`#` comments), or a directory whose `*.pub` files are read; relative names are looked up in
+        $CREDENTIALS_DIRECTORY first.
+        """
+        from .signing import PUBLIC_BYTES, SignatureError, parse_hex, parse_public_keys
+
+        keys: list[bytes] = []
+        texts = self.public_key
+        for text in [texts] if isinstance(texts, str) else list(texts or []):
+            try:
+                keys.append(parse_hex(text, PUBLIC_BYTES, "the model public key"))
+            except SignatureError as exc:
+                raise ValueError(str(exc)) from None
+        files = self.public_key_file
+        for path in [files] if isinstance(files, (str, Path)) else list(files or []):
+            path = credential_path(Path(path))
+            sources = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+            if not sources:
+                raise ValueError(f"{path} is a directory without *.pub files")
+            for source in sources:
+                try:
+                    keys.extend(parse_public_keys(source.read_text(encoding="utf-8"), str(source)))
+                except SignatureError as exc:
+                    raise ValueError(str(exc)) from None
+        return list(dict.fromkeys(keys))  # the same key listed twice is one key
+
     def resolved_public_key(self) -> bytes | None:
-        """The 32-byte ed25519 key, or None when bundles are not verified."""
-        text = self.public_key
-        if text is None and self.public_key_file is not None:
-            text = credential_path(self.public_key_file).read_text(encoding="utf-8").strip()
-        if text is None:
-            return None
-        try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            raise ValueError("the model public key must be 64 hex digits") from None
-        if len(key) != 32:
-            raise ValueError(f"the model public key must be 32 bytes (64 hex digits), got {len(key)}")
-        return key
+        """The first trusted key, or None (for callers that take one key; prefer resolved_public_keys)."""
+        keys = self.resolved_public_keys()
+        return keys[0] if keys else None
 
 
 # -- snapshots --------------------------------------------------------------------------------------------------------

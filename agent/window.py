@@ -258,6 +258,16 @@ class WindowStore:
         self.head[d] = p + 1 if p + 1 < L else 0
         self.commits[d] += 1
 
+    def reassign(self, d: int, name: str) -> None:
+        """Row d (an evicted device's) now holds the new device `name`, starting from nothing."""
+        del self.index[self.names[d]]
+        self.index[name] = d
+        self.names[d] = name
+        self.restart(d)
+        self.pend_slot[d] = None
+        self.pend_mask[d] = False
+        self.observed[d] = False
+
     def restart(self, d: int) -> None:
         """Forget device d's window (after a long gap); a pending slot is kept."""
         self.count[d] = 0

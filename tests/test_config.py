@@ -27,7 +27,8 @@ def write(path: Path, text: str) -> Path:
 
 def test_check_config_prints_effective_config_with_password_masked(tmp_path, capsys):
     """check-config prints the merged configuration as JSON, the password masked, and exits 0."""
-    config = write(tmp_path / "agent.toml", f'[mqtt]\nhost = "broker.local"\npassword = "{SECRET}"\n[model]\npath = "{PUMP_BUNDLE}"\n')
+    config = write(tmp_path / "agent.toml", f'[mqtt]\nhost = "broker.local"\npassword = "{SECRET}"\n[mqtt.tls]\nenabled = true\n'
+                                            f'[model]\npath = "{PUMP_BUNDLE}"\n')
     assert main(["check-config", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
     data = json.loads(out)
@@ -96,3 +97,22 @@ def test_version_and_usage_errors():
     assert usage.returncode == 2 and "usage" in usage.stderr
     missing = subprocess.run([sys.executable, "-m", "agent", "replay", "--model", "x"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert missing.returncode == 2 and "--data" in missing.stderr
+
+
+def test_booleans_are_refused_where_a_number_is_meant(tmp_path, monkeypatch, capsys):
+    """`port = true` is refused naming mqtt.port (not read as port 1), in every section; "1883" from the environment still works."""
+    from pydantic import ValidationError
+
+    config = write(tmp_path / "bool.toml", "[mqtt]\nport = true\nreconnect_min_s = false\n[errors]\nmax_per_minute = true\n"
+                   "[inference]\nmodel_cpu = true\n[detect]\nenabled = false\n")
+    assert main(["check-config", "--config", str(config), "--no-model"]) == 1
+    err = capsys.readouterr().err
+    for path in ("mqtt.port", "mqtt.reconnect_min_s", "errors.max_per_minute", "inference.model_cpu"):
+        assert f"{path}: Value error, expected a number, not a boolean" in err, err
+    assert "detect.enabled" not in err, "real switches still take true/false"
+    monkeypatch.setenv("EDGECAST_MQTT__PORT", "1883")
+    settings = load_settings(write(tmp_path / "good.toml", "[detect]\nenabled = false\n[mqtt]\nreconnect_min_s = 2\n"))
+    assert settings.mqtt.port == 1883 and type(settings.mqtt.port) is int
+    assert settings.detect.enabled is False and settings.mqtt.reconnect_min_s == 2.0
+    with pytest.raises(ValidationError, match="not a boolean"):
+        settings.metrics.port = True

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import wait_until
+from conftest import REPO, wait_until
 
 from agent.logs import JsonFormatter, make_formatter
 
@@ -31,6 +34,34 @@ def test_under_journald_no_timestamps_and_text_lines_carry_a_priority():
     assert make_formatter("text", journald=True).format(record("boom", logging.ERROR)) == "<3>ERROR agent.mqtt: boom"
     plain = make_formatter("text", journald=False).format(record("hello"))
     assert plain[:4].isdigit() and plain.endswith("INFO agent.mqtt: hello")
+
+
+def test_json_format_turns_python_and_numpy_warnings_into_json_lines():
+    """log.format = json: warnings.warn and numpy RuntimeWarnings come out as JSON objects, never as raw stderr lines."""
+    code = (
+        "import warnings, logging, numpy as np\n"
+        "from agent.logs import configure_logging\n"
+        "configure_logging('INFO', 'json')\n"
+        "np.log(np.zeros(2))\n"  # RuntimeWarning: divide by zero
+        "np.float32(1e39)\n"  # RuntimeWarning: overflow (numpy >= 2) or silently inf
+        "warnings.warn('plain python warning')\n"
+        "logging.getLogger('agent.test').info('after the warnings')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "JOURNAL_STREAM")}
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    bodies = []
+    for line in lines:
+        try:
+            bodies.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"a raw line in the JSON log: {line!r}\n{result.stderr}")
+    warned = [b for b in bodies if b["logger"] == "py.warnings"]
+    assert any("divide by zero" in b["message"] and "RuntimeWarning" in b["message"] for b in warned), bodies
+    assert any("plain python warning" in b["message"] for b in warned) and all(b["level"] == "WARNING" for b in warned)
+    assert bodies[-1]["message"] == "after the warnings"
 
 
 @pytest.mark.mqtt

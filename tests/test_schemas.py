@@ -104,7 +104,7 @@ def test_live_traffic_of_a_running_daemon_matches_the_schemas(start_agent, subsc
     manifest = json.loads((good / "manifest.json").read_text())
     manifest["version"] = "1.0.1-schema"
     (good / "manifest.json").write_text(json.dumps(manifest))
-    publish_bundle(good, ROLLOUT_TOPIC, mosquitto.host, mosquitto.port, key_file=tmp_path / "key")
+    publish_bundle(good, ROLLOUT_TOPIC, mosquitto.host, mosquitto.port, key_file=tmp_path / "key", release=1, expires="2999-01-01T00:00:00Z")
     subscriber.expect(f"{PREFIX}/agent/{AGENT_ID}/status", lambda m: m.json()["model"]["version"] == "1.0.1-schema", timeout=30)
 
     agent.link._client._sock.close()  # the connection drops: the broker publishes the last will

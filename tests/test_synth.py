@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -230,3 +232,104 @@ def test_synth_command_does_not_import_torch(tmp_path):
     repo_root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo_root)
     assert result.returncode == 0, result.stderr
+
+
+class _Lines(io.TextIOBase):
+    """A writable `out` for publish_fleet whose lines go to a queue, so the test can wait for what it says."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            self.lines.put(line)
+        return len(text)
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"publish_fleet did not say {needle!r} within {timeout}s")
+            if needle in line:
+                return line
+
+
+def _publish_in_thread(fleet, broker, out: _Lines, **kwargs) -> queue.Queue:
+    """publish_fleet on a thread; its exit code (or the exception it raised) arrives in the returned queue."""
+    result: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        try:
+            result.put(publish_fleet(fleet, broker.host, broker.port, out=out, **kwargs))
+        except BaseException as exc:  # the traceback the report was about: the test shows it
+            result.put(exc)
+
+    threading.Thread(target=run, name="synth-publish", daemon=True).start()
+    return result
+
+
+def _exit_code(result: queue.Queue, timeout: float) -> int:
+    try:
+        value = result.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"publish_fleet did not return within {timeout}s")
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+@pytest.mark.mqtt
+def test_publish_reconnects_after_a_broker_outage_and_delivers_every_row(restartable_broker):
+    """--publish rides out a broker stop and restart mid-run: it reconnects, goes on, every row arrives, exit 0."""
+    from conftest import MqttProbe
+
+    now = int(time.time()) // 60 * 60
+    fleet = generate_fleet(FleetConfig(devices=2, hours=2.0, seed=5, faults="none", start_ts=now - 119 * 60))
+    # A persistent session: what the broker accepts while this probe is away after the restart waits for it.
+    probe = MqttProbe(restartable_broker.broker, "synth-outage-probe", subscribe=None, clean_session=False)
+    try:
+        probe.subscribe("sensors/+/telemetry", qos=1)
+        out = _Lines()
+        result = _publish_in_thread(fleet, restartable_broker.broker, out, speed=1200.0, warmup_rows=10,
+                                    outage_timeout_s=30.0)
+        out.wait_for("in real time", timeout=10)  # the warm-up rows are out, the paced part (~5 s) has begun
+        restartable_broker.stop()
+        out.wait_for("lost the connection", timeout=10)
+        restartable_broker.start()
+        out.wait_for("reconnected", timeout=20)
+        assert _exit_code(result, timeout=60) == 0
+        expected = {(str(d), int(t)) for d, t in zip(fleet.rows["device"], fleet.rows["ts"])}
+        got: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + 20
+        while got != expected and time.monotonic() < deadline:
+            msg = probe.expect("sensors/+/telemetry", timeout=max(0.1, deadline - time.monotonic()))
+            got.add((msg.topic.split("/")[1], msg.json()["ts"]))  # QoS 1: a resent row may come twice
+        assert got == expected, f"{len(expected - got)} rows missing"
+    finally:
+        probe.close()
+
+
+@pytest.mark.mqtt
+def test_publish_gives_up_with_a_clear_message_when_the_broker_stays_away(restartable_broker, capsys):
+    """A broker away for longer than --outage-timeout-s ends --publish with exit 1 and a message saying so, no traceback."""
+    now = int(time.time()) // 60 * 60
+    fleet = generate_fleet(FleetConfig(devices=1, hours=4.0, seed=6, faults="none", start_ts=now - 239 * 60))
+    out = _Lines()
+    result = _publish_in_thread(fleet, restartable_broker.broker, out, speed=600.0, warmup_rows=10, outage_timeout_s=1.5)
+    out.wait_for("in real time", timeout=10)  # the paced part would take ~23 s
+    restartable_broker.stop()
+    out.wait_for("lost the connection", timeout=10)
+    began = time.monotonic()
+    assert _exit_code(result, timeout=20) == 1
+    assert time.monotonic() - began < 10
+    err = capsys.readouterr().err
+    assert f"the broker at 127.0.0.1:{restartable_broker.port} has been unreachable for more than 1.5s; giving up" in err
+    assert "Traceback" not in err

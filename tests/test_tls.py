@@ -193,17 +193,18 @@ def run_cli(args: list[str], env_extra: dict[str, str], tmp_path: Path) -> subpr
 
 
 def test_daemon_refuses_plaintext_password_and_never_prints_secrets(tmp_path, mosquitto):
-    """`run` exits 1 naming the setting; `check-config` masks the env password and never shows the file's."""
+    """`run` and `check-config` exit 1 naming the setting; `check-config` masks the env password, never shows the file's."""
     broker: Broker = mosquitto
     env = {"EDGECAST_MQTT__PORT": str(broker.port), "EDGECAST_MQTT__USERNAME": "edge", "EDGECAST_MQTT__PASSWORD": SECRET}
     run = run_cli(["run"], env, tmp_path)
     assert run.returncode == 1
     assert "mqtt.plaintext_password" in run.stderr and SECRET not in run.stdout + run.stderr
     check = run_cli(["check-config", "--no-model"], env, tmp_path)
-    assert check.returncode == 0 and SECRET not in check.stdout + check.stderr
+    assert check.returncode == 1 and "mqtt.plaintext_password" in check.stderr and SECRET not in check.stdout + check.stderr
     assert json.loads(check.stdout)["mqtt"]["password"] == "**********"
     secret_file = tmp_path / "pw"
     secret_file.write_text(SECRET)
     env.pop("EDGECAST_MQTT__PASSWORD")
+    env["EDGECAST_MQTT__PLAINTEXT_PASSWORD"] = "loopback"
     check = run_cli(["check-config", "--no-model"], {**env, "EDGECAST_MQTT__PASSWORD_FILE": str(secret_file)}, tmp_path)
     assert check.returncode == 0 and SECRET not in check.stdout + check.stderr

@@ -59,7 +59,7 @@ COMMANDS = {
     "broker": ("run the embedded MQTT 3.1.1 broker (for machines without mosquitto)", lambda p: import_module("training.minibroker").add_arguments(p), lambda a: import_module("training.minibroker").run(a)),
     "keygen": ("create an ed25519 key pair for signing model bundles", lambda p: import_module("training.sign").add_keygen_arguments(p), lambda a: import_module("training.sign").run_keygen(a)),
     "publish-model": ("publish a signed bundle to a model-update topic: agents with rollout enabled verify and swap it in", lambda p: import_module("training.publish_model").add_arguments(p), lambda a: import_module("training.publish_model").run(a)),
-    "sign-model": ("sign a bundle's manifest.json (manifest.json.sig) for agents with model.public_key", lambda p: import_module("training.sign").add_sign_arguments(p), lambda a: import_module("training.sign").run_sign(a)),
+    "sign-model": ("sign a bundle's manifest.json as a new release (--release, --expires; manifest.json.sig) for agents with model.public_key", lambda p: import_module("training.sign").add_sign_arguments(p), lambda a: import_module("training.sign").run_sign(a)),
     "demo": ("the one-command demo: simulator -> broker -> edge daemon -> live view and summary", lambda p: import_module("training.demo").add_arguments(p), lambda a: import_module("training.demo").run(a)),
     # the training toolbox (issue 3)
     "search": ("Optuna hyperparameter search (random, TPE, grid); several workers share a study via --storage", lambda p: import_module("training.search").add_arguments(p), lambda a: import_module("training.search").run(a)),

@@ -1,7 +1,9 @@
-"""`python -m training publish-model DIR --topic TOPIC [--key KEY]`: roll a bundle out to a fleet over MQTT.
+"""`python -m training publish-model DIR --topic TOPIC [--key KEY [--release N]]`: roll a bundle out to a fleet over MQTT.
 
-The bundle is checked first (the agent's own loader: checksum, shapes, warm-up), signed with KEY (or its
-existing manifest.json.sig is used), packed (agent/rollout.py) and published retained: the chunks on
+The bundle is checked first (the agent's own loader: checksum, shapes, warm-up), signed with KEY as a new release
+(`sign-model`'s rules: the release number and optional expiry are written into manifest.json and signed; the
+default number is one more than the highest of the manifest's release and the release now retained on TOPIC), or
+its existing manifest.json.sig is used; then packed (agent/rollout.py) and published retained: the chunks on
 TOPIC/chunks/<transfer_id>/<index>, then the descriptor on TOPIC. Daemons with `[rollout] enabled = true` and
 `rollout.topic = TOPIC` fetch it, verify signature and checksums, and swap it in; each reports the model it
 runs on its status topic. The previous transfer's retained chunks are cleared afterwards, so the broker
@@ -19,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent import rollout, signing
+from agent import releases, rollout, signing
+from training.sign import add_release_arguments, next_release, read_secret, sign_bundle
 
 
 class PublishError(Exception):
@@ -30,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, nargs="?", help="bundle folder (model.onnx + manifest.json)")
     parser.add_argument("--topic", required=True, help="model-update topic the daemons' rollout.topic names, e.g. edgecast/models/pump-lstm")
     parser.add_argument("--key", type=Path, help="secret key file from `python -m training keygen` (else the bundle's manifest.json.sig is used)")
+    add_release_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="broker host (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="broker port (default: 1883)")
     parser.add_argument("--username", help="broker user name")
@@ -41,35 +45,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples:\n"
         "  python -m training keygen keys/model-signing\n"
-        "  python -m training publish-model exported_models/my-pump --topic edgecast/models/pump-lstm/canary --key keys/model-signing\n"
+        "  python -m training publish-model exported_models/my-pump --topic edgecast/models/pump-lstm/canary --key keys/model-signing --expires 90d\n"
+        "  python -m training publish-model exported_models/my-pump --topic edgecast/models/pump-lstm/all   # the same signed release, next stage\n"
         "  python -m training publish-model --clear --topic edgecast/models/pump-lstm/canary"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def _sign(folder: Path, key_file: Path | None, verify: bool) -> bytes:
-    """The hex text of manifest.json.sig to ship: made with `key_file`, or read from the bundle."""
+def _sign(folder: Path, key_file: Path | None, verify: bool, release: int | None = None, expires: str | None = None,
+          rollback_to: int | None = None, previous_release: int | None = None) -> bytes:
+    """The hex text of manifest.json.sig to ship: a new release signed with `key_file` (written into the folder, as
+    `sign-model` does), or the bundle's existing signature."""
     from agent.model import BundleError, load_bundle
 
-    manifest = (folder / "manifest.json").read_bytes()
     if key_file is not None:
-        secret = signing.parse_hex(key_file.read_text(), 32, f"secret key {key_file}")
-        signature = signing.sign(secret, manifest)
-        public = signing.public_key(secret)
-    else:
-        sig_file = folder / signing.SIGNATURE_FILE
-        if not sig_file.is_file():
-            raise PublishError(f"{folder} is not signed and no --key was given; agents accept only signed bundles")
-        signature = signing.parse_hex(sig_file.read_text(), 64, str(sig_file))
-        public = None
+        secret = read_secret(key_file)
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if release is None:
+            release = next_release(manifest, previous_release)
+        if release is None:
+            raise PublishError(f"give --release N: neither {folder / 'manifest.json'} nor the topic names an earlier release "
+                               f"of {manifest.get('name')!r} (1 for the first signed release)")
+        try:
+            _, signature = sign_bundle(folder, secret, release, expires, rollback_to, verify=verify)
+        except releases.ReleaseError as exc:
+            raise PublishError(str(exc)) from None
+        return (signature.hex() + "\n").encode("ascii")
+    if release is not None or expires is not None or rollback_to is not None:
+        raise PublishError("--release, --expires and --rollback-to need --key: the release fields are signed with the bundle")
+    sig_file = folder / signing.SIGNATURE_FILE
+    if not sig_file.is_file():
+        raise PublishError(f"{folder} is not signed and no --key was given; agents accept only signed bundles")
+    signature = signing.parse_hex(sig_file.read_text(), 64, str(sig_file))
     if verify:
         try:
             load_bundle(folder)  # never publish what every agent would refuse (checksum, shapes, warm-up)
         except BundleError as exc:
             raise PublishError(f"bundle {folder} refused: {exc}") from None
-        if public is not None and not signing.verify(public, manifest, signature):
-            raise PublishError("the signature just made does not verify")  # a bug, never bad input
     return (signature.hex() + "\n").encode("ascii")
+
+
+def release_of(descriptor: bytes | None) -> int | None:
+    """The release a retained descriptor announces (unsigned: only a hint for the next number), or None."""
+    try:
+        value = json.loads(descriptor)["release"] if descriptor else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= releases.MAX_RELEASE else None
+
+
+def _check_newer(topic: str, descriptor: dict, previous: bytes | None, verify: bool) -> None:
+    """Refuse to publish a release the agents on `topic` would refuse as not newer (unless it is the same transfer)."""
+    before = release_of(previous)
+    if not verify or before is None or (descriptor.get("release") or 0) > before:
+        return
+    try:
+        if json.loads(previous)["transfer_id"] == descriptor["transfer_id"]:
+            return  # publishing the same bundle again: harmless
+    except (ValueError, KeyError, TypeError):
+        pass
+    what = f"release {descriptor['release']}" if "release" in descriptor else "a bundle without a release number"
+    raise PublishError(
+        f"{descriptor['name']} {descriptor['version']} is {what}, not newer than release {before} on {topic}: agents refuse it "
+        f"(rollback protection). To roll back, sign the old bundle again as a new release: --key KEY --release {before + 1} "
+        f"--rollback-to <its release>"
+    )
 
 
 class _Connection:
@@ -154,25 +194,31 @@ def publish_bundle(
     password: str | None = None,
     ca_file: Path | None = None,
     timeout: float = 60.0,
+    release: int | None = None,
+    expires: str | None = None,
+    rollback_to: int | None = None,
 ) -> dict:
     """Publish a bundle (chunks, then the descriptor, all retained); returns the descriptor.
 
-    `verify=False` skips the local checks: only for tests that need agents to refuse a bad bundle.
+    With `key_file` the bundle is signed as `release` (default: one more than the manifest's or the topic's
+    release), with the optional `expires` (ISO-8601) and `rollback_to`. `verify=False` skips the local checks:
+    only for tests that need agents to refuse a bad bundle.
     """
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise PublishError(f"{folder / 'manifest.json'} not found (a bundle is model.onnx + manifest.json)")
-    try:
-        signature = _sign(folder, Path(key_file) if key_file else None, verify)
-    except (OSError, signing.SignatureError) as exc:
-        raise PublishError(str(exc)) from None
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    archive = rollout.pack_bundle(folder, signature)
-    descriptor = rollout.make_descriptor(archive, manifest, chunk_bytes, signed=True)
-    chunks = rollout.split_chunks(archive, chunk_bytes)
     conn = _Connection(host, port, username, password, ca_file, timeout)
     try:
         previous = conn.read_retained(topic)
+        try:
+            signature = _sign(folder, Path(key_file) if key_file else None, verify, release, expires, rollback_to, release_of(previous))
+        except (OSError, ValueError, signing.SignatureError) as exc:
+            raise PublishError(str(exc)) from None
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        archive = rollout.pack_bundle(folder, signature)
+        descriptor = rollout.make_descriptor(archive, manifest, chunk_bytes, signed=True)
+        _check_newer(topic, descriptor, previous, verify)
+        chunks = rollout.split_chunks(archive, chunk_bytes)
         conn.publish_all([(rollout.chunk_topic(topic, descriptor["transfer_id"], i), chunk) for i, chunk in enumerate(chunks)])
         conn.publish_all([(topic, json.dumps(descriptor, separators=(",", ":")).encode("utf-8"))])
         _clear_previous(conn, topic, previous, descriptor["transfer_id"])
@@ -207,13 +253,17 @@ def run(args: argparse.Namespace) -> int:
             print("error: --chunk-kib must be at least 1", file=sys.stderr)
             return 2
         started = time.monotonic()
+        expires = releases.parse_expiry(args.expires) if args.expires else None
         descriptor = publish_bundle(args.bundle, args.topic, args.host, args.port, args.key, args.chunk_kib * 1024,
-                                    username=args.username, password=password, ca_file=args.ca_file, timeout=args.timeout)
-    except (PublishError, OSError) as exc:
+                                    username=args.username, password=password, ca_file=args.ca_file, timeout=args.timeout,
+                                    release=args.release, expires=expires, rollback_to=args.rollback_to)
+    except (PublishError, OSError, releases.ReleaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"published {descriptor['name']} {descriptor['version']} on {args.topic}: transfer {descriptor['transfer_id']}, "
+        f"published {descriptor['name']} {descriptor['version']} "
+        f"({'release ' + str(descriptor['release']) if 'release' in descriptor else 'no release number'}"
+        f"{', expires ' + descriptor['expires'] if 'expires' in descriptor else ''}) on {args.topic}: transfer {descriptor['transfer_id']}, "
         f"{descriptor['archive_bytes']} bytes in {descriptor['chunks']} chunk(s), retained ({time.monotonic() - started:.1f}s).\n"
         f"Agents with rollout.topic = \"{args.topic}\" verify and swap it in; watch their status topics "
         f"(mosquitto_sub -t 'edgecast/agent/+/status' -v)."

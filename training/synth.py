@@ -306,23 +306,70 @@ def write_schedule(fleet: Fleet, path: str | Path) -> None:
 
 
 def publish_fleet(fleet: Fleet, host: str, port: int, speed: float, warmup_rows: int, form: str = "telemetry",
-                  topic_prefix: str = "sensors", connect_timeout_s: float = 15.0, out=sys.stdout) -> int:
-    """Publish the fleet over MQTT (QoS 1): warm-up rows back to back, the rest paced at `speed` x real time."""
+                  topic_prefix: str = "sensors", connect_timeout_s: float = 15.0, out=sys.stdout,
+                  outage_timeout_s: float = 300.0, reconnect_max_s: float = 8.0) -> int:
+    """Publish the fleet over MQTT (QoS 1): warm-up rows back to back, the rest paced at `speed` x real time.
+
+    When the broker goes away the client reconnects by itself (back-off from 0.5 s up to `reconnect_max_s`) and
+    publishing goes on: QoS 1 messages published meanwhile wait in the client and go out after the reconnect,
+    like those the broker had not acknowledged yet. Only a broker away for longer than `outage_timeout_s` ends
+    the run (exit code 1, with a message saying so).
+    """
     import threading
 
     import paho.mqtt.client as mqtt
 
     connected = threading.Event()
     failure: list[str] = []
+    state = threading.Condition()
+    link = {"down_since": None, "acked": 0}  # monotonic time the connection was lost (None: connected); PUBACKs
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            failure.append(str(reason_code))
+            if not connected.is_set():
+                failure.append(str(reason_code))
+                connected.set()
+            else:
+                print(f"synth: the broker refused the reconnect: {reason_code}; retrying", file=out, flush=True)
+            return
+        with state:
+            down_since, link["down_since"] = link["down_since"], None
+            state.notify_all()
+        if down_since is not None:
+            print(f"synth: reconnected to {host}:{port} after {time.monotonic() - down_since:.1f}s; publishing goes on",
+                  file=out, flush=True)
         connected.set()
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            return  # our own DISCONNECT at the end
+        with state:
+            if link["down_since"] is not None or not connected.is_set() or failure:
+                return  # a failed reconnect attempt, or the first connect failing: not a new outage
+            link["down_since"] = time.monotonic()
+        print(f"synth: lost the connection to {host}:{port} ({reason_code}); reconnecting (giving up after "
+              f"{outage_timeout_s:g}s away)", file=out, flush=True)
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        with state:
+            link["acked"] += 1  # paho reports each QoS 1 message once, resent or not
+            state.notify_all()
+
+    def away_too_long() -> bool:
+        with state:
+            down_since = link["down_since"]
+        if down_since is None or time.monotonic() - down_since <= outage_timeout_s:
+            return False
+        print(f"synth: the broker at {host}:{port} has been unreachable for more than {outage_timeout_s:g}s; giving up",
+              file=sys.stderr, flush=True)
+        return True
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgecast-synth-{int(time.time() * 1000) % 10**9}")
     client.on_connect = on_connect
-    client.max_queued_messages_set(0)
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    client.max_queued_messages_set(0)  # unbounded: what is published during an outage waits for the reconnect
+    client.reconnect_delay_set(min_delay=min(0.5, reconnect_max_s), max_delay=reconnect_max_s)  # type: ignore[arg-type]
     client.connect_async(host, port, keepalive=30)
     client.loop_start()
     try:
@@ -338,18 +385,24 @@ def publish_fleet(fleet: Fleet, host: str, port: int, speed: float, warmup_rows:
         warm = rank < warmup_rows
         paced_ts = ts[~warm]
         pace_origin_ts = paced_ts.min() if paced_ts.size else 0
-        pending = []
+        sent = 0
+
+        def publish(topic: str, payload: dict) -> None:
+            nonlocal sent
+            info = client.publish(topic, json.dumps(payload), qos=1)
+            # NO_CONN: queued all the same, sent after the reconnect (QoS 1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            sent += 1
 
         def send(i: int) -> None:
             device = devices[i]
             stamp = int(ts[i])
             if form == "telemetry":
-                payload = {"ts": stamp, "values": {f: float(rows[f][i]) for f in FEATURES}}
-                pending.append(client.publish(f"{topic_prefix}/{device}/telemetry", json.dumps(payload), qos=1))
+                publish(f"{topic_prefix}/{device}/telemetry", {"ts": stamp, "values": {f: float(rows[f][i]) for f in FEATURES}})
             else:
                 for f in FEATURES:
-                    payload = {"ts": stamp, "value": float(rows[f][i])}
-                    pending.append(client.publish(f"{topic_prefix}/{device}/{f}", json.dumps(payload), qos=1))
+                    publish(f"{topic_prefix}/{device}/{f}", {"ts": stamp, "value": float(rows[f][i])})
 
         for i in np.flatnonzero(warm):
             send(int(i))
@@ -358,17 +411,31 @@ def publish_fleet(fleet: Fleet, host: str, port: int, speed: float, warmup_rows:
         origin = time.monotonic()
         for i in np.flatnonzero(~warm):
             due = origin + (ts[i] - pace_origin_ts) / speed  # absolute schedule: no drift
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            send(int(i))
-        deadline = time.monotonic() + 60.0
-        for info in pending:
-            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
-            if not info.is_published():
-                print("synth: broker did not acknowledge every message in time", file=sys.stderr)
+            while (delay := due - time.monotonic()) > 0:
+                if away_too_long():
+                    return 1
+                time.sleep(min(delay, 0.5))
+            if away_too_long():
                 return 1
-        print(f"synth: done, {len(pending)} messages acknowledged", file=out, flush=True)
+            send(int(i))
+        # Every message acknowledged; the broker is given 60 s of connected time for it (an outage stops the clock).
+        patience = 60.0
+        with state:
+            last = time.monotonic()
+            while link["acked"] < sent:
+                state.wait(0.5)
+                now = time.monotonic()
+                if link["down_since"] is None:
+                    patience -= now - last
+                last = now
+                if patience <= 0:
+                    print("synth: broker did not acknowledge every message in time", file=sys.stderr)
+                    return 1
+                if link["down_since"] is not None and now - link["down_since"] > outage_timeout_s:
+                    break
+        if away_too_long():
+            return 1
+        print(f"synth: done, {sent} messages acknowledged", file=out, flush=True)
         return 0
     finally:
         client.disconnect()
@@ -398,6 +465,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-rows", type=int, default=70, help="rows per device published back to back first")
     parser.add_argument("--form", choices=["telemetry", "sensor"], default="telemetry")
     parser.add_argument("--topic-prefix", default="sensors")
+    parser.add_argument("--outage-timeout-s", type=float, default=300.0,
+                        help="when publishing, give up (exit 1) once the broker has been unreachable this long; until then "
+                        "reconnect with back-off and go on")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -407,8 +477,8 @@ def run(args: argparse.Namespace) -> int:
     hours = args.hours if args.hours is not None else (args.days if args.days is not None else 14.0) * 24.0
     try:
         faults = parse_fault_specs(args.faults or ("none" if args.publish else "auto"))
-        if hours <= 0 or args.period_s <= 0 or args.devices < 1 or args.speed <= 0:
-            raise ValueError("--days/--hours, --period-s, --devices and --speed must be positive")
+        if hours <= 0 or args.period_s <= 0 or args.devices < 1 or args.speed <= 0 or args.outage_timeout_s <= 0:
+            raise ValueError("--days/--hours, --period-s, --devices, --speed and --outage-timeout-s must be positive")
         start_ts = args.start_ts
         if start_ts is None:
             if args.publish:
@@ -431,5 +501,6 @@ def run(args: argparse.Namespace) -> int:
     for item in fleet.schedule:
         print(f"synth: fault {item['kind']} on {item['device']} from {item['start_ts']} to {item['end_ts']}")
     if args.publish:
-        return publish_fleet(fleet, args.host, args.port, args.speed, args.warmup_rows, args.form, args.topic_prefix)
+        return publish_fleet(fleet, args.host, args.port, args.speed, args.warmup_rows, args.form, args.topic_prefix,
+                             outage_timeout_s=args.outage_timeout_s)
     return 0
