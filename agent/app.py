@@ -193,6 +193,7 @@ class Agent:
         self._accepting = threading.Event()  # the gate between paho's thread and the queue
         self._drain_and_exit = threading.Event()
         self._abandon = threading.Event()  # a stop out of time: drop what is still queued
+        self._acks_deferred = settings.mqtt.at_least_once  # readings acknowledged to the broker once processed
         self._stop_jobs = threading.Event()
         self._stop_forwarder = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -253,7 +254,7 @@ class Agent:
         control = self._make_control_parts()
         self._publisher = self._spawn("edgecast-publisher", self._publish_loop)
         if ended_at_start:  # alerts of another model, open at the last stop: their end goes out like any event
-            self._outgoing.put((lambda: ended_at_start, 0, self.bundle))
+            self._outgoing.put((lambda: ended_at_start, 0, self.bundle, []))
         self._model_thread = self._spawn("edgecast-model", self._infer_loop, model=True)
         self._worker = self._spawn("edgecast-worker", self._work)
         self._spawn("edgecast-errors-flush", self._periodic_jobs)
@@ -524,7 +525,11 @@ class Agent:
 
     # -- network thread ----------------------------------------------------------------------------------------
 
-    def _on_message(self, topic: str, payload: bytes, received_at: float) -> None:
+    def _ack(self, mids: list[int]) -> None:
+        if mids and self.link is not None:
+            self.link.ack_many(mids)
+
+    def _on_message(self, topic: str, payload: bytes, received_at: float, mid: int = 0) -> None:
         """Parse and enqueue; when the queue is full, wait (bounded by ingest.full_wait_s) for room.
 
         While this waits paho reads nothing more from the socket, so QoS 1 readings stay queued at the broker
@@ -539,10 +544,16 @@ class Agent:
             samples = self.ingest.parse(topic, payload, received_at)
         except Rejected as error:
             self.errors.rejected(error, topic)
+            self._ack([mid])  # refused for good: a redelivery would be refused again
             return
+        if mid:
+            if not samples:
+                self._ack([mid])
+            else:
+                samples[-1].ack = mid  # acknowledged once its last sample is processed
         self._enqueue(topic, samples)
 
-    def _on_messages(self, messages: list[tuple[str, bytes]], received_at: float) -> None:
+    def _on_messages(self, messages: list[tuple[str, bytes]], received_at: float, mids: list[int] | None = None) -> None:
         """`_on_message` for the messages of one read: parsed one by one, queued together when they all fit."""
         if not self._accepting.is_set():
             self.counters.add("ignored_after_stop", len(messages))
@@ -551,14 +562,23 @@ class Agent:
         parse = self.ingest.parse
         parsed: list[tuple[str, list[Sample]]] = []
         everything: list[Sample] = []
-        for topic, payload in messages:
+        refused: list[int] = []  # packet ids to acknowledge at once (mqtt.at_least_once)
+        for k, (topic, payload) in enumerate(messages):
             try:
                 samples = parse(topic, payload, received_at)
             except Rejected as error:
                 self.errors.rejected(error, topic)
+                if mids is not None:
+                    refused.append(mids[k])
                 continue
+            if mids is not None and mids[k]:
+                if samples:
+                    samples[-1].ack = mids[k]
+                else:
+                    refused.append(mids[k])
             parsed.append((topic, samples))
             everything += samples
+        self._ack(refused)
         if self._queue.put_all_nowait(everything):
             self.counters.add("accepted", len(everything))
             return
@@ -581,6 +601,7 @@ class Agent:
                     "queue_full", f"ingest queue full ({self._queue.maxsize} samples); sample at ts {sample.ts} dropped",
                     topic=topic, device=sample.device,
                 )
+                self._ack([sample.ack])  # reported as lost; unacknowledged it would hold a broker in-flight slot for good
                 continue
             self.counters.add("accepted")
         if waited:
@@ -631,7 +652,8 @@ class Agent:
 
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
-        self._inference.put((self.pipeline, self.pipeline.prepare(batch), len(batch), self.bundle, self.clock()))
+        acks = [s.ack for s in batch if s.ack] if self._acks_deferred else []  # acknowledged once published
+        self._inference.put((self.pipeline, self.pipeline.prepare(batch), len(batch), self.bundle, self.clock(), acks))
 
     # -- model thread ----------------------------------------------------------------------------------------
 
@@ -644,14 +666,15 @@ class Agent:
                 if item is None:
                     self._outgoing.put(None)
                     return
-                pipeline, prepared, samples, bundle, now = item
+                pipeline, prepared, samples, bundle, now, acks = item
                 try:
                     forecasts = pipeline.infer(prepared)
                 except Exception:  # a bug on one batch must not end the daemon
                     self.counters.add("worker_errors")
                     log.exception("the model failed on a batch of %d samples", samples)
+                    self._ack(acks)  # redelivering a batch that breaks the model would only break it again
                     continue
-                self._outgoing.put((functools.partial(pipeline.finish, prepared, forecasts, now), samples, bundle))
+                self._outgoing.put((functools.partial(pipeline.finish, prepared, forecasts, now), samples, bundle, acks))
             finally:
                 self._inference.task_done()
 
@@ -665,7 +688,7 @@ class Agent:
             try:
                 if item is None:
                     return
-                finish, samples, bundle = item
+                finish, samples, bundle, acks = item
                 try:
                     events = finish()
                     self.counters.add("processed", samples)
@@ -673,6 +696,8 @@ class Agent:
                 except Exception:  # a bug on one batch must not end the daemon
                     self.counters.add("worker_errors")
                     log.exception("publisher failed on the events of a batch of %d samples", samples)
+                finally:
+                    self._ack(acks)  # processed and its alerts stored (or published): the broker may forget them
             finally:
                 self._outgoing.task_done()
 

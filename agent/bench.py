@@ -61,6 +61,7 @@ class Plan:
     max_batch: int | None = None  # None: the configured default
     threads: int | None = None
     batch_wait_ms: float | None = None
+    at_least_once: bool = False  # mqtt.at_least_once in the daemon, readings published at QoS 1
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -116,7 +117,7 @@ class Broker:
         conf = workdir / "mosquitto.conf"
         user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}persistence false\n"
-                        "max_queued_messages 0\nmax_queued_bytes 0\nset_tcp_nodelay true\nlog_type error\n")
+                        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\nset_tcp_nodelay true\nlog_type error\n")
         self.log = open(workdir / "mosquitto.log", "wb")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -223,7 +224,7 @@ class Daemon:
         folder.mkdir(parents=True, exist_ok=True)
         lines = [
             f'agent_id = "{agent_id}"',
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120',
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120' + ("\nat_least_once = true" if plan.at_least_once else ""),
             f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {plan.threads}" if plan.threads is not None else ""),
             f"[inference]\nstride = {stride}" + (f"\nmax_batch = {plan.max_batch}" if plan.max_batch is not None else "")
             + (f"\nbatch_wait_ms = {plan.batch_wait_ms}" if plan.batch_wait_ms is not None else ""),
@@ -316,7 +317,7 @@ class Run:
         self.next_slot += slots
         args = [sys.executable, "-m", "agent.loadgen", "publish", "--port", str(self.port), "--model", str(self.model),
                 "--devices", str(devices), "--first-slot", str(first), "--slots", str(slots), "--rate", str(rate),
-                "--origin", str(self.origin)]
+                "--origin", str(self.origin), "--qos", "1" if self.plan.at_least_once else "0"]
         if times is not None:
             args += ["--times", str(times)]
         done = subprocess.run(args, capture_output=True, text=True, env=_child_env(), timeout=600)
@@ -425,7 +426,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     result: dict = {"plan": asdict(plan), "model": {"path": str(model), "name": bundle.name, "version": bundle.version,
                                                      "lookback": lookback, "horizon": bundle.horizon, "features": len(bundle.features)},
                     "settings": {"max_batch": max_batch, "intra_op_threads": threads, "stride": plan.stride,
-                                 "batch_wait_ms": batch_wait_ms},
+                                 "batch_wait_ms": batch_wait_ms, "at_least_once": plan.at_least_once},
                     "machine": machine()}
     del bundle
     workdir = Path(tempfile.mkdtemp(prefix="edgecast-bench-"))
@@ -645,6 +646,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--max-batch", type=int, help="inference.max_batch (default: the configured default)")
     bench.add_argument("--threads", type=int, help="model.intra_op_threads (default: the configured default)")
     bench.add_argument("--batch-wait-ms", type=float, help="inference.batch_wait_ms (default: the configured default)")
+    bench.add_argument("--at-least-once", action="store_true",
+                       help="readings at QoS 1 and mqtt.at_least_once in the daemon (acknowledged once processed)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table")
 
@@ -653,6 +656,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from agent.config import shipped_model_path
 
     plan = Plan.quick() if args.quick else Plan()
+    plan.at_least_once = args.at_least_once
     for name in ("devices", "stride", "partitions", "rss_devices", "max_batch", "threads", "batch_wait_ms", "repeats"):
         value = getattr(args, name)
         if value is not None:

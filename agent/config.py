@@ -97,6 +97,13 @@ class MqttConfig(Section, MqttMethods):
         None, description="File holding the broker password; relative names are looked up in $CREDENTIALS_DIRECTORY first."
     )
     qos_in: Literal[0, 1] = Field(1, description="QoS of the sensor subscriptions.")
+    at_least_once: bool = Field(
+        False,
+        description="End-to-end at-least-once input: a persistent session (clean session off) and each QoS 1 reading "
+        "acknowledged to the broker only once it is processed (its alerts stored), so the broker redelivers what a crash or "
+        "a stop out of time did not finish (duplicates are possible). Raise the broker's max_inflight_messages (mosquitto: "
+        "20 by default) to a few thousand, or input is limited to that many readings per processing round trip.",
+    )
     reconnect_min_s: float = Field(1.0, ge=0.1, le=60, description="First reconnect delay.")
     reconnect_max_s: float = Field(30.0, ge=1, le=3600, description="Largest reconnect delay.")
     max_queued_messages: int = Field(10000, ge=0, le=10_000_000, description="Outgoing messages paho keeps while offline (0: unbounded).")

@@ -47,6 +47,7 @@ class Sample:
     ts: float  # unix seconds
     values: dict[str, float]
     received_at: float  # agent clock when it arrived (unix seconds)
+    ack: int = 0  # mqtt.at_least_once: the packet id to acknowledge once this sample is processed (its message's last)
 
 
 @dataclass(slots=True)

@@ -138,6 +138,8 @@ def publish(args: argparse.Namespace) -> dict:
                                   float(manifest["sampling_period_s"]), args.seed, args.origin)
     client = _client(f"edgecast-loadgen-{args.first_slot}-{time.monotonic_ns()}")
     client.max_queued_messages_set(0)
+    qos = getattr(args, "qos", 0)
+    client.max_inflight_messages_set(0)  # QoS 1: no window of our own (0 = unlimited)
     client.connect("127.0.0.1", args.port, keepalive=120)
     while not client.is_connected():
         client.loop(0.05)
@@ -156,14 +158,19 @@ def publish(args: argparse.Namespace) -> dict:
             ahead = due - clock()
             if ahead > 0.0005:
                 sleep(ahead)
-        info = client.publish(topic, payload, qos=0)
+        info = client.publish(topic, payload, qos=qos)
         times[i] = clock()
         if info.rc not in (paho.MQTT_ERR_SUCCESS,):
             raise SystemExit(f"publish failed: {paho.error_string(info.rc)}")
+        if qos and (i & 63) == 0:
+            client.loop_read(64)  # take the broker's PUBACKs as they come
         if (i & 1023) == 0:
             client.loop_misc()
     while client.want_write():  # whatever the socket did not take yet
         client.loop_write()
+    deadline = clock() + 60.0
+    while qos and not info.is_published() and clock() < deadline:  # every reading acknowledged by the broker
+        client.loop(0.05)
     elapsed = clock() - started
     client.disconnect()
     if args.times:
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--origin", type=int, help="the run's first slot: devices replay their trace from there (default: --first-slot)")
     p.add_argument("--times", help="write each message's publication time (unix seconds) to this .npy file")
+    p.add_argument("--qos", type=int, choices=(0, 1), default=0, help="QoS of the readings (1: acknowledged by the broker)")
     r = roles.add_parser("receive")
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--expect", type=int, required=True)

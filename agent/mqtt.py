@@ -105,7 +105,8 @@ class _Client(paho.Client):
     (`on_publishes`) instead of paho's per-packet reads, message objects and callback locks."""
 
     last_error: BaseException | None = None
-    on_publishes: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # [(topic bytes, payload)], in order
+    on_publishes: Callable[..., None] | None = None  # ([(topic bytes, payload)] in order[, packet ids when acks_deferred])
+    acks_deferred = False  # mqtt.at_least_once: QoS 1 PUBLISHes are acknowledged by MqttLink.ack_many, once processed
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -188,6 +189,7 @@ class _Client(paho.Client):
         data, pos, end = sock._buffer, sock._pos, len(sock._buffer)
         messages: list[tuple[bytes, bytes]] = []
         acks: list[bytes] = []
+        mids: list[int] = []  # acks_deferred: each message's packet id (0: QoS 0), acknowledged once processed
         while pos < end:
             command = data[pos]
             qos = (command >> 1) & 3
@@ -211,7 +213,9 @@ class _Client(paho.Client):
             if payload_start > packet_end:
                 break
             messages.append((data[i + 2 : topic_end], data[payload_start:packet_end]))
-            if qos:
+            if self.acks_deferred:
+                mids.append((data[topic_end] << 8) | data[topic_end + 1] if qos else 0)
+            elif qos:
                 acks.append(b"\x40\x02" + data[topic_end:payload_start])  # PUBACK with the message id
             pos = packet_end
         if not messages:
@@ -219,6 +223,9 @@ class _Client(paho.Client):
         sock._pos = pos
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
+        if self.acks_deferred:
+            self.on_publishes(messages, mids)
+            return
         self.on_publishes(messages)
         if acks:
             self._packet_queue(paho.PUBACK, b"".join(acks), 0, 0)
@@ -344,8 +351,10 @@ class MqttLink:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.agent_id,
             protocol=paho.MQTTv311,
-            clean_session=True,
+            clean_session=not settings.mqtt.at_least_once,  # a persistent session keeps what was not acknowledged
+            manual_ack=settings.mqtt.at_least_once,
         )
+        client.acks_deferred = settings.mqtt.at_least_once
         paho_log = logging.getLogger("agent.mqtt.paho")
         if self._drop_socket_noise not in paho_log.filters:
             paho_log.addFilter(self._drop_socket_noise)
@@ -691,48 +700,74 @@ class MqttLink:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "replace")  # mosquitto refuses these; keep a readable name
+        deferred = self._client.acks_deferred
+        mid = message.mid if deferred and message.qos == 1 else 0
         try:
             if self._control_handler is not None and self._is_control(topic):
                 self._control_handler(topic, message.payload)
+                self.ack_many([mid])
+            elif deferred:
+                self._handler(topic, message.payload, self._clock(), mid)
             else:
                 self._handler(topic, message.payload, self._clock())
         except Exception:  # an exception escaping a callback would end paho's network thread
             log.exception("message handler failed on %r", topic)
 
-    def _on_publishes(self, messages: list[tuple[bytes, bytes]]) -> None:
-        """The messages of one read, in order: control topics to their handler, the rest to the batch handler."""
+    def _on_publishes(self, messages: list[tuple[bytes, bytes]], mids: list[int] | None = None) -> None:
+        """The messages of one read, in order: control topics to their handler, the rest to the batch handler
+        (with their packet ids when acknowledgements are deferred)."""
         received_at = self._clock()
         batch: list[tuple[str, bytes]] = []
-        for raw_topic, payload in messages:
+        batch_mids: list[int] | None = [] if mids is not None else None
+        for k, (raw_topic, payload) in enumerate(messages):
             try:
                 topic = raw_topic.decode("utf-8")
             except UnicodeDecodeError:
                 topic = raw_topic.decode("utf-8", "replace")  # mosquitto refuses these; keep a readable name
             if self._control_handler is not None and self._is_control(topic):
-                self._deliver(batch, received_at)
+                self._deliver(batch, received_at, batch_mids)
                 batch = []
+                batch_mids = [] if mids is not None else None
                 try:
                     self._control_handler(topic, payload)
                 except Exception:  # an exception escaping a callback would end paho's network thread
                     log.exception("message handler failed on %r", topic)
+                if mids is not None:
+                    self.ack_many([mids[k]])
             else:
                 batch.append((topic, payload))
-        self._deliver(batch, received_at)
+                if batch_mids is not None:
+                    batch_mids.append(mids[k])
+        self._deliver(batch, received_at, batch_mids)
 
-    def _deliver(self, batch: list[tuple[str, bytes]], received_at: float) -> None:
+    def _deliver(self, batch: list[tuple[str, bytes]], received_at: float, mids: list[int] | None = None) -> None:
         if not batch:
             return
         if self._batch_handler is not None:
             try:
-                self._batch_handler(batch, received_at)
+                if mids is None:
+                    self._batch_handler(batch, received_at)
+                else:
+                    self._batch_handler(batch, received_at, mids)
             except Exception:
                 log.exception("message handler failed on a read of %d messages", len(batch))
             return
-        for topic, payload in batch:
+        for k, (topic, payload) in enumerate(batch):
             try:
-                self._handler(topic, payload, received_at)
+                if mids is None:
+                    self._handler(topic, payload, received_at)
+                else:
+                    self._handler(topic, payload, received_at, mids[k])
             except Exception:
                 log.exception("message handler failed on %r", topic)
+
+    def ack_many(self, mids: list[int]) -> None:
+        """mqtt.at_least_once: acknowledge QoS 1 readings now that they are processed (0s are QoS 0: nothing to
+        do). While disconnected nothing is sent: the broker delivers those again (at least once)."""
+        packet = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids if mid)
+        if not packet or not self.connected.is_set():
+            return
+        self._client._packet_queue(paho.PUBACK, packet, 0, 0)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if self._on_ack is not None:

@@ -156,3 +156,54 @@ def test_an_alert_open_at_a_restart_resumes_and_ends_when_the_device_is_healthy_
         subscriber.expect(f"{PREFIX}/pump-00/alerts/active", lambda m: m.json()["alerts"] == [], timeout=10)
     finally:
         again.stop()
+
+
+def read_stats(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.mark.parametrize("at_least_once", [True, False], ids=["at_least_once", "default"])
+def test_readings_in_flight_at_a_crash_are_redelivered_with_at_least_once_input(mosquitto, model_path, tmp_path, at_least_once):
+    """mqtt.at_least_once: readings a SIGKILLed daemon had received but not processed come again to the next one."""
+    import signal
+    import subprocess
+
+    from conftest import PYTHON, REPO, Daemon, MqttProbe, agent_env
+
+    flag = "true" if at_least_once else "false"
+    env = agent_env(mosquitto, model_path, EDGECAST_STATE__DIRECTORY=str(tmp_path / "state"), EDGECAST_MQTT__AT_LEAST_ONCE=flag)
+    stats_path = tmp_path / "stats.json"
+    rows = healthy_rows(devices=2, rows=100, seed=5)
+    with open(tmp_path / "gated.log", "wb") as log:
+        gated = subprocess.Popen([PYTHON, str(REPO / "tests" / "gated_agent.py"), str(stats_path)], cwd=REPO, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    watcher = MqttProbe(mosquitto, "watcher", subscribe=f"{PREFIX}/+/forecast")
+    daemon = None
+    try:
+        wait_until(lambda: read_stats(stats_path).get("connected"), timeout=30, message="the gated agent to connect")
+        publisher = MqttProbe(mosquitto, "publisher", subscribe=None)
+        publish_rows(publisher, rows)  # QoS 1, acknowledged by the broker
+        publisher.close()
+        wait_until(lambda: read_stats(stats_path).get("accepted", 0) >= 10, timeout=20, message="readings received")
+        received = read_stats(stats_path)["accepted"]
+        gated.kill()  # SIGKILL while its worker holds the first batch: nothing processed
+        gated.wait(10)
+        daemon = Daemon(env, [], tmp_path / "daemon.log")
+        # 2 devices x 100 rows, lookback 60: 41 forecasts each when every reading arrives
+        expected = 2 * (len(rows) // 2 - 60 + 1)
+        if at_least_once:
+            forecasts = watcher.collect(f"{PREFIX}/+/forecast", expected, timeout=30)
+            print(f"\nat-least-once: {received} readings in flight at the SIGKILL, {len(rows)} delivered, "
+                  f"{len(forecasts)} forecasts (all {expected})")
+        else:
+            got = watcher.quiet(f"{PREFIX}/+/forecast", 3.0)
+            assert len(got) < expected, "with acknowledgements on receipt the readings in flight are lost"
+    finally:
+        if gated.poll() is None:
+            gated.send_signal(signal.SIGKILL)
+        if daemon is not None:
+            daemon.close()
+        watcher.close()
