@@ -134,6 +134,9 @@ class _Client(paho.Client):
         waiting to be written past `max_pending` (0: no bound); then they are dropped, as paho drops QoS 0 while
         offline.
 
+        The bound can be passed by one call's packets: paho takes the packet it is writing off its queue for the
+        time of the write, and a check made meanwhile does not count it.
+
         Queued under a command byte paho does not interpret (0), so it does no per-message bookkeeping (no mid,
         no on_publish); a reconnect discards the queue, and only after CONNACK (state CONNECTED, so after the
         CONNECT packet) is anything queued here."""

@@ -321,7 +321,10 @@ def test_forecasts_waiting_for_a_broker_that_stopped_reading_are_bounded_dropped
         dropped = sum(link.publish_many(batch) for _ in range(400))  # 40 MB: far more than the socket buffers hold
         pending = link._client.raw_pending_bytes()
         assert dropped > 0 and link.dropped_publishes == dropped
-        assert pending <= 2**20, f"{pending} bytes wait in the client (bound 1 MiB)"
+        # The bound, plus at most one call's packets: paho takes the packet it is writing off the queue while it
+        # writes it, so a check made meanwhile does not see it (seen once on a loaded machine: 1 MiB + 19 KB).
+        one_call = sum(len(p) for _, p in batch) + 40 * len(batch)
+        assert pending <= 2**20 + one_call, f"{pending} bytes wait in the client (bound 1 MiB + one call)"
     finally:
         os.kill(broker_pid, signal.SIGCONT)
     try:
