@@ -40,6 +40,9 @@ class DeviceLearning:
     def ensure_capacity(self, n: int) -> None:
         if n <= self.capacity:
             return
+        if not self.enabled:  # nothing to learn: no per-device arrays (~130 bytes a device with four features)
+            self.capacity = n
+            return
         capacity = max(n, self.capacity + self.capacity // 2)
         F = len(self.features)
         fresh = {
@@ -61,6 +64,8 @@ class DeviceLearning:
 
     def reset(self, d: int) -> None:
         """Device row d starts over: nothing learned (its device was evicted and the row given to another)."""
+        if not self.enabled:
+            return
         self.count[d], self.first_slot[d], self.learning[d] = 0, -1, self.enabled
         self.total[d] = self.squares[d] = 0.0
         self.device_offset[d], self.device_scale[d] = self.offset, self.scale
