@@ -224,10 +224,6 @@ class ResidualScorer:
         slow = np.sqrt(self.slow_levels(state).max(axis=-1)) if self.slow else np.zeros_like(fast)
         return fast, slow
 
-    def state_scores(self, state: np.ndarray) -> np.ndarray:
-        """Unweighted sqrt of the smoothed state statistics (..., 2) of states (..., C) (T^2, SPE)."""
-        return np.sqrt(state[..., self._state])
-
     def score_series(self, observed: np.ndarray, forecast: np.ndarray) -> np.ndarray:
         """Scores of one device's consecutive samples (one-step scorer): (N, T) each -> (N,)."""
         zs = self.z(observed, forecast)  # (N, T)
