@@ -108,6 +108,7 @@ def test_simulated_fleet_flows_through_the_daemon_to_forecasts_and_alerts(mosqui
     assert daemon.wait(15) == 0
 
 
+@pytest.mark.amqtt
 def test_demo_runs_end_to_end_on_the_embedded_broker(model_path, tmp_path):
     """`python -m training demo --broker embedded` finds the injected fault, prints its summary and exits 0."""
     started = time.monotonic()
@@ -125,3 +126,47 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(model_path, tmp_path):
     assert "went offline" in output and "peak resident memory" in output
     assert "\x1b[" not in result.stdout  # no ANSI colours when stdout is not a terminal
     assert elapsed < 45
+
+
+# `python -m training ...` with mosquitto hidden from the demo's lookup (PATH and /usr/sbin): what a machine without
+# mosquitto looks like to it.
+WITHOUT_MOSQUITTO = """
+import shutil, sys
+which = shutil.which
+shutil.which = lambda name, *args, **kwargs: None if name == "mosquitto" else which(name, *args, **kwargs)
+from training.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.amqtt
+def test_demo_falls_back_to_the_embedded_broker_without_mosquitto(model_path, tmp_path):
+    """The default `--broker auto` on a machine without mosquitto says so, runs on the embedded broker (amqtt),
+    finds the fault and exits 0."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MOSQUITTO, "demo", "--duration", "25", "--speed", "900", "--workdir", str(tmp_path / "demo")],
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "mosquitto is not installed: using the embedded broker (amqtt)" in output
+    assert "broker: embedded" in output and "broker embedded" in output
+    assert not (tmp_path / "demo" / "mosquitto.conf").exists()
+    assert re.search(r"pump-01\s+overheating .*detected after \d+ simulated min", output), output
+    assert "False alerts on healthy pumps: 0" in output
+    assert "retained status went offline" in output
+    assert "Traceback" not in output and "ERROR" not in result.stderr  # amqtt's own log stays out of the demo's output
+    assert time.monotonic() - started < 45
+
+
+def test_demo_without_mosquitto_or_amqtt_says_what_to_install(model_path, tmp_path):
+    """No mosquitto and no amqtt (the edge install alone): the demo stops at once, naming both ways out."""
+    hide_amqtt = WITHOUT_MOSQUITTO.replace("from training.__main__", "sys.modules['amqtt'] = None\nfrom training.__main__")
+    result = subprocess.run([sys.executable, "-c", hide_amqtt, "demo", "--duration", "25"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, f"exit code {result.returncode}:\n{output}"
+    assert "no MQTT broker: install mosquitto (apt-get install mosquitto)" in output
+    assert "pip install 'edgecast[demo]'" in output
+    assert "Traceback" not in output

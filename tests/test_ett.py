@@ -189,3 +189,53 @@ def test_fixed_length_training_keeps_the_last_epoch(splits):
     assert [h["epoch"] for h in history] == [0, 1, 2] and model.best_epoch == 2
     assert np.isnan(model.best_val)
     assert float(model.head.weight.detach().abs().sum()) > 0  # trained: the head left zero
+
+
+def test_another_file_is_named_after_itself_not_after_the_published_dataset(tmp_path, monkeypatch, capsys):
+    """A slice of the data under another name (ETTh2.csv): results, bundle names and manifests say ETTh2, nothing
+    is compared with ETTh1's published figures, and the unknown file is said to be unchecked."""
+    import argparse
+    import json
+
+    lines = ett.DEFAULT_DATA.read_text().splitlines(keepends=True)[: ett.TEST_END + 1]  # header + the protocol's rows
+    data = tmp_path / "ETTh2.csv"
+    data.write_text("".join(lines))
+    monkeypatch.setattr(sys, "argv", ["python -m training", "benchmark", "ett", "--data", str(data)])
+    args = argparse.Namespace(data=str(data), dataset=None, horizons=[96], seeds=[0], models_dir=str(tmp_path / "models"),
+                              out=str(tmp_path / "out"), no_search=True, epochs=1, members=1, threads=1)
+    assert ett.run(args) == 0
+    printed = capsys.readouterr()
+    assert "no published figures for ETTh2" in printed.out
+    assert "no published sha256 for ETTh2" in printed.err
+    assert "NO" not in printed.out.split()  # no comparison row at all
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["dataset"] == "ETTh2" and results["meta"]["data_file"] == "ETTh2.csv"
+    assert results["meta"]["published_file"] is None and results["meta"]["published_source"] is None
+    assert [(r["dataset"], r["published"]) for r in results["results"]] == [("ETTh2", None)]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith("ETTh2, univariate") and "No published figures for ETTh2" in table
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["etth2-h96"]
+    manifest = json.loads((tmp_path / "models" / "etth2-h96" / "manifest.json").read_text())
+    assert manifest["name"] == "etth2-h96"
+    assert manifest["training"]["data"]["dataset"] == "ETTh2" and manifest["training"]["data"]["file"] == "ETTh2.csv"
+    assert manifest["metrics"]["published"] is None
+    said = "".join(line for line in printed.out.splitlines(keepends=True) if not line.startswith("no published figures"))
+    for text in ((tmp_path / "out" / "results.json").read_text(), table, json.dumps(manifest), said, printed.err):
+        assert "etth1" not in text.lower()  # (the line above names the datasets that do have figures)
+
+
+def test_dataset_names_published_figures_and_sha256_reports():
+    """The name comes from --dataset or the file's stem (known names keep their spelling); published figures exist
+    for ETTh1 only; a file that is not the published one is said to be so."""
+    assert ett.dataset_name("data/ETTh2.csv") == "ETTh2"
+    assert ett.dataset_name("/x/etth1.csv") == "ETTh1"
+    assert ett.dataset_name("/x/ETTh1.csv", "transformer-7") == "transformer-7"
+    assert ett.EttData("My Data!", "x.csv").slug == "my-data"
+    assert ett.published_rows(ett.ETTH1, 96)["NLinear"] == {"mse": 0.053, "mae": 0.177}
+    assert ett.published_rows(ett.EttData("ETTh2", "ETTh2.csv"), 96) is None
+    assert ett.sha256_report(ett.ETTH1) == ("ETTh1.csv: sha256 matches the published ETTh1 file", False)
+    altered, warn = ett.sha256_report(ett.EttData("ETTh1", "ETTh1.csv", "0" * 64))
+    assert warn and "is NOT the published ETTh1 file" in altered and ett.ETTH1_SHA256 in altered
+    renamed, warn = ett.sha256_report(ett.EttData("copy", "copy.csv", ett.ETTH1_SHA256))
+    assert warn and "byte for byte the published ETTh1 file" in renamed and "--dataset ETTh1" in renamed

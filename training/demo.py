@@ -1,6 +1,6 @@
 """`python -m training demo`: the whole edgecast loop on one machine, in about two minutes, with one command.
 
-    broker (mosquitto, or the embedded one)  <──  simulator (4 pumps, one overheats, one wears a bearing)
+    broker (mosquitto, or embedded amqtt)    <──  simulator (4 pumps, one overheats, one wears a bearing)
          │                                                    sensors/{device}/telemetry
          ▼
     edge daemon (`python -m agent run`, shipped model)  ──►  edgecast/{device}/forecast, .../alert, status
@@ -206,7 +206,9 @@ def read_retained(port: int, topic: str, timeout: float = 3.0) -> dict | None:
     got: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgecast-demo-check-{os.getpid()}")
     client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topic, 1) if not rc.is_failure else got.put(None)
-    client.on_message = lambda c, u, message: got.put(message.payload if message.retain else None)
+    # Only the asked topic counts: a broker may send other retained messages first (unpatched amqtt 0.12.1 sends a
+    # connecting client those of every other client's subscriptions: training/embedded_broker.py).
+    client.on_message = lambda c, u, message: got.put(message.payload if message.retain else None) if message.topic == topic else None
     client.connect_async("127.0.0.1", port)
     client.loop_start()
     try:
@@ -219,22 +221,28 @@ def read_retained(port: int, topic: str, timeout: float = 3.0) -> dict | None:
         client.loop_stop()
 
 
+def find_mosquitto() -> str | None:
+    """The mosquitto binary: on PATH, or in the sbin folders Debian and Homebrew put it (often not on a user's PATH)."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
 class Broker:
-    """mosquitto (config in the work dir) or the embedded broker, on a free port."""
+    """mosquitto (config in the work dir) or the embedded broker (amqtt, training/embedded_broker.py), on a free port."""
 
     def __init__(self, kind: str, workdir: Path):
         self.requested = kind
         self.workdir = workdir
         self.kind = ""
         self.port = 0
+        self.note = ""  # why the embedded broker was chosen when mosquitto was asked for by `auto`
         self.process: subprocess.Popen | None = None
         self.embedded = None
 
     def start(self) -> None:
-        mosquitto = shutil.which("mosquitto") or (shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin"))
+        mosquitto = find_mosquitto() if self.requested in ("auto", "mosquitto") else None
         if self.requested == "mosquitto" and not mosquitto:
             raise RuntimeError("--broker mosquitto: no mosquitto binary on PATH (use --broker embedded)")
-        if self.requested in ("auto", "mosquitto") and mosquitto:
+        if mosquitto:
             self.kind = "mosquitto"
             self.port = free_port()
             config = self.workdir / "mosquitto.conf"
@@ -244,12 +252,20 @@ class Broker:
             log.close()
             if not wait_for_port(self.port, 10.0, self.process):
                 raise RuntimeError(f"mosquitto did not start:\n{tail(self.workdir / 'mosquitto.log')}")
-        else:
-            from training.minibroker import EmbeddedBroker
+            return
+        from training.embedded_broker import BrokerUnavailable, EmbeddedBroker
 
-            self.kind = "embedded"
+        if self.requested == "auto":
+            self.note = "mosquitto is not installed: using the embedded broker (amqtt)"
+        try:
             self.embedded = EmbeddedBroker("127.0.0.1", 0).start()
-            self.port = self.embedded.port
+        except BrokerUnavailable as exc:
+            if self.requested == "auto":
+                raise RuntimeError("no MQTT broker: install mosquitto (apt-get install mosquitto) or the embedded one "
+                                   "(pip install 'edgecast[demo]', as scripts/demo.sh does)") from exc
+            raise RuntimeError(f"--broker embedded: {exc}") from exc
+        self.kind = "embedded"
+        self.port = self.embedded.port
 
     def stop(self) -> None:
         if self.embedded is not None:
@@ -607,6 +623,8 @@ class Demo:
                  f"(model {model.name}) {s.arrow} forecasts and alerts, for about {args.duration:.0f} s")
         self.broker = Broker(args.broker, workdir)
         self.broker.start()
+        if self.broker.note:
+            self.say(f"{self.stamp()} {s.dim(self.broker.note)}")
         self.say(f"{self.stamp()} broker: {self.broker.kind} on 127.0.0.1:{self.broker.port}")
         self.connect_subscriber(self.broker.port)
         self.start_daemon(workdir, self.broker.port)
@@ -739,7 +757,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=4, help="simulated pumps, at least 2 (default 4)")
     parser.add_argument("--speed", type=float, default=360.0, help="simulated seconds per real second (default 360)")
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                        help="auto: mosquitto when installed, else the embedded broker")
+                        help="auto: mosquitto when installed, else the embedded broker (amqtt: the demo extra)")
     parser.add_argument("--model", help="model bundle folder (default: the shipped pump-lstm)")
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
     parser.add_argument("--workdir", help="keep the logs, broker config and fault schedule in this folder")
