@@ -55,3 +55,37 @@ def test_fit_refuses_unknown_targets_and_too_few_rows(tmp_path, capsys):
     assert "--targets" in capsys.readouterr().err
     assert training_main(["fit", "--data", str(data), "--out", str(tmp_path / "b"), "--rows", "1"]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_fit_search_finishes_within_its_budget_and_reports_the_choice(tmp_path, capsys):
+    """`fit --search` runs an Optuna study on time-series folds of the training rows within --search-budget, then
+    exports the chosen model like any fit and reports the choice and its validation gain over the default."""
+    rng = np.random.default_rng(1)
+    n = 900
+    level = 20 + 3 * np.sin(2 * np.pi * np.arange(n) / 90) + 0.2 * rng.standard_normal(n)
+    data = tmp_path / "small.csv"
+    data.write_text("ts,temp\n" + "".join(f"{T0 + 60 * k},{v:.4f}\n" for k, v in enumerate(level)))
+    bundle = tmp_path / "bundle"
+    budget = 25
+    code = training_main(["fit", "--data", str(data), "--out", str(bundle), "--search", "auto", "--search-budget", str(budget),
+                          "--search-min-steps", "10", "--min-steps", "30", "--epochs", "2", "--hidden-size", "8",
+                          "--num-layers", "1", "--search-seed", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    search = json.loads((bundle / "search.json").read_text())
+    assert search["completed"] >= 1 and search["seconds"] <= budget + 10  # at most one fold past the budget
+    assert set(search["params"]) >= {"architecture", "lookback", "hidden_size", "dropout", "learning_rate"}
+    assert search["default_params"]["architecture"] == "lstm" and search["default_value"] is not None
+    assert isinstance(search["val_gain_percent"], float) and "validation RMSE" in printed and "chose" in printed
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["training"]["data"]["search"]["params"] == search["params"]
+    assert manifest["lookback"] == search["params"]["lookback"]
+    assert manifest["onnx"]["verified"]["max_abs_diff"] < 1e-4 and "interval_coverage" in manifest["metrics"]["test"]
+
+
+def test_fit_search_refuses_a_bad_trial_count(tmp_path, capsys):
+    """--search takes a positive number of trials or `auto`; anything else exits 2 and writes nothing."""
+    data = tmp_path / "d.csv"
+    data.write_text("ts,a\n" + "".join(f"{T0 + 60 * k},{k % 7}\n" for k in range(400)))
+    assert training_main(["fit", "--data", str(data), "--out", str(tmp_path / "b"), "--search", "0"]) == 2
+    assert "--search" in capsys.readouterr().err and not (tmp_path / "b").exists()

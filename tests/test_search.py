@@ -81,3 +81,19 @@ def test_unreachable_storage_is_named_in_the_error():
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "cannot open study 'nowhere'" in done.stderr and f"127.0.0.1:{port}" in done.stderr
+
+
+def test_fit_search_folds_stay_inside_the_training_rows():
+    """`fit --search` folds expand in time order and validate only on rows before the fit's validation split."""
+    import numpy as np
+
+    from training.search import fold_splits, lookback_choices
+
+    grid = np.arange(1000)
+    folds = fold_splits((0.7, 0.15, 0.15), 3)
+    bounds = [f.bounds(grid) for f in folds]
+    assert all(b["val"][1] <= 700 for b in bounds)
+    assert [b["train"][1] for b in bounds] == sorted(b["train"][1] for b in bounds)  # expanding
+    assert all(b["train"][1] == b["val"][0] for b in bounds)
+    assert bounds[-1]["val"][1] == 700
+    assert lookback_choices(60, 10, 400) == [30, 60, 120] and lookback_choices(60, 10, 100) == [30]

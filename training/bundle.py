@@ -38,10 +38,12 @@ def torch_predictor(model: torch.nn.Module, chunk: int = 1024):
 
 
 def residual_calibration(prepared: Prepared, predict) -> dict:
-    x, y = prepared.windows(prepared.starts["val"])  # (W, L, F), (W, H, T)
-    resid = y - predict(x)  # (W, H, T) observed - forecast, scaled
+    from training.intervals import interval_table, validation_residuals
+
+    resid = validation_residuals(prepared, predict).astype(np.float32)  # (W, H, T) observed - forecast, scaled
     return {"residual_mean": resid.mean(axis=0).tolist(), "residual_std": np.maximum(resid.std(axis=0), 1e-6).tolist(),
-            "ewma_alpha": EWMA_ALPHA, "thresholds": dict(DEFAULT_THRESHOLDS), "source": "residual statistics only, default thresholds"}
+            "ewma_alpha": EWMA_ALPHA, "thresholds": dict(DEFAULT_THRESHOLDS), "source": "residual statistics only, default thresholds",
+            "intervals": interval_table(resid)}
 
 
 def architecture_section(model: torch.nn.Module, cfg) -> dict:

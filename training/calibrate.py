@@ -26,6 +26,7 @@ from agent.config import Settings
 from agent.events import AlertEvent, Sample
 from agent.pipeline import Pipeline
 from agent.state import NormalState
+from training.intervals import DEFAULT_LEVELS as DEFAULT_INTERVAL_LEVELS, interval_table, validation_residuals
 from training.data import DeviceSeries, Prepared
 
 EWMA_ALPHA = 0.4  # fast channels: ~2-sample memory; a longer one only lengthens the alert after a fault's end
@@ -55,9 +56,12 @@ def default_score_steps(horizon: int) -> list[int]:
     return list(range(1, horizon + 1))
 
 
-def residual_stats(prepared: Prepared, predict) -> tuple[np.ndarray, np.ndarray]:
-    x, y = prepared.windows(prepared.starts["val"])  # (W, L, F), (W, H, T)
-    resid = y - predict(x)  # (W, H, T) observed - forecast, scaled
+def residual_stats(prepared: Prepared, predict, resid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(H, T) mean and std of the validation residuals (observed - forecast, scaled): the same residuals as the
+    prediction intervals (training.intervals.validation_residuals; one definition)."""
+    if resid is None:
+        resid = validation_residuals(prepared, predict)  # (W, H, T)
+    resid = resid.astype(np.float32)  # the arithmetic of the detector's calibration before intervals existed
     return resid.mean(axis=0), np.maximum(resid.std(axis=0), 1e-6)  # (H, T) each
 
 
@@ -305,7 +309,7 @@ def out_of_sample_state(per_device: list[np.ndarray], folds: int = STATE_FOLDS, 
 
 def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM_RATE, score_steps: list[int] | None = None,
               alpha: float = EWMA_ALPHA, slow_alpha: float | None = SLOW_ALPHA, state: bool | None = None,
-              state_variance: float = STATE_VARIANCE) -> tuple[dict, Calibrator, list[ScoredRun]]:
+              state_variance: float = STATE_VARIANCE, interval_levels=DEFAULT_INTERVAL_LEVELS) -> tuple[dict, Calibrator, list[ScoredRun]]:
     """The bundle's anomaly calibration: every channel family's level at the target false-alarm rate.
 
     Families: fast residuals, slow residuals (variance that rises over hours), state T^2 and SPE. Each family's
@@ -316,7 +320,8 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
     (default) uses the state channels with two or more features."""
     if not 0 < false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate!r}")
-    mean, std = residual_stats(prepared, predict)
+    resid = validation_residuals(prepared, predict)  # (W, H, T): the detector's normalization and the intervals
+    mean, std = residual_stats(prepared, predict, resid)
     steps = score_steps or default_score_steps(prepared.horizon)
     repeats, repeat_p = flatline_repeats(prepared, prepared.period_s)
     calibration = {
@@ -395,6 +400,8 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
                                        "sustained_max": max(sustained_peak(r.score) for r in runs)},
         "validation_scored_samples": int(scores.size),
     })
+    if interval_levels:
+        calibration["intervals"] = interval_table(resid, interval_levels)  # prediction intervals, same residuals
     return calibration, calibrator, runs
 
 

@@ -127,7 +127,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or more features; off for data whose normal level drifts past the training range")
     parser.add_argument("--min-steps", type=int, default=MIN_STEPS,
                         help=f"at least this many optimizer steps however small the data (default {MIN_STEPS})")
+    g = parser.add_argument_group("automatic model selection")
+    g.add_argument("--search", metavar="TRIALS|auto",
+                   help="Optuna study over architecture, strategy, lookback, hidden size, dropout and learning rate on "
+                        "time-series folds of the training rows; TRIALS trials or `auto` (as many as --search-budget allows); "
+                        "the best configuration is trained, exported and reported like any fit")
+    g.add_argument("--search-budget", type=float, default=600.0, metavar="S",
+                   help="wall-clock seconds for the study (default 600); training and exporting the chosen model follow")
+    g.add_argument("--search-folds", type=int, default=3, help="expanding time-series folds of the training rows (default 3)")
+    g.add_argument("--search-min-steps", type=int, default=200, help="optimizer steps per fold at least (default 200)")
+    g.add_argument("--storage", help="Optuna RDB URL (e.g. postgresql+psycopg2://postgres@host:5432/db): workers on several "
+                                     "machines running the same --study share the trials (default: in memory)")
+    g.add_argument("--study", help="study name (default: a fresh one per run)")
+    g.add_argument("--search-seed", type=int, default=None, help="TPE sampler seed (default: random; distinct per worker)")
     _add_model_arguments(parser)
+
+
+def _parse_search(text: str | None) -> int | None:
+    """--search TRIALS|auto -> trials (None = until the budget)."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    trials = int(text)
+    if trials < 1:
+        raise ValueError(f"--search needs a number of trials >= 1 or `auto`, got {text!r}")
+    return trials
+
+
+def validation_rmse(rows, cfg, period, features, targets, split, min_steps: int) -> float:
+    """Train `cfg` on the fit's training rows; its validation RMSE in original units (the default model's
+    score in `fit --search`'s report)."""
+    from training import evaluate
+    from training.bundle import torch_predictor
+    from training.data import prepare
+    from training.train import fit, sized_for_data
+
+    prepared = prepare(rows, cfg.lookback, cfg.horizon, period, features=list(features), targets=targets, split=split)
+    result = fit(prepared, sized_for_data(cfg, len(prepared.starts["train"]), min_steps), log=lambda *_: None)
+    return float(evaluate.metrics(prepared, torch_predictor(result.model), "val")["model"]["rmse"])
+
+
+def run_search(args, rows, cfg, features, targets, period, split) -> tuple:
+    """The study, then the default model on the fit's own split: (chosen config, summary)."""
+    import copy
+    import json as _json
+
+    from training.search import StudyError, auto_select
+
+    trials = _parse_search(args.search)
+    print(f"fit --search: {'as many trials as fit' if trials is None else trials} in {args.search_budget:.0f} s, "
+          f"{args.search_folds} time-series folds of the training rows")
+    try:
+        result = auto_select(rows, cfg, features=features, targets=targets, period=period, fractions=split.fractions,
+                             trials=trials, budget_s=args.search_budget, folds=args.search_folds,
+                             min_steps=args.search_min_steps, storage=args.storage, study_name=args.study,
+                             seed=args.search_seed, log=print)
+    except StudyError as exc:
+        raise ValueError(str(exc)) from None
+    chosen = result.pop("config")
+    print(f"fit --search: {result['completed']} of {result['trials']} trials completed in {result['seconds']:.0f} s; "
+          f"chose {result['params']} (fold-mean validation MSE {result['best_value']:.5f}, default "
+          f"{result['default_value'] if result['default_value'] is None else round(result['default_value'], 5)})")
+    default = copy.copy(cfg)
+    same = all(getattr(default, k) == getattr(chosen, k)
+               for k in ("architecture", "strategy", "lookback", "hidden_size", "dropout", "learning_rate"))
+    result["default_val_rmse"] = None if same else validation_rmse(rows, default, period, features, targets, split, args.min_steps)
+    result["chosen_is_default"] = same
+    return chosen, _json.loads(_json.dumps(result, default=str))
 
 
 def window_sizes(rows_per_device: int) -> tuple[int, int]:
@@ -142,6 +207,7 @@ def window_sizes(rows_per_device: int) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from training.cli import _train_config, build_bundle
     from training.data import Split
+    from training.intervals import format_coverage
 
     if args.rows is not None and args.rows < 2:
         print("fit: --rows must be >= 2", file=sys.stderr)
@@ -161,11 +227,34 @@ def run(args: argparse.Namespace) -> int:
         cfg.horizon = args.horizon or horizon
         print(f"fit: {len(rows['ts'])} rows, {devices} device(s), features {features}, "
               f"targets {targets}, period {period:g} s, lookback {cfg.lookback}, horizon {cfg.horizon}")
-        build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation,
-                     {"csv": str(Path(args.data)), "period_s": period, "rows": args.rows, "start": args.start, "end": args.end},
-                     features=features, targets=targets, prepare_kwargs={"split": split}, min_steps=args.min_steps,
-                     false_alarm_rate=args.false_alarm_rate, state={"auto": None, "on": True, "off": False}[args.state])
+        info = {"csv": str(Path(args.data)), "period_s": period, "rows": args.rows, "start": args.start, "end": args.end}
+        search = None
+        if args.search is not None:
+            cfg, search = run_search(args, rows, cfg, features, targets, period, split)
+            info["search"] = search
+        manifest = build_bundle(rows, cfg, args.out, args.name, args.version, args.invocation, info,
+                                features=features, targets=targets, prepare_kwargs={"split": split}, min_steps=args.min_steps,
+                                false_alarm_rate=args.false_alarm_rate, state={"auto": None, "on": True, "off": False}[args.state])
+        print(format_coverage(manifest["metrics"]["test"].get("interval_coverage")))
+        if search is not None:
+            report_search(args.out, search, manifest)
     except (OSError, ValueError) as exc:
         print(f"fit: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def report_search(out_dir, search: dict, manifest: dict) -> dict:
+    """search.json next to the bundle and a printed summary: what was chosen, the validation gain over the default."""
+    import json
+
+    chosen = manifest["metrics"]["validation"]["model"]["rmse"]
+    default = chosen if search["chosen_is_default"] else search["default_val_rmse"]
+    search.update({"chosen_val_rmse": chosen, "default_val_rmse": default,
+                   "val_gain_percent": round(100.0 * (1.0 - chosen / max(default, 1e-12)), 2),
+                   "fold_gain_percent": (round(100.0 * (1.0 - search["best_value"] / search["default_value"]), 2)
+                                         if search.get("default_value") else None)})
+    Path(out_dir, "search.json").write_text(json.dumps(search, indent=2) + "\n", encoding="utf-8")
+    print(f"fit --search: chose {search['params']}; validation RMSE {chosen:.4f} vs the default model's {default:.4f} "
+          f"({search['val_gain_percent']:+.1f} %); fold-mean gain {search['fold_gain_percent']} %; wrote {Path(out_dir, 'search.json')}")
+    return search

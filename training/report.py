@@ -1,5 +1,9 @@
 """Run reports next to a bundle: report.json (everything), report.md (short), PNG plots (learning curves,
-forecast vs actual on test windows, one-step residual distribution with the anomaly thresholds)."""
+forecast vs actual on test windows, one-step residual distribution with the anomaly thresholds).
+
+`report_files` also adds `metrics.test.interval_coverage` (training.intervals.coverage: the empirical coverage
+of the bundle's prediction intervals on the test split, per level and step) to the manifest it is given, which
+its callers write after it."""
 
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def plots(prepared: Prepared, predict, history: list[dict], calibration: dict, m
     n_t = min(len(prepared.targets), MAX_PLOTTED_TARGETS)  # 52 targets x 3 windows took 15 s to draw
     fig, axes = plt.subplots(n_t, len(pick), figsize=(3.2 * len(pick), 2.2 * n_t), squeeze=False)
     tail = min(prepared.lookback, 3 * prepared.horizon)
+    intervals = calibration.get("intervals")
+    band = (np.asarray(intervals["lower"])[-1], np.asarray(intervals["upper"])[-1]) if intervals else None  # (H, T) scaled
     for w in range(len(pick)):
         for j in range(n_t):
             a = axes[j][w]
@@ -54,6 +60,10 @@ def plots(prepared: Prepared, predict, history: list[dict], calibration: dict, m
             a.plot(np.arange(-tail, 0), past, color="grey", label="input")
             a.plot(np.arange(prepared.horizon), y[w, :, j] * scale[j] + offset[j], "k.-", label="actual")
             a.plot(np.arange(prepared.horizon), pred[w, :, j] * scale[j] + offset[j], "r.-", label="forecast")
+            if band is not None:  # the widest prediction interval
+                a.fill_between(np.arange(prepared.horizon), (pred[w, :, j] + band[0][:, j]) * scale[j] + offset[j],
+                               (pred[w, :, j] + band[1][:, j]) * scale[j] + offset[j], color="red", alpha=0.15,
+                               label=f"{100 * intervals['levels'][-1]:g} % interval")
             if w == 0:
                 a.set_ylabel(prepared.targets[j], fontsize=8)
             a.tick_params(labelsize=7)
@@ -98,6 +108,11 @@ def markdown(manifest: dict, history: list[dict]) -> str:
             if d:
                 lines.append(f"| {split} | {name} | {d['rmse']:.4f} | {d['mae']:.4f} | {d['mape']:.2f} | {d['smape']:.2f} | "
                              f"{d.get('direction_accuracy', float('nan')):.2f} |")
+    from training.intervals import coverage_markdown
+
+    cov = coverage_markdown(manifest["metrics"].get("test", {}).get("interval_coverage"))
+    if cov:
+        lines += [""] + cov
     t = manifest["calibration"]["thresholds"]
     lines += ["", f"Anomaly thresholds (score units): warning {t['warning']:.3f}, critical {t['critical']:.3f}, exit {t['exit']:.3f}.",
               "", "![learning curves](learning_curves.png) ![forecast vs actual](forecast_vs_actual.png) ![residuals](residuals.png)"]
@@ -106,6 +121,12 @@ def markdown(manifest: dict, history: list[dict]) -> str:
 
 def report_files(manifest: dict, prepared: Prepared, predict, history: list[dict], extra: dict | None = None) -> dict:
     """report.json + report.md + the plots, as {file name: str | bytes} for export.write_bundle."""
+    from training.intervals import coverage
+
+    test = manifest["metrics"].get("test")
+    if isinstance(test, dict) and "interval_coverage" not in test and manifest["calibration"].get("intervals"):
+        # the manifest (written after this) and the reports carry the intervals' empirical test coverage
+        test["interval_coverage"] = coverage(manifest, prepared, predict, "test")
     body = {"name": manifest["name"], "architecture": manifest["architecture"], "strategy": manifest["strategy"],
             "metrics": manifest["metrics"], "history": history, "training": manifest["training"], **(extra or {})}
     files: dict = {"report.json": json.dumps(body, indent=2) + "\n", "report.md": markdown(manifest, history)}
