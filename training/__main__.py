@@ -56,7 +56,7 @@ COMMANDS = {
     "evaluate-alerts": ("point-wise and event-level alert metrics of a replay against labels", lambda p: import_module("training.evaluate_alerts").add_arguments(p), lambda a: import_module("training.evaluate_alerts").run(a)),
     "detection-benchmark": ("held-out synthetic fleet -> replay -> evaluate-alerts, one table", lambda p: import_module("training.detection_benchmark").add_arguments(p), lambda a: import_module("training.detection_benchmark").run(a)),
     "recalibrate": ("recompute a bundle's anomaly calibration with the current detection code (model unchanged)", lambda p: import_module("training.calibrate").add_recalibrate_arguments(p), lambda a: import_module("training.calibrate").run_recalibrate(a)),
-    "broker": ("run the embedded MQTT 3.1.1 broker (for machines without mosquitto)", lambda p: import_module("training.minibroker").add_arguments(p), lambda a: import_module("training.minibroker").run(a)),
+    "broker": ("run the embedded MQTT 3.1.1 broker, amqtt (for machines without mosquitto; the demo extra)", lambda p: import_module("training.embedded_broker").add_arguments(p), lambda a: import_module("training.embedded_broker").run(a)),
     "keygen": ("create an ed25519 key pair for signing model bundles", lambda p: import_module("training.sign").add_keygen_arguments(p), lambda a: import_module("training.sign").run_keygen(a)),
     "publish-model": ("publish a signed bundle to a model-update topic: agents with rollout enabled verify and swap it in", lambda p: import_module("training.publish_model").add_arguments(p), lambda a: import_module("training.publish_model").run(a)),
     "sign-model": ("sign a bundle's manifest.json as a new release (--release, --expires; manifest.json.sig) for agents with model.public_key", lambda p: import_module("training.sign").add_sign_arguments(p), lambda a: import_module("training.sign").run_sign(a)),
@@ -70,6 +70,7 @@ COMMANDS = {
     "transfer": ("fine-tune a shipped bundle on a little data from a new machine; gain over training from scratch", lambda p: import_module("training.transfer").add_arguments(p), lambda a: import_module("training.transfer").run(a)),
     "benchmark": ("public benchmarks: `benchmark ett` trains, exports and scores the ETTh1 horizons vs NLinear", lambda p: import_module("training.ett").add_arguments(p), lambda a: import_module("training.ett").run(a)),
     "speed": ("training throughput (windows/s) and peak memory of the real training loop", lambda p: import_module("training.speed").add_arguments(p), lambda a: import_module("training.speed").run(a)),
+    "to-parquet": ("fleet CSV(s) -> a Parquet dataset partitioned by device or day, for streaming / distributed `train`", lambda p: import_module("training.to_parquet").add_arguments(p), lambda a: import_module("training.to_parquet").run(a)),
 }
 
 

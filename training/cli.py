@@ -88,13 +88,17 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="fleet CSV (columns as written by `synth`)")
+    parser.add_argument("--data", required=True, help="fleet CSV (columns as written by `synth`), or a Parquet dataset folder "
+                        "(`to-parquet`): streamed, and data-parallel under torchrun (docs/distributed.md)")
     parser.add_argument("--out", required=True, help="bundle folder to write (replaced as a whole)")
     parser.add_argument("--name", default=BUNDLE_NAME)
     parser.add_argument("--eval-data", help="optional CSV with labeled faults to measure detection delay")
     parser.add_argument("--eval-schedule", help="fault schedule JSON of --eval-data (from synth --schedule-out)")
     _add_model_arguments(parser)
     _add_data_arguments(parser)
+    from training.stream import add_stream_arguments
+
+    add_stream_arguments(parser)
 
 
 def add_build_shipped_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +112,7 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
 
     cfg = TrainConfig(epochs=2, train_stride=8) if quick else TrainConfig()
     for field in ("epochs", "hidden_size", "num_layers", "batch_size", "learning_rate", "train_stride", "seed", "threads",
-                  *TOOLBOX_FIELDS):
+                  *TOOLBOX_FIELDS, "max_batches"):  # max_batches: `train --max-batches` (memory and speed checks)
         value = getattr(args, field, None)
         if value is not None:
             setattr(cfg, field, value)
@@ -118,10 +122,12 @@ def _train_config(args: argparse.Namespace, quick: bool = False):
 def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data_info: dict,
                  eval_rows=None, eval_schedule=None, log=print, features=None, targets=None,
                  prepare_kwargs: dict | None = None, min_steps: int = 0, false_alarm_rate: float | None = None,
-                 state: bool | None = None) -> dict:
+                 state: bool | None = None, trained=None) -> dict:
     """Train, export, verify, evaluate and calibrate; write the bundle (+ report.md and plots); return the manifest.
 
-    `prepare_kwargs` go to training.data.prepare (scaler, fill, max_fill_periods, split)."""
+    `prepare_kwargs` go to training.data.prepare (scaler, fill, max_fill_periods, split). `trained` = (Prepared,
+    TrainResult) skips preparing and training: the streaming path (training.stream) trained already and hands over
+    its evaluation devices."""
     import torch
 
     from training import calibrate, evaluate
@@ -132,15 +138,19 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
     from training.train import fit, sized_for_data
 
     began = time.perf_counter()
-    prepared = prepare(rows, cfg.lookback, cfg.horizon, data_info.get("period_s", 60),
-                       **({"features": list(features)} if features else {}), targets=targets, **(prepare_kwargs or {}))
-    log(f"data: {len(prepared.series)} devices, windows train {len(prepared.starts['train'])} "
-        f"val {len(prepared.starts['val'])} test {len(prepared.starts['test'])}")
-    if min_steps:
+    if trained is not None:
+        prepared, result = trained
+    else:
+        prepared = prepare(rows, cfg.lookback, cfg.horizon, data_info.get("period_s", 60),
+                           **({"features": list(features)} if features else {}), targets=targets, **(prepare_kwargs or {}))
+        log(f"data: {len(prepared.series)} devices, windows train {len(prepared.starts['train'])} "
+            f"val {len(prepared.starts['val'])} test {len(prepared.starts['test'])}")
+    if min_steps and trained is None:
         cfg = sized_for_data(cfg, len(prepared.starts["train"]), min_steps)
         log(f"training: batch {cfg.batch_size}, every {cfg.train_stride} window(s), up to {cfg.epochs} epochs "
             f"(at least {min_steps} optimizer steps), patience {cfg.patience}")
-    result = fit(prepared, cfg, log=log)
+    if trained is None:
+        result = fit(prepared, cfg, log=log)
     log(f"trained {result.epochs_run} epochs in {result.seconds:.0f} s (best epoch {result.best_epoch})")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -271,6 +281,10 @@ def run_train(args: argparse.Namespace) -> int:
     from training.data import load_table
     from training.synth import read_csv
 
+    if Path(args.data).is_dir():  # a Parquet dataset: streamed (training.stream), data-parallel under torchrun
+        from training.stream import run_train as run_stream
+
+        return run_stream(args)
     cfg = _train_config(args)
     try:
         rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))

@@ -160,9 +160,18 @@ def load_table(path: str | Path, timestamp: str | None = None, device: str | Non
         frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read: {exc}") from None
+    return rows_from_frame(frame, str(path), timestamp, device, features, label)
+
+
+def rows_from_frame(frame, source: str, timestamp: str | None = None, device: str | None = "device",
+                    features: list[str] | None = None, label: str = "label") -> tuple[dict[str, np.ndarray], list[str]]:
+    """load_table's columns from a pandas DataFrame already read (`source` names it in errors); the streaming
+    reader (training.stream) hands each device's Parquet rows through here, so both paths parse alike."""
+    import pandas as pd
+
     from agent.replay import find_ts_column
 
-    timestamp = find_ts_column([str(c) for c in frame.columns], timestamp, str(path))  # a ValueError naming the columns
+    timestamp = find_ts_column([str(c) for c in frame.columns], timestamp, source)  # a ValueError naming the columns
     stamps = frame[timestamp]
     if pd.api.types.is_numeric_dtype(stamps):
         ts = stamps.to_numpy(dtype=np.float64)
@@ -170,16 +179,16 @@ def load_table(path: str | Path, timestamp: str | None = None, device: str | Non
         try:
             parsed = pd.to_datetime(stamps, utc=True)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: column {timestamp!r} holds unreadable timestamps: {exc}") from None
+            raise ValueError(f"{source}: column {timestamp!r} holds unreadable timestamps: {exc}") from None
         ts = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
     if not np.isfinite(ts).all():
-        raise ValueError(f"{path}: column {timestamp!r} has empty or non-finite timestamps")
+        raise ValueError(f"{source}: column {timestamp!r} has empty or non-finite timestamps")
     skip = {timestamp, label, "fault"} | ({device} if device else set())
     if features is None:
         features = [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
     missing = [f for f in features if f not in frame.columns]
     if missing or not features:
-        raise ValueError(f"{path}: missing feature column(s) {missing or '(none numeric)'}")
+        raise ValueError(f"{source}: missing feature column(s) {missing or '(none numeric)'}")
     rows: dict[str, np.ndarray] = {"ts": np.round(ts).astype(np.int64)}
     has_device = bool(device) and device in frame.columns
     rows["device"] = frame[device].astype(str).to_numpy(dtype=object) if has_device else np.full(len(frame), "series", dtype=object)
@@ -275,6 +284,62 @@ def fit_scaler(series: list[DeviceSeries], kind: str = "standard"):
         keep = s.observed[lo:hi] & s.healthy[lo:hi]
         parts.append(s.values[lo:hi][keep])
     return (StandardScaler if kind == "standard" else MinMaxScaler).fit(np.concatenate(parts))
+
+
+class ScalerAccumulator:
+    """fit_scaler in one pass over blocks of training rows (one device at a time, one rank's devices): counts,
+    means and summed squared deviations merged pairwise (Chan, Golub & LeVeque), plus min and max. The result
+    equals fit_scaler on all the rows at once up to float64 rounding, and memory is one block, not the fleet.
+    `to_array` / `from_array` carry the state between ranks; merging in rank order gives every rank one scaler."""
+
+    def __init__(self, n_features: int):
+        self.n = 0
+        self.mean = np.zeros(n_features)
+        self.m2 = np.zeros(n_features)
+        self.min = np.full(n_features, np.inf)
+        self.max = np.full(n_features, -np.inf)
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.shape[0]:
+            other = ScalerAccumulator(rows.shape[1])
+            other.n, other.mean = rows.shape[0], rows.mean(axis=0)
+            other.m2 = ((rows - other.mean) ** 2).sum(axis=0)
+            other.min, other.max = rows.min(axis=0), rows.max(axis=0)
+            self.merge(other)
+
+    def merge(self, other: "ScalerAccumulator") -> None:
+        if other.n == 0:
+            return
+        total = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.n / total)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / total)
+        self.n = total
+        self.min, self.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
+
+    def to_array(self) -> np.ndarray:
+        return np.concatenate([[float(self.n)], self.mean, self.m2, self.min, self.max])
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> "ScalerAccumulator":
+        f = (len(array) - 1) // 4
+        acc = cls(f)
+        acc.n = int(round(array[0]))
+        acc.mean, acc.m2, acc.min, acc.max = (np.array(array[1 + i * f : 1 + (i + 1) * f]) for i in range(4))
+        return acc
+
+    def scaler(self, kind: str = "standard"):
+        """The fitted scaler, with fit_scaler's rules (at least 2 rows, a constant feature gets scale 1)."""
+        if kind not in SCALER_TYPES:
+            raise ValueError(f"scaler must be one of {SCALER_TYPES}, got {kind!r}")
+        if self.n < 2:
+            raise ValueError("need at least 2 training rows to fit the scaler")
+        if kind == "standard":
+            std = np.sqrt(np.maximum(self.m2, 0.0) / self.n)
+            return StandardScaler(mean=self.mean.copy(), std=np.where(std > 1e-9, std, 1.0))
+        lo, hi = self.min.copy(), self.max.copy()
+        return MinMaxScaler(min=lo, max=np.where(hi - lo > 1e-9, hi, lo + 1.0))
 
 
 def window_starts(s: DeviceSeries, split: str, lookback: int, horizon: int, healthy_only: bool = True) -> np.ndarray:

@@ -430,3 +430,174 @@ def _fit(prepared: Prepared, cfg: TrainConfig, log, model: torch.nn.Module | Non
     model.eval()
     rate = train_windows / train_seconds if train_seconds > 0 else 0.0
     return TrainResult(model, epoch, best_epoch, best_loss, history, time.perf_counter() - began, rate, epoch_seconds)
+
+
+# ------------------------------------------------------------------------------- streaming and data-parallel
+
+
+class _TrainingOutputs(torch.nn.Module):
+    """forward(x, y) = the model's training outputs (fit_outputs where it has one): DistributedDataParallel
+    averages gradients only of what runs through its own forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self.model.fit_outputs(x, y) if hasattr(self.model, "fit_outputs") else (self.model(x), y)
+
+
+def _has_unused_parameters(net: torch.nn.Module, data, cfg: TrainConfig) -> bool:
+    """Whether a training step leaves some parameter without a gradient (DDP must then look for them every step;
+    without, it skips that traversal of the graph). Probed on two zero windows; the gradients are dropped."""
+    x = torch.zeros(2, cfg.lookback, len(data.features))
+    y = torch.zeros(2, cfg.horizon, len(data.targets))
+    with torch.random.fork_rng():
+        pred, target = net(x, y)
+        torch.autograd.backward(pred.float().sum() + 0 * target.sum())
+    unused = any(p.grad is None for p in net.parameters() if p.requires_grad)
+    for p in net.parameters():
+        p.grad = None
+    return unused
+
+
+def fit_stream(data, cfg: TrainConfig, log=print, dist=None, buffer_windows: int = 65536, live_devices: int = 64,
+               max_val_batches: int = 0) -> TrainResult:
+    """Train from a training.stream.StreamData: batches from its bounded shuffle buffer, validation streamed.
+
+    With a training.distributed.Dist of several ranks the model is wrapped in DistributedDataParallel: each rank
+    draws `batch_size / world` windows of its own devices per step and DDP averages the gradients, so a step is
+    one step over the global batch and every rank keeps identical weights. Every rank runs the same number of
+    batches (the fewest any rank can fill), the validation loss is summed over ranks, rank 0's early-stopping
+    decision is broadcast; only rank 0 logs, shows the bar and writes the checkpoint."""
+    from training.distributed import Dist
+
+    with denormals_flushed():
+        return _fit_stream(data, cfg, log, dist or Dist(), buffer_windows, live_devices, max_val_batches)
+
+
+def _fit_stream(data, cfg: TrainConfig, log, d, buffer_windows: int, live_devices: int, max_val_batches: int) -> TrainResult:
+    if (cfg.lookback, cfg.horizon) != (data.lookback, data.horizon):
+        raise ValueError("TrainConfig lookback/horizon differ from the prepared data")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of ranks ({d.world})")
+    torch.set_num_threads(cfg.threads)
+    _return_freed_memory_to_os()
+    set_seed(cfg.seed)
+    model = build_model(cfg, data)
+    if getattr(model, "difference", False):
+        model.fit_difference_scale(data.sample_inputs(2048))  # rank 0's value reaches every rank with the weights
+    net: torch.nn.Module = _TrainingOutputs(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, find_unused_parameters=_has_unused_parameters(net, data, cfg))  # broadcasts rank 0's weights and buffers
+    local_batch = cfg.batch_size // d.world
+    n_batches = d.min_int(data.train_window_floor(cfg.train_stride) // local_batch)
+    if cfg.max_batches:
+        n_batches = min(n_batches, cfg.max_batches)
+    if n_batches < 1:
+        raise ValueError(f"fewer training windows than one batch of {local_batch} on some rank: a smaller "
+                         f"--batch-size or --train-stride, or more devices per rank")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = LeanAdam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    criterion = loss_fn(cfg.loss, cfg.huber_delta)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    chunk = cfg.micro_batch if 0 < cfg.micro_batch < local_batch else local_batch
+    best_loss, best_state, best_epoch, stale, plateau_stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0, 0
+    history: list[dict] = []
+    first_epoch = 1
+    found = int(d.sum([1.0 if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists() else 0.0])[0])
+    if 0 < found < d.world:
+        raise ValueError(f"--resume: {cfg.checkpoint} is visible to {found} of {d.world} ranks: put it in a folder all machines share")
+    if found:  # every rank reads it, so the weights and the optimizer state stay identical
+        ck = torch.load(cfg.checkpoint, weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        best_loss, best_state, best_epoch, stale, plateau_stale = ck["best_loss"], ck["best_state"], ck["best_epoch"], ck["stale"], ck["plateau_stale"]
+        history, first_epoch = ck["history"], ck["epoch"] + 1
+        log(f"resumed from {cfg.checkpoint} after epoch {ck['epoch']}")
+    progress = None
+    if cfg.progress and d.main:
+        from tqdm import tqdm
+
+        progress = tqdm
+    began = time.perf_counter()
+    train_seconds, train_windows, epoch_seconds = 0.0, 0, []
+    epoch = first_epoch - 1
+    stopped = stale >= cfg.patience
+    for epoch in range(first_epoch, cfg.epochs + 1 if not stopped else first_epoch):
+        if cfg.lr_schedule == "cosine":
+            optimizer.lr = _learning_rate(cfg, epoch)
+        model.train()
+        rng = np.random.default_rng([cfg.seed, d.rank, epoch])  # a function of the epoch: resume needs no state
+        bar = progress(total=n_batches, desc=f"epoch {epoch}", leave=False, unit="batch") if progress else None
+        running, seen = 0.0, 0
+        epoch_began, epoch_cpu_began = time.perf_counter(), time.process_time()
+        for x, y in data.train_batches(rng, local_batch, cfg.train_stride, n_batches, buffer_windows, live_devices):
+            optimizer.zero_grad()
+            cuts = list(range(0, len(x), chunk))
+            seeds = rng.integers(np.iinfo(np.int64).max, size=len(cuts))
+            batch_loss = 0.0
+            for i, c in enumerate(cuts):
+                share = len(x[c : c + chunk]) / len(x)
+                last = i == len(cuts) - 1
+                sync = contextlib.nullcontext() if last or not d.enabled else net.no_sync()  # gradients meet once per batch
+                with sync:
+                    with random_stream(torch.Generator().manual_seed(int(seeds[i]))), \
+                            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        pred, target = net(x[c : c + chunk], y[c : c + chunk])
+                    loss = criterion(pred.float(), target) * share
+                    loss.backward()
+                batch_loss += loss.item()
+            _clip_grad_norm(params, cfg.grad_clip)
+            optimizer.step()
+            running += batch_loss * len(x)
+            seen += len(x)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(train=f"{running / seen:.5f}", lr=f"{optimizer.lr:.2e}")
+        if bar is not None:
+            bar.close()
+        spent, cpu_spent = time.perf_counter() - epoch_began, time.process_time() - epoch_cpu_began
+        loss_sum, loss_count = data.val_totals(model, local_batch, cfg.loss, cfg.huber_delta, cfg.val_stride, max_val_batches)
+        running, seen, loss_sum, loss_count, spent = d.sum([running, seen, loss_sum, loss_count, spent]).tolist()
+        spent /= d.world  # the ranks' mean wall time
+        seen = int(seen)
+        train_seconds += spent
+        train_windows += seen
+        epoch_seconds.append(spent)
+        val_loss = loss_sum / max(loss_count, 1)
+        train_loss = running / max(seen, 1)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.lr,
+                        "seconds": round(spent, 3), "cpu_seconds": round(cpu_spent, 3),
+                        "windows_per_s": round(seen / max(spent, 1e-9), 1), "ranks": d.world})
+        log(f"epoch {epoch:2d}  train {train_loss:.5f}  val {val_loss:.5f}  lr {optimizer.lr:.2e}  "
+            f"{seen / max(spent, 1e-9):.0f} windows/s over {d.world} rank(s)  ({time.perf_counter() - began:.0f} s)")
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_state, best_epoch, stale, plateau_stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0, 0
+        else:
+            stale += 1
+            plateau_stale += 1
+            if cfg.lr_schedule == "plateau" and plateau_stale > cfg.plateau_patience:
+                optimizer.lr = max(optimizer.lr * cfg.plateau_factor, min(cfg.min_learning_rate, optimizer.lr))
+                plateau_stale = 0
+                log(f"validation loss on a plateau: learning rate -> {optimizer.lr:.2e}")
+            if stale >= cfg.patience:
+                log(f"early stop: no validation improvement for {cfg.patience} epochs")
+                stopped = True
+        stopped = d.broadcast_flag(stopped)  # rank 0 decides (all ranks computed the same loss anyway)
+        if cfg.checkpoint and d.main:
+            _save_checkpoint(cfg.checkpoint, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "best_loss": best_loss, "best_state": best_state, "best_epoch": best_epoch, "stale": stale,
+                "plateau_stale": plateau_stale, "history": history, "config": cfg.to_dict(), "ranks": d.world})
+        if stopped:
+            break
+    d.barrier()  # a rank resuming later must find the checkpoint of the last epoch
+    model.load_state_dict(best_state)
+    model.eval()
+    rate = train_windows / train_seconds if train_seconds > 0 else 0.0
+    return TrainResult(model, epoch, best_epoch, best_loss, history, time.perf_counter() - began, rate, epoch_seconds)
