@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from agent.snapshot import SNAPSHOT_CLASSES, ModelMethods, MqttMethods, Secret, Snapshot
+from agent.sparkplug_config import SparkplugSettings
 
 DEFAULT_MODEL_NAME = "pump-lstm"
 
@@ -254,10 +255,10 @@ class InferenceConfig(Section):
     stride: int = Field(1, ge=1, le=10_000, description="Run the model every N-th sample of a device.")
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000,
-        description="When fewer samples than one full model batch (max_batch x stride) are waiting, wait for more until the "
-        "oldest has waited this long, then run the model. Readings that trickle in one at a time are then run a few per call instead of one "
-        "per call: less than half the CPU at 1,000 readings/s (docs/benchmarks.md) for at most this much more latency; "
-        "0: run each as it comes.",
+        description="When a read from the broker brings fewer readings than one full model batch (max_batch x stride), the MQTT "
+        "thread waits until the first of them is this old and takes what came meanwhile, then the worker runs them together. Readings "
+        "that trickle in one at a time then cost one wake-up of each thread and one model call per few readings instead of per "
+        "reading (docs/benchmarks.md, paced phases) for at most this much more latency; 0: hand each read on as it comes.",
     )
     model_cpu: Literal["auto", "off"] | Annotated[int, Field(ge=0, le=4095)] = Field(
         "auto",
@@ -390,6 +391,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
 
     @model_validator(mode="after")
     def _check_rollout(self) -> "Settings":

@@ -24,6 +24,9 @@ COMPUTED_DEFAULTS = {
 }
 
 SECTION_NOTES = {
+    "sparkplug": "Sparkplug B input (docs/contracts.md, \"Sparkplug B input\"), beside the JSON topics; needs the `sparkplug` extra "
+    "(protobuf, already installed with onnxruntime). The agent is a non-primary host application: it publishes no STATE, "
+    "learns aliases from births, follows sequence numbers and asks edge nodes to rebirth when it lost track.",
     "mqtt": "The broker connection. Reconnects back off exponentially with jitter between `reconnect_min_s` and `reconnect_max_s`.",
     "mqtt.tls": "TLS to the broker (server certificate verified; client certificate for mutual TLS).",
     "topics": "Input topic templates (`{device}`, `{sensor}`: one path segment each) and the prefix of everything the agent publishes.",

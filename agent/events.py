@@ -25,6 +25,11 @@ REJECTION_REASONS = (
     "queue_full",
     "out_of_range",
     "device_limit",
+    # Sparkplug B input (agent/sparkplug.py)
+    "sparkplug_decode",
+    "sparkplug_no_birth",
+    "sparkplug_unknown_alias",
+    "sparkplug_seq_gap",
 )
 
 
@@ -41,11 +46,13 @@ class Rejected(Exception):
 
 @dataclass(slots=True)
 class Sample:
-    """Validated readings of one device at one time; `values` may hold a subset of the features (per-sensor form)."""
+    """Validated readings of one device at one time; `values` may hold a subset of the features (per-sensor form).
+    `values` None marks a gap the input knows of (a Sparkplug death or sequence gap): the device's window starts
+    over, as after a long silence."""
 
     device: str
     ts: float  # unix seconds
-    values: dict[str, float]
+    values: dict[str, float] | None
     received_at: float  # agent clock when it arrived (unix seconds)
     ack: int = 0  # mqtt.at_least_once: the packet id to acknowledge once this sample is processed (its message's last)
 

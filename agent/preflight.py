@@ -63,6 +63,11 @@ def problems(settings: Any) -> list[Problem]:
         found.append(Problem("inference.model_cpu", str(exc)))
     if settings.outbox.enabled:
         _check_state_directory(Path(settings.state.directory), found)
+    if settings.sparkplug.enabled:
+        try:
+            import agent.sparkplug  # noqa: F401
+        except ImportError as exc:
+            found.append(Problem("sparkplug.enabled", f"the Sparkplug B input needs protobuf: pip install 'edgecast[sparkplug]' ({exc})"))
     if settings.metrics.enabled:
         from .metrics import MetricsUnavailable, _prometheus
 
