@@ -104,6 +104,13 @@ class SampleQueue(queue.Queue):
                 self.not_empty.notify()
             return True
 
+    def wait_for_items(self, timeout: float) -> bool:
+        """Wait at most `timeout` until something is queued; True when something is (nothing is taken)."""
+        with self.not_empty:
+            if not self._qsize():
+                self.not_empty.wait(timeout)
+            return self._qsize() > 0
+
     def get_many(self, limit: int, timeout: float, fill: int = 1, linger: float = 0.0) -> list:
         """Up to `limit` items, waiting at most `timeout` for the first; [] when none came. While there are fewer than
         `fill`, wait for more until the oldest has waited `linger` seconds (a bigger batch for the same per-call cost;
@@ -170,6 +177,7 @@ class Agent:
         self.metrics = None  # agent.metrics.AgentMetrics when metrics.enabled
         self.hass = None  # agent.hass.HassDiscovery when homeassistant.enabled
         self.rollout = None  # agent.rollout.RolloutReceiver when rollout.enabled
+        self.sparkplug = None  # agent.sparkplug.SparkplugInput when sparkplug.enabled (network thread only)
         self._active_by_severity: dict[str, int] = {"warning": 0, "critical": 0}
         self._reload_outcome: dict | None = None
         self._worker_beat = time.monotonic()
@@ -181,9 +189,14 @@ class Agent:
         self.ingest = None
         self.link: MqttLink | None = None
         self._queue: SampleQueue = SampleQueue(maxsize=settings.ingest.queue_size)
-        # The worker waits (up to batch_wait_ms) for enough samples to fill one model call, not for WORKER_BATCH_MAX.
+        # The link holds a small read (up to batch_wait_ms) for company until one model call's samples are there.
         self._batch_fill = min(WORKER_BATCH_MAX, settings.inference.max_batch * settings.inference.stride, settings.ingest.queue_size)
         self._batch_wait_s = settings.inference.batch_wait_ms / 1000.0
+        self._inline_allowed = True  # off when inference.model_cpu names the model thread's CPU
+        # Held by whoever takes samples from the queue and runs their phase 1 (the worker) or a whole batch (the
+        # network thread, _run_here), so that batches start in the order their samples arrived.
+        self._pipeline_lock = threading.Lock()
+        self._batch_here_since = 0.0  # monotonic start of a batch running on the network thread (0: none)
         # Worker -> model thread: (pipeline, a batch after its phase 1, samples, bundle, clock), or None to stop.
         # One waiting at most: the worker updates the windows of the next batch while the model runs.
         self._inference: queue.Queue[tuple[Pipeline, Prepared, int, object, float] | None] = queue.Queue(maxsize=1)
@@ -216,6 +229,8 @@ class Agent:
         partition = (settings.partition.count, settings.partition.index)
         self._placement = affinity.placement(settings.inference.model_cpu, affinity.usable_cpus(), partition,
                                              settings.model.intra_op_threads)  # ValueError for an unusable CPU, before anything starts
+        # An explicit model CPU is a promise that the model runs there; auto only keeps the pipeline's threads apart.
+        self._inline_allowed = self._placement is None or settings.inference.model_cpu == "auto"
         self.bundle = self._rolled_out_bundle() or self.releases.admit(load_configured_bundle(settings.model))
         self.releases.record(self.bundle)
         self.model_dir = Path(self.bundle.path)
@@ -236,6 +251,12 @@ class Agent:
         # A reading of a device that cannot get a row is rejected before the queue (counted once, never accepted).
         self.ingest.device_gate = lambda device, now: self.pipeline.admits(device, now)
         self.ingest.device_limit_detail = lambda: self.pipeline.device_limit_detail()
+        if settings.sparkplug.enabled:
+            try:
+                from .sparkplug import SparkplugInput
+            except ImportError as exc:
+                raise RuntimeError(f"sparkplug.enabled needs protobuf: pip install 'edgecast[sparkplug]' ({exc})") from None
+            self.sparkplug = SparkplugInput(settings.sparkplug, list(self.bundle.features), self._plausible_limits(self.bundle), settings.ingest)
         self.errors.set_sink(lambda body: self._publish(self.errors_topic, body, qos=0))
         if settings.outbox.enabled:
             box = settings.outbox
@@ -261,7 +282,7 @@ class Agent:
         try:
             self.link = MqttLink(
                 settings,
-                subscriptions=self.ingest.subscriptions(),
+                subscriptions=self.ingest.subscriptions() + (self.sparkplug.subscriptions() if self.sparkplug is not None else []),
                 on_message=self._on_message,
                 will=Retained(self.status_topic, self._status_payload("offline", reason="connection lost")),
                 on_connect_publish=lambda: Retained(self.status_topic, self._status_payload("online")),
@@ -271,6 +292,7 @@ class Agent:
                 control_subscriptions=control,
                 on_control=self._on_control,
                 on_messages=self._on_messages,
+                hold=(self._batch_wait_s, self._batch_fill),  # readings that trickle in reach the worker a few at a time
             )
             if self.hass is not None:
                 self.hass.announce_agent()  # kept by the link and published on every connect
@@ -310,6 +332,9 @@ class Agent:
         if not link.stop_input(STOP_INPUT_TIMEOUT_S):
             log.warning("the broker did not confirm the unsubscribe in %.0fs; stopping input anyway", STOP_INPUT_TIMEOUT_S)
         self._accepting.clear()
+        # A batch the network thread was running ends first (bounded: one stuck there must not hold up the stop).
+        if self._pipeline_lock.acquire(timeout=STOP_DRAIN_TIMEOUT_S):
+            self._pipeline_lock.release()
         log.info("input closed: %d samples not processed yet (%d queued)", self._unprocessed(), self._queue.qsize())
         self._drain_and_exit.set()
         worker = self._worker
@@ -344,6 +369,8 @@ class Agent:
             "%d dropped at the stop%s",
             c.accepted, c.processed, c.forecasts, c.alerts, self.errors.total, c.worker_errors, c.dropped_at_stop, self._outbox_line(),
         )
+        log.info("rejected by reason: %s; %d forecasts dropped at the output", json.dumps(self.errors.snapshot(), sort_keys=True),
+                 link.dropped_publishes)
 
     def wait_connected(self, timeout: float) -> bool:
         return self.link is not None and self.link.wait_connected(timeout)
@@ -375,6 +402,8 @@ class Agent:
             out["model"] = self.bundle.describe()
         if self.pipeline is not None:
             out["pipeline"] = self.pipeline.stats()
+        if self.sparkplug is not None:
+            out["sparkplug"] = self.sparkplug.stats()
         return out
 
     def health(self) -> tuple[bool, str]:
@@ -383,6 +412,9 @@ class Agent:
         now = time.monotonic()
         if now - self._worker_beat > limit:
             return False, f"worker stalled for {now - self._worker_beat:.0f}s (or waiting for the model and publisher threads)"
+        started = self._batch_here_since
+        if started and now - started > limit:
+            return False, f"a batch on the MQTT network thread has run for {now - started:.0f}s"
         if self.forwarder is not None and now - self.forwarder.beat > limit:
             return False, f"outbox forwarder stalled for {now - self.forwarder.beat:.0f}s"
         if self.link is not None and not self.link.loop_alive():
@@ -517,7 +549,11 @@ class Agent:
             return self.counters.accepted - self.counters.processed
 
     def _spawn(self, name: str, target: Callable[[], None], model: bool = False) -> threading.Thread:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        def run() -> None:
+            affinity.name_os_thread(name)
+            target()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
         self._place(thread, model)
@@ -541,7 +577,7 @@ class Agent:
             return
         assert self.ingest is not None
         try:
-            samples = self.ingest.parse(topic, payload, received_at)
+            samples = self._parse(topic, payload, received_at)
         except Rejected as error:
             self.errors.rejected(error, topic)
             self._ack([mid])  # refused for good: a redelivery would be refused again
@@ -559,7 +595,7 @@ class Agent:
             self.counters.add("ignored_after_stop", len(messages))
             return
         assert self.ingest is not None
-        parse = self.ingest.parse
+        parse = self.ingest.parse if self.sparkplug is None else self._parse
         parsed: list[tuple[str, list[Sample]]] = []
         everything: list[Sample] = []
         refused: list[int] = []  # packet ids to acknowledge at once (mqtt.at_least_once)
@@ -579,11 +615,39 @@ class Agent:
             parsed.append((topic, samples))
             everything += samples
         self._ack(refused)
+        if everything and self._run_here(everything):
+            return
         if self._queue.put_all_nowait(everything):
             self.counters.add("accepted", len(everything))
             return
         for topic, samples in parsed:  # not enough room: message by message, waiting as `_on_message` does
             self._enqueue(topic, samples)
+
+    def _parse(self, topic: str, payload: bytes, received_at: float) -> list[Sample]:
+        """Samples of one message: Sparkplug B topics to the Sparkplug input, the rest to the JSON ingest."""
+        if self.sparkplug is None or not topic.startswith("spBv1.0/"):
+            return self.ingest.parse(topic, payload, received_at)
+        return self._sparkplug_samples(topic, payload, received_at)
+
+    def _sparkplug_samples(self, topic: str, payload: bytes, received_at: float) -> list[Sample]:
+        """One Sparkplug B message: its rejections reported (as JSON input's are), its rebirth requests sent, its
+        gaps as window restarts (in order, before its readings), its readings for the devices this process serves."""
+        result = self.sparkplug.handle(topic, payload, received_at)
+        for reason, device, detail in result.rejections:
+            self.errors.report(reason, detail, topic=topic, device=device)
+        if result.commands and self.link is not None:
+            for command_topic, body in result.commands:
+                self.link.publish(command_topic, body, qos=0)
+        samples = [Sample(device, received_at, None, received_at) for device in result.gaps]
+        partition = self.ingest.partition
+        for sample in result.samples:
+            if partition.active and not partition.owns(sample.device):
+                continue
+            if self.ingest.device_gate is not None and not self.ingest.device_gate(sample.device, received_at):
+                self.errors.report("device_limit", self.ingest.device_limit_detail(), topic=topic, device=sample.device)
+                continue
+            samples.append(sample)
+        return samples
 
     def _enqueue(self, topic: str, samples: list[Sample]) -> None:
         started = time.monotonic()
@@ -628,19 +692,48 @@ class Agent:
                 self._drop_queued()
                 return
             if self._pending_bundle is not None:
-                self._inference.join()  # the model thread has handed on every batch of the running model,
-                self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
-                self._swap_bundle()
-            batch = self._queue.get_many(WORKER_BATCH_MAX, WORKER_POLL_S, self._batch_fill, self._batch_wait_s)
-            if not batch:
+                with self._pipeline_lock:  # no batch runs on the network thread meanwhile
+                    self._inference.join()  # the model thread has handed on every batch of the running model,
+                    self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
+                    self._swap_bundle()
+            if not self._queue.wait_for_items(WORKER_POLL_S):
                 if self._drain_and_exit.is_set():
                     return
                 continue
+            # Taken under the lock: a batch the network thread runs itself never overtakes one taken here.
+            with self._pipeline_lock:
+                batch = self._queue.get_many(WORKER_BATCH_MAX, 0.0)  # the link held them for company already
+                if not batch:
+                    continue
+                try:
+                    self._process(batch)
+                except Exception:  # a bug on one batch must not end the daemon
+                    self.counters.add("worker_errors")
+                    log.exception("worker failed on a batch of %d samples", len(batch))
+
+    def _run_here(self, samples: list[Sample]) -> bool:
+        """On the network thread: run a read's samples through the whole pipeline now, when nothing else is queued or
+        running (True), instead of queueing them for the worker (False). At a steady trickle of readings this is the
+        common case, and the batch then costs no thread hand-off at all: the worker's wake-up and the GIL passing
+        back and forth between the two threads were a large share of the CPU per reading."""
+        if len(samples) > self._batch_fill or not self._inline_allowed or not self._pipeline_lock.acquire(blocking=False):
+            return False
+        try:
+            if (self._queue.qsize() or self._pending_bundle is not None or not self._accepting.is_set()
+                    or self._inference.unfinished_tasks or self._outgoing.unfinished_tasks):
+                return False
+            self.counters.add("accepted", len(samples))
+            self._batch_here_since = time.monotonic()  # health(): a batch stuck here holds up paho's thread
             try:
-                self._process(batch)
-            except Exception:  # a bug on one batch must not end the daemon
+                self._process(samples)
+            except Exception:  # a bug on one batch must not end the daemon (nor paho's network thread)
                 self.counters.add("worker_errors")
-                log.exception("worker failed on a batch of %d samples", len(batch))
+                log.exception("worker failed on a batch of %d samples", len(samples))
+            finally:
+                self._batch_here_since = 0.0
+            return True
+        finally:
+            self._pipeline_lock.release()
 
     def _drop_queued(self) -> None:
         """At a stop out of time: empty the ingest queue unprocessed, counting every sample."""
@@ -653,7 +746,23 @@ class Agent:
     def _process(self, batch: list[Sample]) -> None:
         assert self.pipeline is not None and self.bundle is not None
         acks = [s.ack for s in batch if s.ack] if self._acks_deferred else []  # acknowledged once published
-        self._inference.put((self.pipeline, self.pipeline.prepare(batch), len(batch), self.bundle, self.clock(), acks))
+        item = (self.pipeline, self.pipeline.prepare(batch), len(batch), self.bundle, self.clock(), acks)
+        if self._runs_inline(len(batch)):
+            finished = self._infer(item)
+            if finished is not None:
+                self._publish_batch(finished)
+            return
+        self._inference.put(item)
+
+    def _runs_inline(self, samples: int) -> bool:
+        """A batch of at most one model call's samples, with nothing of an earlier batch still in flight, is run to
+        the end on the worker itself: at a steady trickle of readings every hand-off to the model and publisher
+        threads was a wake-up that cost more CPU than the batch's own work. A backlog still takes the three-thread
+        pipeline (its batches are larger), which overlaps the model with the Python of the next and last batch."""
+        # The model thread puts on _outgoing before it marks its item done: with both counts at 0 nothing is in
+        # flight, and only this thread can put something in flight again.
+        return (samples <= self._batch_fill and self._inline_allowed and self._inference.unfinished_tasks == 0
+                and self._outgoing.unfinished_tasks == 0)
 
     # -- model thread ----------------------------------------------------------------------------------------
 
@@ -666,17 +775,23 @@ class Agent:
                 if item is None:
                     self._outgoing.put(None)
                     return
-                pipeline, prepared, samples, bundle, now, acks = item
-                try:
-                    forecasts = pipeline.infer(prepared)
-                except Exception:  # a bug on one batch must not end the daemon
-                    self.counters.add("worker_errors")
-                    log.exception("the model failed on a batch of %d samples", samples)
-                    self._ack(acks)  # redelivering a batch that breaks the model would only break it again
-                    continue
-                self._outgoing.put((functools.partial(pipeline.finish, prepared, forecasts, now), samples, bundle, acks))
+                finished = self._infer(item)
+                if finished is not None:
+                    self._outgoing.put(finished)
             finally:
                 self._inference.task_done()
+
+    def _infer(self, item: tuple) -> tuple | None:
+        """Phase 2 of one batch: what the publisher needs to finish it, or None when the model failed on it."""
+        pipeline, prepared, samples, bundle, now, acks = item
+        try:
+            forecasts = pipeline.infer(prepared)
+        except Exception:  # a bug on one batch must not end the daemon
+            self.counters.add("worker_errors")
+            log.exception("the model failed on a batch of %d samples", samples)
+            self._ack(acks)  # redelivering a batch that breaks the model would only break it again
+            return None
+        return functools.partial(pipeline.finish, prepared, forecasts, now), samples, bundle, acks
 
     # -- publisher thread ------------------------------------------------------------------------------------
 
@@ -688,18 +803,22 @@ class Agent:
             try:
                 if item is None:
                     return
-                finish, samples, bundle, acks = item
-                try:
-                    events = finish()
-                    self.counters.add("processed", samples)
-                    self._publish_events(events, bundle)
-                except Exception:  # a bug on one batch must not end the daemon
-                    self.counters.add("worker_errors")
-                    log.exception("publisher failed on the events of a batch of %d samples", samples)
-                finally:
-                    self._ack(acks)  # processed and its alerts stored (or published): the broker may forget them
+                self._publish_batch(item)
             finally:
                 self._outgoing.task_done()
+
+    def _publish_batch(self, item: tuple) -> None:
+        """Phase 3 of one batch (scores, alert state), then its events out."""
+        finish, samples, bundle, acks = item
+        try:
+            events = finish()
+            self.counters.add("processed", samples)
+            self._publish_events(events, bundle)
+        except Exception:  # a bug on one batch must not end the daemon
+            self.counters.add("worker_errors")
+            log.exception("publisher failed on the events of a batch of %d samples", samples)
+        finally:
+            self._ack(acks)  # processed and its alerts stored (or published): the broker may forget them
 
     def _publish_events(self, events: list, bundle=None) -> None:
         """Publish (or store) a batch's events in order; `bundle` is the model that made them (the running one)."""
@@ -710,7 +829,8 @@ class Agent:
         durable_forecasts = self.outbox is not None and self.settings.outbox.forecasts
         stored: list[Message] = []  # one outbox transaction per batch
         active: list[Retained] = []
-        bodies = iter(self._encode_forecasts([e for e in events if isinstance(e, Forecast)], name, version))  # encoded together
+        bodies = iter(self._encode_forecasts([e for e in events if isinstance(e, Forecast)], name, version,
+                                             getattr(bundle, "intervals", None)))  # encoded together
         published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together (before an alert, or after the loop)
         forecasts_sent = 0
         for event in events:
@@ -774,16 +894,16 @@ class Agent:
             if self.link is not None:
                 self.link.set_retained(message)
 
-    def _encode_forecasts(self, forecasts: list[Forecast], name: str, version: str) -> list[bytes | None]:
+    def _encode_forecasts(self, forecasts: list[Forecast], name: str, version: str, intervals=None) -> list[bytes | None]:
         """The batch's forecast payloads; when the batch fails to encode, one by one, None for each that fails, so
         that one device's unencodable forecast never takes the other devices' events down with it."""
         try:
-            return payloads.forecasts(forecasts, name, version)
+            return payloads.forecasts(forecasts, name, version, intervals)
         except (ValueError, TypeError, OverflowError):
             bodies: list[bytes | None] = []
             for fc in forecasts:
                 try:
-                    bodies.append(payloads.forecast(fc, name, version))
+                    bodies.append(payloads.forecast(fc, name, version, intervals))
                 except (ValueError, TypeError, OverflowError):
                     self.counters.add("encode_errors")
                     log.error("forecast of %s at %s could not be encoded (non-finite values?); dropped", fc.device, fc.ts)
@@ -912,6 +1032,8 @@ class Agent:
         self.pipeline, self.bundle = pipeline, bundle
         self.releases.record(bundle)
         self.ingest.set_limits(self._plausible_limits(bundle))
+        if self.sparkplug is not None:
+            self.sparkplug.set_limits(self._plausible_limits(bundle))
         previous_dir, self.model_dir = self.model_dir, Path(bundle.path)
         if self.rollout is not None:
             self.rollout.model_changed()
@@ -1010,6 +1132,12 @@ class Agent:
     def _on_connected(self) -> None:
         if self.forwarder is not None:
             self.forwarder.wake()  # deliver what waited while offline
+        if self.sparkplug is not None and self.link is not None and self.link.connects > 1:
+            # Deaths and data may have passed while we were away: every Sparkplug device's window starts over, and
+            # the next message of each edge node (no birth known any more) asks it to rebirth.
+            gaps = [Sample(device, self.clock(), None, self.clock()) for device in self.sparkplug.connection_lost()]
+            if gaps:
+                self._enqueue("spBv1.0/", gaps)
 
     def _publish_status(self) -> None:
         link = self.link

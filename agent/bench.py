@@ -53,8 +53,12 @@ class Plan:
     stride_slots: int = 192
     latency_slots: int = 16
     latency_load: float = 0.5  # share of the measured capacity the latency phase runs at
-    partitions: int = 2
-    partition_slots: int = 96
+    partitions: int = 1  # 2+: a device-hash partitioned run too (its own target was withdrawn: on 2 cores the broker and
+    partition_slots: int = 96  # the load generator share them)
+    paced_rates: tuple[float, ...] = (100.0, 200.0, 1000.0)  # readings/s, one at a time; half the capacity is added
+    paced_seconds: float = 20.0
+    overload_factor: float = 10.0  # offered load / the daemon's capacity (as far as the generator can offer it)
+    overload_seconds: float = 4.0
     rss_devices: int = 10_000
     infer_seconds: float = 3.0
     repeats: int = 3  # capacity phases per process under test: the median is reported, with every run's rate
@@ -66,7 +70,8 @@ class Plan:
     @classmethod
     def quick(cls) -> "Plan":
         return cls(devices=40, receive_slots=20, naive_slots=4, capacity_slots=8, stride_slots=16, latency_slots=4,
-                   partition_slots=8, rss_devices=200, infer_seconds=0.3, repeats=1)
+                   partition_slots=8, rss_devices=200, infer_seconds=0.3, repeats=1, paced_rates=(100.0,), paced_seconds=1.0,
+                   overload_seconds=0.5)
 
 
 # -- processes ------------------------------------------------------------------------------------------------------
@@ -100,6 +105,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -110,15 +122,18 @@ def peak_rss_mib(pid: int) -> float:
 class Broker:
     """mosquitto on a free port; queues unbounded so a paused subscriber loses nothing."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, bounded: bool = False):
+        """bounded: mosquitto's own queue limits (what a gateway's broker has), so that under overload it drops."""
         if not Path(MOSQUITTO).exists():
             raise RuntimeError(f"{MOSQUITTO} not found: the benchmark needs mosquitto")
         self.port = free_port()
-        conf = workdir / "mosquitto.conf"
+        name = "mosquitto-bounded" if bounded else "mosquitto"
+        conf = workdir / f"{name}.conf"
         user = "user root\n" if os.geteuid() == 0 else ""
+        limits = "" if bounded else "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}persistence false\n"
-                        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\nset_tcp_nodelay true\nlog_type error\n")
-        self.log = open(workdir / "mosquitto.log", "wb")
+                        f"{limits}set_tcp_nodelay true\nlog_type error\n")
+        self.log = open(workdir / f"{name}.log", "wb")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
@@ -212,13 +227,14 @@ class Collector:
 
 
 STOPPED_LINE = re.compile(r"stopped: (\d+) samples accepted, (\d+) processed, (\d+) forecasts, (\d+) alert events, (\d+) rejected")
+REJECTED_LINE = re.compile(r"rejected by reason: (\{.*\}); (\d+) forecasts dropped at the output")
 
 
 class Daemon:
     """`python -m agent run` with a configuration written here; pause/resume for capacity phases."""
 
     def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, plan: Plan, stride: int = 1,
-                 partition: tuple[int, int] = (1, 0)):
+                 partition: tuple[int, int] = (1, 0), extra_config: list[str] | None = None):
         self.agent_id = agent_id
         folder = workdir / agent_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -230,6 +246,7 @@ class Daemon:
             + (f"\nbatch_wait_ms = {plan.batch_wait_ms}" if plan.batch_wait_ms is not None else ""),
             f'[state]\ndirectory = "{folder / "state"}"',
             f"[partition]\ncount = {partition[0]}\nindex = {partition[1]}",
+            *(extra_config or []),
         ]
         config = folder / "agent.toml"
         config.write_text("\n".join(lines) + "\n")
@@ -259,11 +276,17 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        match = STOPPED_LINE.search(self.log_path.read_text(errors="replace"))
+        text = self.log_path.read_text(errors="replace")
+        match = STOPPED_LINE.search(text)
         if match is None:
             return {}
         keys = ("accepted", "processed", "forecasts", "alert_events", "rejected")
-        return dict(zip(keys, map(int, match.groups())))
+        counters = dict(zip(keys, map(int, match.groups())))
+        detail = REJECTED_LINE.search(text)
+        if detail is not None:
+            counters["rejected_by_reason"] = json.loads(detail.group(1))
+            counters["dropped_publishes"] = int(detail.group(2))
+        return counters
 
 
 class Helper:
@@ -366,6 +389,44 @@ class Run:
         median["runs_readings_per_s"] = [run["readings_per_s"] for run in runs]
         return median
 
+    def paced(self, pid: int, devices: int, rate: float, seconds: float, alive) -> dict:
+        """`latency` for about `seconds` at `rate` (whole slots of every device), with the CPU time per reading and
+        the process's resident memory at the end."""
+        slots = max(1, round(rate * seconds / devices))
+        phase = self.latency(pid, devices, slots, rate, alive)
+        phase["cpu_us_per_reading"] = phase["cpu_cores"] / phase["achieved_rate"] * 1e6
+        phase["rss_mib"] = rss_mib(pid)
+        return phase
+
+    def overload(self, pid: int, devices: int, readings_per_s: float, plan: Plan, alive) -> dict:
+        """Offer `plan.overload_factor` x `readings_per_s` (as fast as the generator goes, if that is less) for about
+        `plan.overload_seconds`, the process under test running; what came out while it was offered and until it
+        was all handled (or dropped)."""
+        self.collector.reset()
+        slots = max(1, round(plan.overload_factor * readings_per_s * plan.overload_seconds / devices))
+        rss0, cpu0, started = rss_mib(pid), cpu_seconds(pid), time.time()
+        _, generated = self.publish(devices, slots)
+        offered_until = time.time()
+        offered_forecasts = len(self.collector.arrivals)
+        # Then until no forecast came for 2 s: the rest of what the broker and the daemon held.
+        last_count, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 2.0 and alive():
+            count = len(self.collector.arrivals)
+            if count != last_count:
+                last_count, quiet_since = count, time.monotonic()
+            time.sleep(0.1)
+        arrivals = [t for t, _ in self.collector.arrivals]
+        ended = max(arrivals) if arrivals else offered_until
+        cpu1 = cpu_seconds(pid)
+        offered_s = offered_until - started
+        return {"offered": devices * slots, "offered_per_s": generated["rate"], "offered_vs_capacity": generated["rate"] / readings_per_s,
+                "offered_seconds": round(offered_s, 3), "forecasts": len(arrivals),
+                "forecasts_per_s_while_offered": offered_forecasts / offered_s,
+                "forecasts_per_s": len(arrivals) / max(ended - started, 1e-9), "seconds": round(ended - started, 3),
+                "cpu_cores": (cpu1 - cpu0) / max(ended - started, 1e-9),
+                "cpu_us_per_forecast": (cpu1 - cpu0) / max(len(arrivals), 1) * 1e6,
+                "rss_before_mib": rss0, "rss_after_mib": rss_mib(pid), "peak_rss_mib": peak_rss_mib(pid)}
+
     def latency(self, pid: int, devices: int, slots: int, rate: float, alive) -> dict:
         """Live: readings paced at `rate`; per forecast, arrival - publication of its newest reading."""
         self.collector.reset()
@@ -465,26 +526,38 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
         result["receive_ceiling"] = {"readings": n, "seconds": got["last"] - resumed, "readings_per_s": n / (got["last"] - resumed),
                                      "cpu_us_per_reading": got["cpu_us_per_message"]}
 
-        # (c) the naive daemon.
-        progress("naive daemon: one model call per message, batch 1")
-        naive = Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", str(threads))
-        naive_alive = lambda: naive.proc.poll() is None  # noqa: E731
-        run.warm(D, D, naive_alive)
-        result["naive"] = run.capacities([naive.pid], D * plan.naive_slots, D, plan.naive_slots, D * plan.naive_slots, naive_alive)
-        naive.terminate()
-
-        # The daemon, inference on every reading: capacity, then latency at half of it.
+        # The daemon, inference on every reading: capacity; paced phases; overload.
         progress("daemon, inference on every reading: capacity")
         daemon = Daemon(workdir, broker.port, model, "bench-s1", collector, plan)
         daemons[:] = [daemon]
         run.warm(D, D, alive)
         s1 = run.capacities([daemon.pid], D * plan.capacity_slots, D, plan.capacity_slots, D * plan.capacity_slots, alive)
-        rate = plan.latency_load * s1["readings_per_s"]
-        progress(f"daemon, inference on every reading: latency at {rate:.0f} readings/s")
-        s1["latency"] = run.latency(daemon.pid, D, plan.latency_slots, rate, alive)
+        half = plan.latency_load * s1["readings_per_s"]
+        rates = sorted({float(r) for r in plan.paced_rates} | {round(half)})
+        s1["paced"] = []
+        for rate in rates:
+            progress(f"daemon, inference on every reading: {rate:,.0f} readings/s paced one at a time")
+            s1["paced"].append(run.paced(daemon.pid, D, rate, plan.paced_seconds, alive))
+        s1["latency"] = next(phase for phase in s1["paced"] if phase["rate"] == round(half))
         s1["peak_rss_mib"] = peak_rss_mib(daemon.pid)
         s1["counters"] = daemon.stop()
         result["daemon"] = s1
+        result["overload"] = {"daemon": overload_phase(workdir, model, plan, run, s1["readings_per_s"], progress, daemons)}
+
+        # (c) the naive daemon: capacity, the same paced rates, overload.
+        progress("naive daemon: one model call per message, batch 1")
+        naive = Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", str(threads))
+        naive_alive = lambda: naive.proc.poll() is None  # noqa: E731
+        try:
+            run.warm(D, D, naive_alive)
+            result["naive"] = run.capacities([naive.pid], D * plan.naive_slots, D, plan.naive_slots, D * plan.naive_slots, naive_alive)
+            result["naive"]["paced"] = []
+            for rate in rates:
+                progress(f"naive daemon: {rate:,.0f} readings/s paced one at a time")
+                result["naive"]["paced"].append(run.paced(naive.pid, D, rate, plan.paced_seconds, naive_alive))
+        finally:
+            naive.terminate()
+        result["overload"]["naive"] = overload_phase(workdir, model, plan, run, s1["readings_per_s"], progress, daemons, naive=threads)
 
         # Inference every `stride`-th reading.
         progress(f"daemon, inference every {plan.stride}th reading: capacity")
@@ -530,6 +603,48 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     return result
 
 
+def overload_phase(workdir: Path, model: Path, plan: Plan, run: Run, capacity: float, progress, daemons: list, naive: int = 0) -> dict:
+    """The daemon (or, with `naive` threads, the naive daemon) behind a broker with mosquitto's own queue limits,
+    offered `plan.overload_factor` x its capacity: forecasts/s, CPU, memory, and what was dropped where (at the
+    broker: offered - what the process received; in the daemon: rejections by reason and forecasts it could not
+    write)."""
+    D = plan.devices
+    bounded = Broker(workdir, bounded=True)
+    collector = Collector(bounded.port)
+    side = Run(plan, model, workdir, bounded.port, collector, run.period_s, run.lookback, run.next_slot)
+    side.origin = run.origin
+    who = "naive daemon" if naive else "daemon"
+    try:
+        if naive:
+            helper = Helper("naive", "--port", str(bounded.port), "--model", str(model), "--threads", str(naive))
+            try:
+                alive = lambda: helper.proc.poll() is None  # noqa: E731
+                side.warm(D, D, alive)
+                progress(f"{who}: overload, {plan.overload_factor:g} x capacity offered to a broker with its default limits")
+                phase = side.overload(helper.pid, D, capacity, plan, alive)
+            finally:
+                counts = helper.terminate()
+            phase["received"] = counts.get("messages", 0) - D * run.lookback
+        else:
+            daemon = Daemon(workdir, bounded.port, model, "bench-overload", collector, plan)
+            daemons[:] = [daemon]
+            side.warm(D, D, daemon.alive)
+            progress(f"{who}: overload, {plan.overload_factor:g} x capacity offered to a broker with its default limits")
+            phase = side.overload(daemon.pid, D, capacity, plan, daemon.alive)
+            counters = daemon.stop()
+            daemons.clear()
+            phase["counters"] = counters
+            phase["received"] = counters.get("accepted", 0) + counters.get("rejected", 0) - D * run.lookback
+            phase["dropped_in_daemon"] = {"rejected": counters.get("rejected_by_reason", {}),
+                                          "forecasts_not_written": counters.get("dropped_publishes", 0)}
+        phase["dropped_at_broker"] = phase["offered"] - phase["received"]
+    finally:
+        run.next_slot = side.next_slot
+        collector.stop()
+        bounded.stop()
+    return phase
+
+
 def ratios(r: dict) -> dict:
     """The headline: the daemon against each ceiling, from the measured rates."""
     daemon = r["daemon"]["readings_per_s"]
@@ -559,6 +674,12 @@ def cpu_ratios(r: dict) -> dict:
             "receive_vs_stride": receive / strided}
 
 
+def paced_pairs(r: dict) -> list[tuple[dict, dict]]:
+    """(daemon, naive daemon) phase at each paced rate, in rate order."""
+    naive = {phase["rate"]: phase for phase in r["naive"].get("paced", [])}
+    return [(phase, naive[phase["rate"]]) for phase in r["daemon"].get("paced", []) if phase["rate"] in naive]
+
+
 def targets(r: dict) -> list[dict]:
     q = r["ratios"]
     rows = [
@@ -566,12 +687,54 @@ def targets(r: dict) -> list[dict]:
         ("throughput >= 3x the naive daemon", q["daemon_vs_naive"], ">=", 3.0),
         (f"stride {r['plan']['stride']}: >= 60% of the receive ceiling", q["stride_vs_receive_ceiling"], ">=", 0.6),
         ("p99 latency at half the capacity (ms)", r["daemon"]["latency"]["p99_ms"], "<=", 25.0),
-        (f"peak RSS with {r['memory']['devices']} devices (MiB)", r["memory"]["peak_rss_mib"], "<=", 120.0),
     ]
-    if "partitioned" in r:
-        rows.append((f"{r['partitioned']['processes']} processes vs one", q["partitioned_vs_one_process"], ">=", 1.7))
+    for ours, naive in paced_pairs(r):
+        if ours["rate"] in (200.0, 1000.0):
+            rows.append((f"{ours['rate']:,.0f} paced readings/s: CPU vs the naive daemon", ours["cpu_cores"] / naive["cpu_cores"], "<=", 0.5))
+            rows.append((f"{ours['rate']:,.0f} paced readings/s: p99 latency (ms)", ours["p99_ms"], "<=", 10.0))
+    rows.append(("at capacity: CPU per reading / onnxruntime alone per window", q["cpu"]["daemon_us_per_reading"] / q["cpu"]["inference_us_per_window"], "<=", 1.2))
+    if "overload" in r:
+        o = r["overload"]["daemon"]
+        rows.append((f"overload ({o['offered_vs_capacity']:.1f} x capacity offered): forecasts/s vs capacity",
+                     o["forecasts_per_s_while_offered"] / r["daemon"]["forecasts_per_s"], ">=", 0.8))
+        rows.append(("overload: resident memory growth (MiB)", o["rss_after_mib"] - o["rss_before_mib"], "<=", 8.0))
+    rows.append((f"peak RSS with {r['memory']['devices']} devices (MiB)", r["memory"]["peak_rss_mib"], "<=", 120.0))
     return [{"target": name, "value": value, "bound": f"{op} {bound}", "met": value >= bound if op == ">=" else value <= bound}
             for name, value, op, bound in rows]
+
+
+def paced_markdown(r: dict) -> list[str]:
+    """The paced phases, ours beside the naive daemon's at each rate."""
+    lines = ["Readings paced one at a time (as a fleet sends them), the daemon and the naive daemon in the same run:", "",
+             "| paced rate | daemon CPU (cores) | us per reading | p50 / p95 / p99 ms | RSS MiB | naive CPU (cores) | us per reading "
+             "| p50 / p95 / p99 ms | RSS MiB | CPU ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ours, naive in paced_pairs(r):
+        lines.append(
+            f"| {ours['achieved_rate']:,.0f}/s | {ours['cpu_cores']:.3f} | {ours['cpu_us_per_reading']:.0f} | "
+            f"{ours['p50_ms']:.1f} / {ours['p95_ms']:.1f} / {ours['p99_ms']:.1f} | {ours['rss_mib']:.0f} | {naive['cpu_cores']:.3f} | "
+            f"{naive['cpu_us_per_reading']:.0f} | {naive['p50_ms']:.1f} / {naive['p95_ms']:.1f} / {naive['p99_ms']:.1f} | "
+            f"{naive['rss_mib']:.0f} | {ours['cpu_cores'] / naive['cpu_cores']:.2f} |")
+    return lines
+
+
+def overload_markdown(r: dict) -> list[str]:
+    if "overload" not in r:
+        return []
+    lines = ["Overload: readings offered as fast as the generator goes, to a broker with mosquitto's default queue limits:", "",
+             "| process | offered/s (x capacity) | forecasts/s while offered | forecasts/s to the end | CPU (cores) | "
+             "dropped at the broker | dropped in the process | RSS before / after MiB |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for name, o in (("daemon", r["overload"]["daemon"]), ("naive daemon", r["overload"].get("naive"))):
+        if o is None:
+            continue
+        inside = o.get("dropped_in_daemon")
+        inside_text = "n/a" if inside is None else (", ".join(f"{k} {v:,}" for k, v in sorted(inside["rejected"].items()) if v) or "none rejected") + \
+            f"; {inside['forecasts_not_written']:,} forecasts not written"
+        lines.append(f"| {name} | {o['offered_per_s']:,.0f} ({o['offered_vs_capacity']:.1f}) | {o['forecasts_per_s_while_offered']:,.0f} | "
+                     f"{o['forecasts_per_s']:,.0f} | {o['cpu_cores']:.2f} | {o['dropped_at_broker']:,} | {inside_text} | "
+                     f"{o['rss_before_mib']:.0f} / {o['rss_after_mib']:.0f} |")
+    return lines
 
 
 def markdown(r: dict) -> str:
@@ -607,6 +770,10 @@ def markdown(r: dict) -> str:
         f"{lat['forecasts']} forecasts; daemon CPU {lat['cpu_cores']:.2f} cores).",
         f"Peak RSS with {r['memory']['devices']:,} devices: {r['memory']['peak_rss_mib']:.0f} MiB.",
         "",
+        *paced_markdown(r),
+        "",
+        *overload_markdown(r),
+        "",
         spread(r),
         "",
         f"CPU time per reading (all threads, user + system; comparable even when other work shares the machine): daemon "
@@ -640,7 +807,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--quick", action="store_true", help="a small smoke run (seconds): every figure, not meaningful values")
     bench.add_argument("--devices", type=int, help="devices (default 1000)")
     bench.add_argument("--stride", type=int, help="inference.stride of the strided run (default 8)")
-    bench.add_argument("--partitions", type=int, help="processes of the partitioned run (default 2; 1 skips it)")
+    bench.add_argument("--partitions", type=int, help="processes of a device-hash partitioned run (default 1: none)")
     bench.add_argument("--rss-devices", type=int, help="devices of the memory run (default 10000)")
     bench.add_argument("--repeats", type=int, help="capacity runs per process under test, the median reported (default 3)")
     bench.add_argument("--max-batch", type=int, help="inference.max_batch (default: the configured default)")
@@ -648,6 +815,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-wait-ms", type=float, help="inference.batch_wait_ms (default: the configured default)")
     bench.add_argument("--at-least-once", action="store_true",
                        help="readings at QoS 1 and mqtt.at_least_once in the daemon (acknowledged once processed)")
+    bench.add_argument("--paced-rates", metavar="R,R,...", help="paced phases, readings/s (default 100,200,1000; half the capacity is added)")
+    bench.add_argument("--paced-seconds", type=float, help="seconds of each paced phase (default 20)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the results as a Markdown table")
 
@@ -661,6 +830,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(plan, name, value)
+    if args.paced_rates:
+        plan.paced_rates = tuple(float(x) for x in args.paced_rates.split(",") if x.strip())
+    if args.paced_seconds:
+        plan.paced_seconds = args.paced_seconds
     if plan.stride_slots % plan.stride:
         plan.stride_slots = plan.stride * max(1, round(plan.stride_slots / plan.stride))
     model = Path(args.model) if args.model else shipped_model_path()

@@ -151,6 +151,12 @@ class Bundle:
         self._shift32 = (-self.offset / self.scale).astype(np.float32)
         self._tscale32 = self.target_scale.astype(np.float32)
         self._toffset32 = self.target_offset.astype(np.float32)
+        from .intervals import IntervalError, load_intervals
+
+        try:
+            self.intervals = load_intervals(manifest)  # prediction bands of the forecasts; None for bundles without
+        except IntervalError as exc:
+            raise BundleError(f"manifest.calibration.intervals: {exc}") from None
 
     @property
     def n_features(self) -> int:

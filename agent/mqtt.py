@@ -36,6 +36,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.client import _ConnectionState
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from . import affinity
+
 if TYPE_CHECKING:
     from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
 
@@ -106,6 +108,9 @@ class _Client(paho.Client):
 
     last_error: BaseException | None = None
     on_publishes: Callable[..., None] | None = None  # ([(topic bytes, payload)] in order[, packet ids when acks_deferred])
+    _writes_from_any_thread = False  # plain TCP: queue_raw_packets writes from the calling thread
+    hold_s = 0.0  # how long a read's messages may wait for company before they are handed on (see _hold)
+    hold_count = 1  # ... unless this many are there already
     acks_deferred = False  # mqtt.at_least_once: QoS 1 PUBLISHes are acknowledged by MqttLink.ack_many, once processed
 
     def __init__(self, *args, **kwargs) -> None:
@@ -113,6 +118,18 @@ class _Client(paho.Client):
         # Held while reconnecting: paho clears its out queue and queues CONNECT then, and raw packets queued in
         # between would reach the broker before CONNECT (which closes the connection).
         self._raw_lock = threading.Lock()
+        # One writer at a time: paho's network thread, or a thread that writes its raw packets itself.
+        self._write_lock = threading.Lock()
+        # Messages read but not yet handed on (network thread only), their packet ids and PUBACKs; see _hold.
+        self._held: list[tuple[bytes, bytes]] = []
+        self._held_mids: list[int] = []
+        self._held_acks: list[bytes] = []
+        self._held_since = 0.0
+        self._last_delivery = (0.0, 0.0)  # monotonic start and end of the last hand-over (which may run a batch)
+
+    def _packet_write(self):  # type: ignore[override]
+        with self._write_lock:
+            return super()._packet_write()
 
     def reconnect(self):  # type: ignore[override]
         try:
@@ -123,6 +140,8 @@ class _Client(paho.Client):
             raise
         self.last_error = None
         if self._sock is not None and not isinstance(self._sock, _BufferedSocket):
+            # An SSL object must not be read and written by two threads at once: over TLS only paho's thread writes.
+            self._writes_from_any_thread = not isinstance(self._sock, ssl.SSLSocket)
             self._sock = _BufferedSocket(self._sock)  # before the loop reads anything (CONNACK included)
         return result
 
@@ -149,10 +168,46 @@ class _Client(paho.Client):
                 pending = self.raw_pending_bytes()
                 if pending and pending + len(packets) > max_pending:  # one call's packets always pass an empty queue
                     return False
-            self._packet_queue(0, packets, 0, 0)
+            self._out_packet.append({"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(packets), "packet": packets,
+                                     "info": None})  # what paho's _packet_queue would queue, without its wake-up
+            if not self._write_raw_now() and self._sockpairW is not None:
+                try:  # what this thread could not write: the network thread's select wakes up for it
+                    self._sockpairW.send(b"0")
+                except BlockingIOError:
+                    pass
             return True
         finally:
             self._raw_lock.release()
+
+    def _write_raw_now(self) -> bool:
+        """Write the raw packets at the head of the out queue from the calling thread; True when the queue is empty
+        afterwards. At a trickle of readings, handing each batch's forecasts to the network thread woke it once more
+        per batch; writing them here costs one send. Only raw packets are written (paho's own have callbacks that
+        belong on its thread); a socket that takes part of them leaves the rest to the network thread."""
+        if not self._writes_from_any_thread or not self._write_lock.acquire(blocking=False):
+            return False  # TLS, or the network thread is writing: it takes these too, once woken
+        try:
+            queue = self._out_packet
+            while queue:
+                packet = queue[0]
+                if packet["command"] != 0:
+                    return False
+                try:
+                    written = self._sock_send(packet["packet"][packet["pos"]:])
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    return False
+                except (OSError, AttributeError, ValueError):  # the connection is going: paho's thread finds out
+                    return False
+                packet["to_process"] -= written
+                packet["pos"] += written
+                if packet["to_process"] > 0:
+                    return False
+                queue.popleft()
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+            return True
+        finally:
+            self._write_lock.release()
 
     def raw_pending_bytes(self) -> int:
         """Bytes of raw packets not yet written to the socket (a few packets: one per publish_many call)."""
@@ -166,8 +221,12 @@ class _Client(paho.Client):
             # The one-pass reader first: when readings trickle in, each read holds one PUBLISH, and paho's own path
             # for it (3-4 reads, a message object, callback locks, a log call) would take every one of them.
             self._take_buffered_publishes(sock)
+            if self._held and len(self._held) < self.hold_count:
+                self._hold(sock)
+            self._deliver_held()
             if sock.buffered() == 0:
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._deliver_held()  # before anything paho reads itself: messages are delivered in order
         rc = super().loop_read(max_packets)
         burst = 0
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and burst < self.READ_BURST:
@@ -175,6 +234,7 @@ class _Client(paho.Client):
             if not isinstance(sock, _BufferedSocket) or sock.buffered() == 0:
                 break
             self._take_buffered_publishes(sock)
+            self._deliver_held()
             # Back to select as soon as something waits to be written: with a backlog at the broker every read
             # refills the buffer, and the forecasts queued meanwhile would wait (in memory) until the backlog ends.
             if sock.buffered() == 0 or self._out_packet:
@@ -226,12 +286,42 @@ class _Client(paho.Client):
         sock._pos = pos
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
-        if self.acks_deferred:
-            self.on_publishes(messages, mids)
+        if not self._held:
+            # Messages read right after a delivery may have come while it ran: their hold counts from its start.
+            now = time.monotonic()
+            busy_from, busy_to = self._last_delivery
+            self._held_since = busy_from if now - busy_to < 0.001 else now
+        self._held += messages
+        self._held_mids += mids
+        self._held_acks += acks
+
+    def _hold(self, sock: _BufferedSocket) -> None:
+        """A read brought fewer messages than one model call takes: wait until the first of them is `hold_s` old,
+        then take whatever came meanwhile. At a steady trickle every message woke this thread and, through the
+        ingest queue, the worker; held together, a few messages cost one wake-up of each. Writes do not wait for
+        this: forecasts are written by the thread that makes them (plain TCP), the rest after at most `hold_s`."""
+        remaining = self._held_since + self.hold_s - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+        if sock.buffered() == 0 and sock.fill():
+            self._take_buffered_publishes(sock)
+
+    def _deliver_held(self) -> None:
+        """Hand the held messages to `on_publishes` (then acknowledge the QoS 1 ones, as paho does after its callback)."""
+        if not self._held:
             return
-        self.on_publishes(messages)
-        if acks:
-            self._packet_queue(paho.PUBACK, b"".join(acks), 0, 0)
+        messages, mids, acks = self._held, self._held_mids, self._held_acks
+        self._held, self._held_mids, self._held_acks = [], [], []
+        started = time.monotonic()
+        try:
+            if self.acks_deferred:
+                self.on_publishes(messages, mids)
+                return
+            self.on_publishes(messages)
+            if acks:
+                self._packet_queue(paho.PUBACK, b"".join(acks), 0, 0)
+        finally:
+            self._last_delivery = (started, time.monotonic())
 
 
 def _publish_header(topic_length: int, payload_length: int) -> bytes:
@@ -313,7 +403,10 @@ class MqttLink:
         control_subscriptions: list[str] | None = None,
         on_control: ControlHandler | None = None,
         on_messages: BatchHandler | None = None,
+        hold: tuple[float, int] = (0.0, 1),
     ):
+        """`hold` (seconds, count): a read that brings fewer than `count` messages waits until its first is that
+        many seconds old and takes what came meanwhile, so that they reach `on_messages` together (_Client._hold)."""
         self._settings = settings
         self._subscriptions = list(subscriptions)
         self._handler = on_message
@@ -358,6 +451,7 @@ class MqttLink:
             manual_ack=settings.mqtt.at_least_once,
         )
         client.acks_deferred = settings.mqtt.at_least_once
+        client.hold_s, client.hold_count = hold
         paho_log = logging.getLogger("agent.mqtt.paho")
         if self._drop_socket_noise not in paho_log.filters:
             paho_log.addFilter(self._drop_socket_noise)
@@ -570,6 +664,7 @@ class MqttLink:
     # -- paho callbacks (network thread) ---------------------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        affinity.name_os_thread("mqtt")  # paho's network thread, as top -H shows it
         mqtt = self._settings.mqtt
         if reason_code.is_failure:
             self._attempt += 1  # back off: retrying a refused login at the shortest delay helps nobody

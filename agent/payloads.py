@@ -6,6 +6,7 @@ Compact separators and rounded floats keep payloads small; non-finite numbers be
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from collections.abc import Iterable
@@ -50,27 +51,70 @@ def _model(name: str, version: str) -> dict[str, str]:
     return {"name": name, "version": version}
 
 
-def forecast(fc: Forecast, model_name: str, model_version: str) -> bytes:
+def forecast(fc: Forecast, model_name: str, model_version: str, intervals=None) -> bytes:
     """The same bytes as `_forecast_reference`, written as text directly: this runs once per forecast, thousands
     of times a second, and json.dumps of a nested dict with per-value rounding was the daemon's largest
     encoding cost. Anything unusual (non-finite values) takes the reference path."""
     try:
-        values = ",".join([f"{_json_str(target)}:[{_json_sig5_list(series)}]" for target, series in fc.values.items()])
+        values = _pipeline_values_text(fc.values)
+        if values is None:
+            values = ",".join([f"{_json_str(target)}:[{_json_sig5_list(series)}]" for target, series in fc.values.items()])
+        band = "" if intervals is None else f',"interval":{_interval_text(fc, intervals)}'
         return (
             f'{{"device":{_json_str(fc.device)},"model":{_json_model(model_name, model_version)},"ts":{_json_ts(fc.ts)},'
             f'"period_s":{_json_ts(fc.period_s)},"horizon_ts":[{_json_ts_list(fc.horizon_ts)}],'
-            f'"forecast":{{{values}}},"completeness":{_json_round(fc.completeness, 4)},"staleness_s":{_json_round(fc.staleness_s, 3)}}}'
+            f'"forecast":{{{values}}}{band},"completeness":{_json_round(fc.completeness, 4)},"staleness_s":{_json_round(fc.staleness_s, 3)}}}'
         ).encode("utf-8")
     except _Unusual:
-        return _forecast_reference(fc, model_name, model_version)
+        return _forecast_reference(fc, model_name, model_version, intervals)
 
 
-def forecasts(fcs: list[Forecast], model_name: str, model_version: str) -> list[bytes]:
+def _interval_bounds(fc: Forecast, intervals) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(level names, lower (K, T, H), upper (K, T, H)) of a forecast's prediction bands."""
+    yhat = np.array([fc.values[t] for t in fc.values], dtype=np.float64).T  # (H, T)
+    lower, upper = intervals.bounds(yhat)  # (K, H, T) each
+    return intervals.level_names(), lower.transpose(0, 2, 1).astype(np.float64), upper.transpose(0, 2, 1).astype(np.float64)
+
+
+def _interval_text(fc: Forecast, intervals) -> str:
+    """{"80": {"lower": {target: [H]}, "upper": {...}}, "95": ...}: each level's band, rounded as the forecast is."""
+    names, lower, upper = _interval_bounds(fc, intervals)
+    targets = list(fc.values)
+    parts = []
+    for k, name in enumerate(names):
+        sides = []
+        for side, bound in (("lower", lower[k]), ("upper", upper[k])):
+            sides.append(f'"{side}":{{' + ",".join(f"{_json_str(t)}:[{_json_sig5_list(bound[j].tolist())}]" for j, t in enumerate(targets)) + "}")
+        parts.append(f'{_json_str(name)}:{{{",".join(sides)}}}')
+    return "{" + ",".join(parts) + "}"
+
+
+def _pipeline_values_text(values) -> str | None:
+    """The "forecast" members of the pipeline's ForecastValues in one C-level format of every number; None when
+    the values are not the pipeline's or a number needs more than '%.5g' (non-finite, exponent, whole)."""
+    if type(values) is not ForecastValues:
+        return None
+    rows = values.batch[values.row].tolist()  # (T, H) floats
+    if not rows or not rows[0]:
+        return None
+    H = len(rows[0])
+    text = _series_format(len(rows), H).format(*itertools.chain.from_iterable(rows))
+    if "e" in text or "n" in text or text.count(".") != len(rows) * H:
+        return None
+    return ",".join([f"{_json_str(target)}:[{series}]" for target, series in zip(values.targets, text.split("|"))])
+
+
+@functools.lru_cache(maxsize=16)
+def _series_format(targets: int, steps: int) -> str:
+    return "|".join([",".join(["{:.5g}"] * steps)] * targets)
+
+
+def forecasts(fcs: list[Forecast], model_name: str, model_version: str, intervals=None) -> list[bytes]:
     """`forecast` of many forecasts, the same bytes: the numbers of a whole batch are written as text by numpy
     (`_sig5_texts`) instead of one float format per value, which was the encoder's largest cost (40 values per
     forecast). Forecasts with a value outside the fast path, or not shaped like the first one, take `forecast`."""
-    if not fcs:
-        return []
+    if len(fcs) < _BATCH_ENCODE_MIN or intervals is not None:  # the vectorized writer's fixed cost (~100 us) is more
+        return [forecast(fc, model_name, model_version, intervals) for fc in fcs]  # than a few forecasts' own
     targets = list(fcs[0].values)
     T = len(targets)
     first = fcs[0].values
@@ -207,6 +251,7 @@ def _sig5_texts(values: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 _POW10 = 10.0 ** np.arange(0, 9)  # exact doubles
 _SIG5_ROWS = 128  # forecasts per _sig5_texts call (see `forecasts`)
+_BATCH_ENCODE_MIN = 8  # fewer forecasts are written one by one (measured crossover: 8)
 
 
 class _Unusual(Exception):
@@ -272,20 +317,26 @@ def _json_round(value: float, digits: int) -> str:
     return repr(rounded)
 
 
-def _forecast_reference(fc: Forecast, model_name: str, model_version: str) -> bytes:
+def _forecast_reference(fc: Forecast, model_name: str, model_version: str, intervals=None) -> bytes:
     """The forecast payload as the contract's plain JSON encoding: the definition `forecast` must equal."""
-    return _dumps(
-        {
-            "device": fc.device,
-            "model": _model(model_name, model_version),
-            "ts": _ts(fc.ts),
-            "period_s": _ts(fc.period_s),
-            "horizon_ts": [_ts(t) for t in fc.horizon_ts],
-            "forecast": {target: [_sig(v, FORECAST_DIGITS) for v in values] for target, values in fc.values.items()},
-            "completeness": round(float(fc.completeness), 4),
-            "staleness_s": round(float(fc.staleness_s), 3),
+    body = {
+        "device": fc.device,
+        "model": _model(model_name, model_version),
+        "ts": _ts(fc.ts),
+        "period_s": _ts(fc.period_s),
+        "horizon_ts": [_ts(t) for t in fc.horizon_ts],
+        "forecast": {target: [_sig(v, FORECAST_DIGITS) for v in values] for target, values in fc.values.items()},
+    }
+    if intervals is not None:
+        names, lower, upper = _interval_bounds(fc, intervals)
+        body["interval"] = {
+            name: {side: {t: [_sig(v, FORECAST_DIGITS) for v in bound[k, j].tolist()] for j, t in enumerate(fc.values)}
+                   for side, bound in (("lower", lower), ("upper", upper))}
+            for k, name in enumerate(names)
         }
-    )
+    body["completeness"] = round(float(fc.completeness), 4)
+    body["staleness_s"] = round(float(fc.staleness_s), 3)
+    return _dumps(body)
 
 
 def alert(event: AlertEvent, model_name: str, model_version: str) -> bytes:

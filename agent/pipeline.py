@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 Event = Forecast | AlertEvent | Rejection
 
 _COMMIT, _FORECAST, _REJECT = 0, 1, 2
+SCALAR_LOOKUPS = 30  # commits x looked-up steps up to which past forecasts are looked up one by one (_past_forecasts_few)
+QUIET_BATCH_MIN = 5  # fewer commits are scored one by one: observe_quiet's fixed cost (~100 us) is more than theirs
 LEARNING_CALL = 64  # samples per call in process() while learning periods are on (replay, calibration)
 SPARE_BATCHES = 2  # prepare, infer and finish overlap by at most one call each
 _KEY_SPAN = 1 << 34  # (device, slot) -> one int64 key: device * span + slot (slots are < 2**34)
@@ -134,7 +136,7 @@ class Pipeline:
         self._call_forecasts: list[tuple[int, int, int, bool]] = []  # (device, slot, batch row, usable for scoring)
         self._spare_batches: list[np.ndarray] = []  # batch arrays infer is done with, for the next calls
         self._state_lock = threading.Lock()  # phase 3 against the growth of the per-device arrays
-        self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "reordered": 0, "inferences": 0, "batches": 0,
+        self.counters = {"samples": 0, "slots": 0, "late_samples": 0, "input_gaps": 0, "reordered": 0, "inferences": 0, "batches": 0,
                          "scored": 0, "alerts_opened": 0, "rejected_devices": 0, "devices_learned": 0, "devices_evicted": 0}
 
     # -- per-device arrays beside the window store --------------------------------------------------------------
@@ -255,6 +257,12 @@ class Pipeline:
         windows = self.windows
         reordered = windows.reordered
         for i, sample in enumerate(samples):
+            if sample.values is None:  # a gap the input knows of: the device's window starts over
+                known = windows.index.get(sample.device)
+                if known is not None:
+                    windows.restart(known)
+                    self.counters["input_gaps"] += 1
+                continue
             d = self._device(sample.device, sample.received_at, first_index + i)
             if d is None:
                 self.counters["rejected_devices"] += 1
@@ -343,6 +351,10 @@ class Pipeline:
         devices = np.array(device_column, dtype=np.int64)
         slots = np.array(slot_column, dtype=np.int64)
         observed = np.array(observed_column, dtype=np.float64)  # (K, T)
+        features = np.array(feature_column, dtype=np.float64) if self._log_features else None  # (K, F) original units
+        if K * S <= SCALAR_LOOKUPS:
+            expected, usable = self._past_forecasts_few(device_column, slot_column, call_forecasts, forecasts)
+            return observed, expected, usable, devices, np.array(observed_flags, dtype=bool), slots, features
         steps = np.array(self.lookup_steps, dtype=np.int64)  # (S',)
         want = slots[:, None] - steps  # (K, S') slot each forecast was made at
         # Older forecasts: the ring.
@@ -365,8 +377,30 @@ class Pipeline:
             rows = call[order[at], 2]
             expected[hit] = forecasts[rows[hit], self._lookup_index[cols[hit]]]
             usable = np.where(hit, call[order[at], 3].astype(bool), usable)
-        features = np.array(feature_column, dtype=np.float64) if self._log_features else None  # (K, F) original units
         return observed, expected, usable, devices, np.array(observed_flags, dtype=bool), slots, features
+
+    def _past_forecasts_few(self, device_column, slot_column, call_forecasts, forecasts):
+        """`_past_forecasts`' (expected (K, S', T), usable (K, S')) for a few commits, one lookup at a time: the same
+        values, without the ~25 array operations whose fixed cost is most of a small call's."""
+        K, S, T = len(device_column), len(self.lookup_steps), self.bundle.n_targets
+        expected = np.full((K, S, T), np.nan, dtype=np.float64)
+        usable = np.zeros((K, S), dtype=bool)
+        made_here = {(c[0], c[1]): (c[2], c[3]) for c in call_forecasts}  # (device, slot) -> (batch row, usable)
+        spacing, positions, lookup_index = self._spacing, self._positions, self._lookup_index
+        for k, (d, slot) in enumerate(zip(device_column, slot_column)):
+            past_slot, past_ok, past = self.past_slot[d], self.past_ok[d], self.past[d]  # this device's ring (views)
+            for s, step in enumerate(self.lookup_steps):
+                want = slot - step
+                here = made_here.get((d, want))
+                if here is not None:  # made earlier in this call
+                    expected[k, s] = forecasts[here[0], lookup_index[s]]
+                    usable[k, s] = here[1]
+                    continue
+                pos = (want // spacing) % positions
+                if past_slot[pos] == want:
+                    expected[k, s] = past[pos, s]
+                    usable[k, s] = past_ok[pos]
+        return expected, usable
 
     def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
               trace: Trace | None) -> list[Event]:
@@ -401,7 +435,7 @@ class Pipeline:
             # Samples of devices that stay quiet are scored all at once, the rest one by one below (a trace reads
             # the detector's state after each sample, so with one they all go one by one).
             handled = np.zeros(len(devices), dtype=bool)
-            if trace is None:
+            if trace is None and len(devices) >= QUIET_BATCH_MIN:
                 to_score = np.flatnonzero(scorable_rows & observed_slot)
                 handled[to_score] = detector.observe_quiet(devices[to_score], weighted_sq[to_score], observed_rows[to_score])
             handled = handled.tolist()
@@ -462,11 +496,19 @@ class Pipeline:
 
     def _remember(self, call_forecasts: list[tuple], forecasts: np.ndarray) -> None:
         """Keep the forecasts of this call that later calls may look up (made in each device's last `ring` slots)."""
+        if len(call_forecasts) <= 4 and len({entry[0] for entry in call_forecasts}) == len(call_forecasts):
+            for d, slot, row, ok in call_forecasts:  # a few devices, once each: one by one (same values)
+                pos = (slot // self._spacing) % self._positions
+                self.past[d, pos] = forecasts[row][self._lookup_index]  # (S', T)
+                self.past_slot[d, pos] = slot
+                self.past_ok[d, pos] = ok
+            return
         call = np.array(call_forecasts, dtype=np.int64)  # (N, 4)
-        newest = np.full(self._capacity, NO_SLOT, dtype=np.int64)
-        np.maximum.at(newest, call[:, 0], call[:, 1])
-        keep = call[:, 1] > newest[call[:, 0]] - self.ring  # at most one per ring position and device
-        call = call[keep]
+        if len({entry[0] for entry in call_forecasts}) < len(call_forecasts):  # a device forecast more than once
+            newest = np.full(self._capacity, NO_SLOT, dtype=np.int64)
+            np.maximum.at(newest, call[:, 0], call[:, 1])
+            keep = call[:, 1] > newest[call[:, 0]] - self.ring  # at most one per ring position and device
+            call = call[keep]
         pos = (call[:, 1] // self._spacing) % self._positions
         self.past[call[:, 0], pos] = forecasts[call[:, 2]][:, self._lookup_index]  # (N, S', T)
         self.past_slot[call[:, 0], pos] = call[:, 1]

@@ -2,7 +2,8 @@
 
 Output columns: ts, device, anomaly_score (0..1, 0 before the first score), alert (1 while an alert is open),
 expected_<target> (the one-step forecast of this row, empty before one exists), forecast_<target>_<k> for
-k = 1..H (made from the window ending at this row; empty when none was made).
+k = 1..H (made from the window ending at this row; empty when none was made); for bundles with prediction
+intervals, forecast_<target>_<k>_lower_<level> and _upper_<level> (e.g. level 80, 95) after them.
 """
 
 from __future__ import annotations
@@ -268,15 +269,20 @@ def write_output(path: str | Path, table: Table, bundle: Bundle, trace: _RowTrac
     header += [f"expected_{t}" for t in targets]
     header += [f"forecast_{t}_{k}" for t in targets for k in range(1, H + 1)]
     n = len(table.ts)
-    numbers = np.concatenate(
-        [
-            trace.anomaly[:, None],
-            trace.alert[:, None].astype(np.float64),
-            trace.expected.astype(np.float64),
-            trace.forecast.transpose(0, 2, 1).reshape(n, -1).astype(np.float64),  # (N, T*H) target-major
-        ],
-        axis=1,
-    )
+    parts = [
+        trace.anomaly[:, None],
+        trace.alert[:, None].astype(np.float64),
+        trace.expected.astype(np.float64),
+        trace.forecast.transpose(0, 2, 1).reshape(n, -1).astype(np.float64),  # (N, T*H) target-major
+    ]
+    intervals = getattr(bundle, "intervals", None)
+    if intervals is not None:  # each level's band around every forecast value, named after it
+        lower, upper = intervals.bounds(trace.forecast)  # (K, N, H, T) each
+        for k, level in enumerate(intervals.level_names()):
+            for side, bound in (("lower", lower[k]), ("upper", upper[k])):
+                header += [f"forecast_{t}_{h}_{side}_{level}" for t in targets for h in range(1, H + 1)]
+                parts.append(bound.transpose(0, 2, 1).reshape(n, -1).astype(np.float64))  # (N, T*H)
+    numbers = np.concatenate(parts, axis=1)
     row_format = "%.6f,%d," + ",".join(["%.6g"] * (numbers.shape[1] - 2))
     with open(path, "w", newline="", encoding="utf-8") as f:
         f.write(",".join(header) + "\n")

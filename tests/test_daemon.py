@@ -197,6 +197,7 @@ def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subsc
 def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscriber, manifest):
     """With the worker stuck and the ingest queue full, the MQTT thread waits (bounded), then rejects as queue_full."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 0.5})
+    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()
@@ -219,6 +220,33 @@ def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscrib
     assert agent.stats()["accepted"] == 11
     release.set()
     wait_until(lambda: agent.stats()["processed"] == 11, timeout=10, message="the queued samples to be processed")
+
+
+def test_a_light_loads_batch_runs_on_the_mqtt_thread_and_a_stuck_one_is_unhealthy(start_agent, subscriber, manifest):
+    """At a trickle the MQTT thread runs a read's batch itself (no hand-off to the worker); one stuck there longer
+    than health.max_stall_s makes the daemon unhealthy (the systemd watchdog stops being fed), and the daemon
+    carries on once it is released."""
+    agent = start_agent(health={"max_stall_s": 1.0})
+    real_prepare = agent.pipeline.prepare
+    release = threading.Event()
+    threads: list[str] = []
+
+    def stuck(samples):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            release.wait(30)
+        return real_prepare(samples)
+
+    agent.pipeline.prepare = stuck
+    rows = healthy_rows(devices=1, rows=manifest["lookback"] + 2, seed=11)
+    publish_rows(subscriber, rows[:1])
+    wait_until(lambda: not agent.health()[0], timeout=10, message="unhealthy while the batch is stuck")
+    assert "MQTT network thread" in agent.health()[1]
+    assert threads[0] != "edgecast-worker", threads
+    release.set()
+    publish_rows(subscriber, rows[1:])
+    wait_until(lambda: agent.health()[0] and agent.stats()["processed"] == len(rows), timeout=10, message="healthy again")
+    subscriber.expect(f"{PREFIX}/pump-00/forecast", timeout=10)
 
 
 @pytest.mark.parametrize("journal", [True, False])
@@ -266,6 +294,7 @@ def test_broker_password_from_a_credentials_file(agent_settings, tmp_path, monke
 def test_slow_worker_slows_reads_and_loses_nothing(start_agent, subscriber, manifest):
     """Backpressure: with a full queue the MQTT thread stops reading (bounded wait); QoS 1 input waits, none dropped."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 10})
+    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()

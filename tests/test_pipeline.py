@@ -355,6 +355,34 @@ def test_quiet_devices_scored_together_give_exactly_the_one_by_one_results(chunk
     assert calls_all < 0.2 * calls_one  # most samples took the vectorized path
 
 
+def test_small_calls_take_the_one_by_one_paths_and_give_the_large_calls_results():
+    """A steady trickle's calls of 1-3 samples (looked up, remembered and scored one by one) give the events, the
+    detector state and the ring of past forecasts of 1,024-sample calls, bit for bit, on the shipped multi-step model."""
+    synth = pytest.importorskip("training.synth")
+    bundle = load_bundle(PUMP_BUNDLE)
+    fleet = synth.generate_fleet(synth.FleetConfig(devices=3, hours=20, seed=4, faults="auto"))
+    rows = fleet.rows
+    samples = [Sample(str(device), float(ts), {f: float(rows[f][k]) for f in bundle.features}, float(ts))
+               for k, (ts, device) in enumerate(zip(rows["ts"], rows["device"]))]
+    results = []
+    for sizes in ((1024,), (1, 2, 3)):
+        pipeline = make_pipeline(bundle)
+        events, start, k = [], 0, 0
+        while start < len(samples):
+            size = sizes[k % len(sizes)]
+            events += pipeline.process(samples[start : start + size], now=samples[-1].ts)
+            start, k = start + size, k + 1
+        n = len(pipeline.windows)
+        results.append((events, _detector_state(pipeline), pipeline.past[:n].copy(), pipeline.past_slot[:n].copy(), pipeline.past_ok[:n].copy()))
+    (events_big, state_big, *ring_big), (events_small, state_small, *ring_small) = results
+    assert [e for e in events_big if isinstance(e, AlertEvent)], "the fleet's faults open alerts"
+    assert events_small == events_big
+    for key, value in state_big.items():
+        np.testing.assert_array_equal(state_small[key], value, err_msg=key)
+    for small, big in zip(ring_small, ring_big):
+        np.testing.assert_array_equal(small, big)
+
+
 def test_quiet_devices_scored_together_on_a_univariate_model(uni):
     """The one-target scorer scored many devices at once matches the one-by-one path, alerts included."""
     values = healthy_series(600, seed=3)
