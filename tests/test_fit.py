@@ -73,7 +73,7 @@ def test_fit_search_finishes_within_its_budget_and_reports_the_choice(tmp_path, 
     assert code == 0
     printed = capsys.readouterr().out
     search = json.loads((bundle / "search.json").read_text())
-    assert search["completed"] >= 1 and search["seconds"] <= budget + 10  # at most one fold past the budget
+    assert search["completed"] >= 1 and search["seconds"] <= budget + 10  # at most one epoch past the budget
     assert set(search["params"]) >= {"architecture", "lookback", "hidden_size", "dropout", "learning_rate"}
     assert search["default_params"]["architecture"] == "lstm" and search["default_value"] is not None
     assert isinstance(search["val_gain_percent"], float) and "validation RMSE" in printed and "chose" in printed

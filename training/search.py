@@ -219,13 +219,17 @@ def default_params(cfg, lookbacks: list[int]) -> dict:
     return params
 
 
+class _BudgetSpent(Exception):
+    """Raised from the training loop's log callback once `fit --search`'s time budget is spent."""
+
+
 def auto_select(rows: dict, base_cfg, *, features, targets, period: int, fractions, trials: int | None, budget_s: float,
                 folds: int = 3, min_steps: int = 200, storage: str | None = None, study_name: str | None = None,
                 seed: int | None = 0, log=print) -> dict:
     """Optuna study over architecture, strategy, lookback, hidden size, dropout and learning rate, scored by the
     mean best validation MSE (scaled) over expanding time-series folds of the training rows, within `budget_s`
     seconds of wall clock (no trial starts that the longest trial so far says would end past it; a trial in
-    flight stops between folds once the budget is spent). The default configuration is the first trial.
+    flight stops at its next epoch once the budget is spent). The default configuration is the first trial.
 
     Returns {"params", "config" (the chosen TrainConfig), "default_params", "trials", "completed", "seconds",
     "best_value", "default_value", "study", "storage"}."""
@@ -251,6 +255,11 @@ def auto_select(rows: dict, base_cfg, *, features, targets, period: int, fractio
 
     durations: list[float] = []
 
+    def stop_when_spent(*_) -> None:
+        """The training loop's per-epoch log line: a fold still running when the budget is spent ends there."""
+        if time.perf_counter() - began > budget_s:
+            raise _BudgetSpent
+
     def objective(trial) -> float:
         started = time.perf_counter()
         cfg = trial_config(trial, base_cfg, lookbacks)
@@ -265,7 +274,10 @@ def auto_select(rows: dict, base_cfg, *, features, targets, period: int, fractio
                 trial.set_user_attr("error", str(exc)[:200])
                 raise optuna.TrialPruned(str(exc)[:200]) from None
             sized = sized_for_data(cfg, len(prepared.starts["train"]), min_steps)
-            losses.append(fit(prepared, sized, log=lambda *_: None).best_val_loss)
+            try:
+                losses.append(fit(prepared, sized, log=stop_when_spent).best_val_loss)
+            except _BudgetSpent:
+                raise optuna.TrialPruned("time budget spent") from None
             trial.report(float(np.mean(losses)), i)
         durations.append(time.perf_counter() - started)
         return float(np.mean(losses))
