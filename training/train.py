@@ -304,6 +304,21 @@ def _save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
 
 
+def _no_improvement(cfg: TrainConfig, optimizer, stale: int, plateau_stale: int, log) -> tuple[int, int, bool]:
+    """An epoch without a better validation loss: on a plateau the learning rate drops; after `patience` such epochs
+    training stops. Returns (stale, plateau_stale, stop)."""
+    stale += 1
+    plateau_stale += 1
+    if cfg.lr_schedule == "plateau" and plateau_stale > cfg.plateau_patience:
+        optimizer.lr = max(optimizer.lr * cfg.plateau_factor, min(cfg.min_learning_rate, optimizer.lr))
+        plateau_stale = 0
+        log(f"validation loss on a plateau: learning rate -> {optimizer.lr:.2e}")
+    if stale >= cfg.patience:
+        log(f"early stop: no validation improvement for {cfg.patience} epochs")
+        return stale, plateau_stale, True
+    return stale, plateau_stale, False
+
+
 def fit(prepared: Prepared, cfg: TrainConfig, log=print, model: torch.nn.Module | None = None) -> TrainResult:
     """Train (a fresh model, or `model` to fine-tune) and return the best-validation weights."""
     with denormals_flushed():
@@ -405,15 +420,8 @@ def _fit(prepared: Prepared, cfg: TrainConfig, log, model: torch.nn.Module | Non
             if val_loss < best_loss - 1e-6:
                 best_loss, best_state, best_epoch, stale, plateau_stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0, 0
             else:
-                stale += 1
-                plateau_stale += 1
-                if cfg.lr_schedule == "plateau" and plateau_stale > cfg.plateau_patience:
-                    optimizer.lr = max(optimizer.lr * cfg.plateau_factor, min(cfg.min_learning_rate, optimizer.lr))
-                    plateau_stale = 0
-                    log(f"validation loss on a plateau: learning rate -> {optimizer.lr:.2e}")
-                if stale >= cfg.patience:
-                    log(f"early stop: no validation improvement for {cfg.patience} epochs")
-                    stopped = True
+                stale, plateau_stale, give_up = _no_improvement(cfg, optimizer, stale, plateau_stale, log)
+                stopped = stopped or give_up
             if cfg.checkpoint:
                 _save_checkpoint(cfg.checkpoint, {
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -579,15 +587,8 @@ def _fit_stream(data, cfg: TrainConfig, log, d, buffer_windows: int, live_device
         if val_loss < best_loss - 1e-6:
             best_loss, best_state, best_epoch, stale, plateau_stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0, 0
         else:
-            stale += 1
-            plateau_stale += 1
-            if cfg.lr_schedule == "plateau" and plateau_stale > cfg.plateau_patience:
-                optimizer.lr = max(optimizer.lr * cfg.plateau_factor, min(cfg.min_learning_rate, optimizer.lr))
-                plateau_stale = 0
-                log(f"validation loss on a plateau: learning rate -> {optimizer.lr:.2e}")
-            if stale >= cfg.patience:
-                log(f"early stop: no validation improvement for {cfg.patience} epochs")
-                stopped = True
+            stale, plateau_stale, give_up = _no_improvement(cfg, optimizer, stale, plateau_stale, log)
+            stopped = stopped or give_up
         stopped = d.broadcast_flag(stopped)  # rank 0 decides (all ranks computed the same loss anyway)
         if cfg.checkpoint and d.main:
             _save_checkpoint(cfg.checkpoint, {
