@@ -1,5 +1,5 @@
 """Command line: `python -m agent run | check-config | replay | models verify | config-reference | schemas`
-(also installed as `edgecast-agent`); the operator commands live in agent/cli_ops.py.
+(also installed as `edgecast-agent`); the operator commands live in agent/tools/cli_ops.py.
 
 Exit codes: 0 ok, 1 configuration, bundle or data errors (a clear message on stderr), 2 usage errors.
 """
@@ -42,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--plot", metavar="FILE.png", help="also draw signals, forecasts, score, thresholds, alerts and labeled faults (needs matplotlib)")
     replay.add_argument("--plot-device", help="device to plot (default: the first in the file)")
     replay.add_argument("--label-column", default="label", help="0/1 fault labels to shade in the plot, if the column exists (default: label)")
-    from agent import cli_ops
+    from agent.tools import cli_ops
 
     cli_ops.add_parsers(commands)
-    from agent import bench
+    from agent.tools import bench
 
     bench.add_parser(commands)
     cli_ops.add_examples(parser, commands)
@@ -73,7 +73,7 @@ def _load_settings(config: str | None, **overrides):
     """(settings, None) or (None, exit code) after printing why the configuration is unusable."""
     from pydantic import ValidationError
 
-    from agent.config import UnknownEnvironmentVariable, load_settings
+    from agent.config.settings import UnknownEnvironmentVariable, load_settings
 
     try:
         return load_settings(config, **overrides), None
@@ -88,9 +88,9 @@ def _load_settings(config: str | None, **overrides):
 
 
 def _load_checked(config: str | None):
-    """(settings, None) when they validate and pass every check `run` makes before connecting (agent/preflight.py),
+    """(settings, None) when they validate and pass every check `run` makes before connecting (agent/ops/preflight.py),
     or (None, exit code) after printing why not, each problem naming its setting."""
-    from agent import preflight
+    from agent.ops import preflight
 
     settings, code = _load_settings(config)
     if settings is None:
@@ -102,7 +102,7 @@ def _load_checked(config: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.snapshot import load_in_child
+    from agent.config.snapshot import load_in_child
 
     # Validated (and checked as check-config checks it) in a forked child: the daemon runs on a plain snapshot
     # and never imports pydantic (~14 MiB).
@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings is None:
         return code
     from agent.app import run_daemon  # imported late: paho and the daemon are not needed by the other commands
-    from agent.model import BundleError
+    from agent.core.model import BundleError
 
     try:
         return run_daemon(settings)
@@ -121,8 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The effective configuration, then every check `run` makes before connecting (the same function), then the
     model bundle (unless --no-model); exit 1 naming each problem's setting."""
-    from agent import preflight
-    from agent.config import masked_dump
+    from agent.ops import preflight
+    from agent.config.settings import masked_dump
 
     settings, code = _load_settings(args.config)
     if settings is None:
@@ -133,7 +133,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _error(preflight.describe(problems))
     if args.no_model:
         return EXIT_OK
-    from agent.model import BundleError, load_configured_bundle
+    from agent.core.model import BundleError, load_configured_bundle
 
     try:
         bundle = load_configured_bundle(settings.model)  # checksum, signature (when configured), shapes, warm-up
@@ -144,8 +144,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from agent.model import BundleError
-    from agent.replay import ReplayError, print_summary, replay
+    from agent.core.model import BundleError
+    from agent.tools.replay import ReplayError, print_summary, replay
 
     if args.delimiter in ("\\t", "tab"):
         args.delimiter = "\t"
@@ -182,13 +182,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 on usage errors
-    from agent import cli_ops
+    from agent.tools import cli_ops
 
     handlers = {
         "run": cmd_run, "check-config": cmd_check_config, "replay": cmd_replay,
         "models": lambda a: cli_ops.cmd_models(a, _load_settings),
         "config-reference": cli_ops.cmd_config_reference, "schemas": cli_ops.cmd_schemas,
-        "bench": lambda a: __import__("agent.bench", fromlist=["cmd_bench"]).cmd_bench(a),
+        "bench": lambda a: __import__("agent.tools.bench", fromlist=["cmd_bench"]).cmd_bench(a),
     }
     return handlers[args.command](args)
 

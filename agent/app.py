@@ -15,8 +15,8 @@ outbox in one transaction per batch and leave it only when the broker acknowledg
 swapped in by the worker between two batches (once the publisher is idle); per-device windows restart with the new
 pipeline. Periodic jobs wait on a stop event, never sleep.
 
-Optional parts, each off by default: Prometheus metrics (agent/metrics.py), Home Assistant discovery
-(agent/hass.py) and fleet model rollout over MQTT (agent/rollout.py: a published bundle is verified on the
+Optional parts, each off by default: Prometheus metrics (agent/ops/metrics.py), Home Assistant discovery
+(agent/ops/hass.py) and fleet model rollout over MQTT (agent/ops/rollout.py: a published bundle is verified on the
 watcher thread and swapped in exactly like a reload; it is kept in state.directory/models and preferred at
 the next start).
 """
@@ -40,17 +40,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import affinity, payloads
-from .errors import ErrorReporter
-from .events import AlertEvent, Forecast, Rejected, Rejection, Sample
-from .mqtt import MqttLink, Retained
-from .notify import Notifier
-from .outbox import Forwarder, Message, Outbox
-from .releases import ReleaseLedger
+from agent.ops import affinity
+
+from agent.transport import payloads
+from agent.transport.errors import ErrorReporter
+from agent.core.events import AlertEvent, Forecast, Rejected, Rejection, Sample
+from agent.transport.mqtt import MqttLink, Retained
+from agent.ops.notify import Notifier
+from agent.transport.outbox import Forwarder, Message, Outbox
+from agent.ops.releases import ReleaseLedger
 
 if TYPE_CHECKING:  # the pipeline (numpy, onnxruntime) is imported when the agent starts
-    from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
-    from .pipeline import Pipeline, Prepared
+    from agent.config.settings import Settings  # the daemon runs on a Snapshot of it (agent/config/snapshot.py)
+    from agent.core.pipeline import Pipeline, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +223,9 @@ class Agent:
 
     def start(self) -> None:
         """Start every part in order; raises model.BundleError (or OSError for unreadable files) on bad setup."""
-        from .ingest import Ingest
-        from .model import load_configured_bundle
-        from .pipeline import Pipeline
+        from agent.transport.ingest import Ingest
+        from agent.core.model import load_configured_bundle
+        from agent.core.pipeline import Pipeline
 
         settings = self.settings
         partition = (settings.partition.count, settings.partition.index)
@@ -240,7 +242,7 @@ class Agent:
             "signature verified" if self.bundle.signed else "unsigned", self.bundle.lookback, self.bundle.horizon, self.bundle.period_s,
         )
         if settings.metrics.enabled:
-            from .metrics import AgentMetrics
+            from agent.ops.metrics import AgentMetrics
 
             self.metrics = AgentMetrics(self)  # MetricsUnavailable without prometheus-client: before anything is opened
             self.bundle.observer = self.metrics.observe_inference
@@ -253,7 +255,7 @@ class Agent:
         self.ingest.device_limit_detail = lambda: self.pipeline.device_limit_detail()
         if settings.sparkplug.enabled:
             try:
-                from .sparkplug import SparkplugInput
+                from agent.transport.sparkplug import SparkplugInput
             except ImportError as exc:
                 raise RuntimeError(f"sparkplug.enabled needs protobuf: pip install 'edgecast[sparkplug]' ({exc})") from None
             self.sparkplug = SparkplugInput(settings.sparkplug, list(self.bundle.features), self._plausible_limits(self.bundle), settings.ingest)
@@ -268,7 +270,7 @@ class Agent:
                     f"outbox {self.outbox.path} was unreadable ({self.outbox.corruption}); moved aside to "
                     f"{self.outbox.moved_aside.name}; a fresh outbox was started (its undelivered messages are lost)",
                 )
-            if self.outbox.lost is not None:  # its -wal file was lost: stored messages are missing (agent/outbox.py)
+            if self.outbox.lost is not None:  # its -wal file was lost: stored messages are missing (agent/transport/outbox.py)
                 self.errors.fault("outbox_corrupt", self.outbox.lost)
         else:
             self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
@@ -437,7 +439,7 @@ class Agent:
         settings = self.settings
         topics: list[str] = []
         if settings.homeassistant.enabled:
-            from .hass import HassDiscovery
+            from agent.ops.hass import HassDiscovery
 
             ha = settings.homeassistant
             self.hass = HassDiscovery(
@@ -446,7 +448,7 @@ class Agent:
             )
             topics.append(ha.birth_topic)
         if settings.rollout.enabled:
-            from .rollout import RolloutReceiver
+            from agent.ops.rollout import RolloutReceiver
 
             ro = settings.rollout
             self.rollout = RolloutReceiver(
@@ -473,7 +475,7 @@ class Agent:
 
     def _apply_rollout(self, descriptor: dict, archive: bytes) -> None:
         """Watcher thread: check the archive, unpack it into state.directory/models, load it as a reload would."""
-        from .rollout import RolloutError, unpack_bundle
+        from agent.ops.rollout import RolloutError, unpack_bundle
 
         transfer = descriptor["transfer_id"]
         trigger = f"rollout {descriptor['name']} {descriptor['version']} (transfer {transfer})"
@@ -503,7 +505,7 @@ class Agent:
 
     def _rolled_out_bundle(self):
         """At start, with rollout enabled: the last rolled-out bundle (state.directory/models/active), if it verifies."""
-        from .model import BundleError, load_configured_bundle
+        from agent.core.model import BundleError, load_configured_bundle
 
         if not self.settings.rollout.enabled:
             return None
@@ -919,7 +921,7 @@ class Agent:
     # -- model hot reload ------------------------------------------------------------------------------------
 
     def _bundle_fingerprint(self) -> tuple:
-        from .signing import SIGNATURE_FILE
+        from agent.core.signing import SIGNATURE_FILE
 
         folder = self.model_dir
         out = []
@@ -973,7 +975,7 @@ class Agent:
     def _reload(self, trigger: str, folder: Path | None = None, signature_required: bool = False) -> bool:
         """Load and verify a bundle beside the running one (the running folder unless `folder`); True when it
         will be swapped in, False when refused (reported) or unchanged."""
-        from .model import BundleError, load_configured_bundle
+        from agent.core.model import BundleError, load_configured_bundle
 
         running = self.bundle
         assert running is not None
@@ -1010,7 +1012,7 @@ class Agent:
 
     def _swap_bundle(self) -> None:
         """On the worker thread: a new pipeline for the verified bundle; open alerts of the old one end now."""
-        from .pipeline import Pipeline
+        from agent.core.pipeline import Pipeline
 
         bundle, self._pending_bundle = self._pending_bundle, None
         old = self.bundle
@@ -1087,7 +1089,7 @@ class Agent:
             log.warning("cannot write the open alerts to %s: %s; they will not resume after a restart", path, exc)
 
     def _plausible_limits(self, bundle) -> dict[str, tuple[float, float]]:
-        from .ingest import plausible_limits
+        from agent.transport.ingest import plausible_limits
 
         return plausible_limits(list(bundle.features), bundle.offset, bundle.scale, self.settings.ingest)
 
@@ -1213,8 +1215,8 @@ class Agent:
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
-    """Text (default) or JSON lines on stderr; no timestamps under systemd (agent/logs.py)."""
-    from .logs import configure_logging as configure
+    """Text (default) or JSON lines on stderr; no timestamps under systemd (agent/ops/logs.py)."""
+    from agent.ops.logs import configure_logging as configure
 
     configure(level, fmt)
 
@@ -1233,7 +1235,7 @@ def tune_malloc() -> bool:
 
 def run_daemon(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the agent cannot start."""
-    from .model import BundleError
+    from agent.core.model import BundleError
 
     configure_logging(settings.log.level, settings.log.format)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write agent/bench_pumps.npz, the healthy pump telemetry the benchmark's load generator replays.
 
-Four healthy pumps of the synthetic fleet (training/synth.py: the physics the shipped pump-lstm was trained on),
+Four healthy pumps of the synthetic fleet (simulation/synth.py: the physics the shipped pump-lstm was trained on),
 four days at one reading a minute, no faults and no dropouts; float32 in original units, (pumps, slots, features).
 Deterministic: `python scripts/bench_trace.py` writes the same file again.
 """
@@ -16,7 +16,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training import synth  # noqa: E402
+from simulation import synth  # noqa: E402
 
 FEATURES = ["bearing_temp", "vibration_rms", "motor_current", "outlet_pressure"]
 PUMPS, HOURS, SEED = 4, 96, 21

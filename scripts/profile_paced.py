@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent import bench  # noqa: E402
+from agent.tools import bench  # noqa: E402
 
 # (bucket, predicate on a "function (file:line)" frame), tried from the innermost frame outwards; first hit wins.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
@@ -101,7 +101,7 @@ def main() -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     model = REPO / "exported_models" / "pump-lstm"
     plan = bench.Plan(devices=args.devices, batch_wait_ms=args.batch_wait_ms)
-    from agent.model import load_bundle
+    from agent.core.model import load_bundle
 
     bundle = load_bundle(model, 1)
     period, lookback = bundle.period_s, bundle.lookback

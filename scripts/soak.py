@@ -55,7 +55,7 @@ def main() -> int:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from training.synth import FleetConfig, generate_fleet
+    from simulation.synth import FleetConfig, generate_fleet
 
     work = Path(tempfile.mkdtemp(prefix="edgecast-soak-"))
     port = free_port()

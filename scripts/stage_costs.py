@@ -21,12 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent import payloads  # noqa: E402
-from agent.config import Settings  # noqa: E402
-from agent.events import Forecast  # noqa: E402
-from agent.ingest import Ingest  # noqa: E402
-from agent.loadgen import _manifest, _scaler, telemetry_payloads  # noqa: E402
-from agent.model import load_bundle  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
+from agent.config.settings import Settings  # noqa: E402
+from agent.core.events import Forecast  # noqa: E402
+from agent.transport.ingest import Ingest  # noqa: E402
+from agent.tools.loadgen import _manifest, _scaler, telemetry_payloads  # noqa: E402
+from agent.core.model import load_bundle  # noqa: E402
+from agent.core.pipeline import Pipeline  # noqa: E402
 
 
 def main() -> int:

@@ -391,10 +391,10 @@ def healthy_rows(devices: int = 1, rows: int = 70, seed: int = 0, end_ts: int | 
                  faults: str | list = "none") -> list[tuple[str, int, dict[str, float]]]:
     """Synthetic-fleet rows [(device, ts, values)] in time order, no dropouts, ending near now.
 
-    Healthy unless `faults` is given: a list of training.synth.FaultSpec, or a spec string such as
+    Healthy unless `faults` is given: a list of simulation.synth.FaultSpec, or a spec string such as
     "overheating:pump-00@1.5+1" (hours from the first row).
     """
-    from training.synth import FleetConfig, generate_fleet, parse_fault_specs
+    from simulation.synth import FleetConfig, generate_fleet, parse_fault_specs
 
     if isinstance(faults, str) and faults not in ("none", "auto"):
         faults = parse_fault_specs(faults)
@@ -464,7 +464,7 @@ def agent_settings(mosquitto: Broker, model_path: Path, tmp_path: Path):
 
     Overrides are nested dicts or section objects, e.g. agent_settings(errors={"max_per_minute": 5}).
     """
-    from agent.config import Settings
+    from agent.config.settings import Settings
 
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.app import Agent, configure_logging  # noqa: E402
-from agent.config import load_settings  # noqa: E402
+from agent.config.settings import load_settings  # noqa: E402
 
 
 def main() -> int:

@@ -1,11 +1,11 @@
-"""The hand-written RFC 8032 ed25519 that agent/signing.py used before it moved to `cryptography` (kept verbatim
+"""The hand-written RFC 8032 ed25519 that agent/core/signing.py used before it moved to `cryptography` (kept verbatim
 below the marker, as a test oracle only: tests/test_signing.py checks that keys and signatures made by it, i.e. every
 bundle signed before the change, still verify, and that the new code signs to the very same bytes).
 
 Not constant-time and not used by edgecast itself.
 """
 
-# --- verbatim from agent/signing.py before the change (git: the commit before "signing: cryptography's ed25519") ---
+# --- verbatim from agent/core/signing.py before the change (git: the commit before "signing: cryptography's ed25519") ---
 from __future__ import annotations
 
 import hashlib

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from agent import affinity
-from agent.affinity import Placement, placement
+from agent.ops import affinity
+from agent.ops.affinity import Placement, placement
 
 
 def test_auto_gives_the_model_thread_the_last_cpu_and_the_other_threads_the_rest():

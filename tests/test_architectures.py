@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from agent.model import load_bundle
+from agent.core.model import load_bundle
 from training.architectures import ARCHITECTURES, CoreConfig
 from training.bundle import export_bundle
 from training.data import prepare
 from training.strategies import STRATEGIES, Forecaster
-from training.synth import FleetConfig, generate_fleet
+from simulation.synth import FleetConfig, generate_fleet
 from training.train import TrainConfig, fit
 
 pytestmark = pytest.mark.training

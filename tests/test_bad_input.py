@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import AGENT_ID, PREFIX, healthy_rows, publish_rows, wait_until
 
-from agent.errors import ErrorReporter
-from agent.events import REJECTION_REASONS
+from agent.transport.errors import ErrorReporter
+from agent.core.events import REJECTION_REASONS
 
 ERRORS = f"{PREFIX}/agent/{AGENT_ID}/errors"
 ERROR_KEYS = {"ts", "topic", "device", "reason", "detail", "suppressed"}

@@ -16,8 +16,8 @@ import sys
 import pytest
 from conftest import REPO, wait_until
 
-from agent import payloads
-from agent.events import Forecast
+from agent.transport import payloads
+from agent.core.events import Forecast
 
 FIGURES = {
     "daemon": ("readings_per_s", "forecasts_per_s", "cpu_cores", "peak_rss_mib"),
@@ -110,7 +110,7 @@ def test_fast_forecast_encoding_is_byte_identical_to_the_reference():
 
 def test_buffered_socket_serves_small_reads_from_one_receive():
     """The MQTT link's socket wrapper returns the same bytes as the socket, in the sizes asked, and reports what it holds."""
-    from agent.mqtt import _BufferedSocket
+    from agent.transport.mqtt import _BufferedSocket
 
     left, right = socket.socketpair()
     try:
@@ -164,7 +164,7 @@ def test_forecasts_read_from_the_pipelines_array_encode_to_the_same_bytes():
     """Forecasts whose values are rows of one batch array (ForecastValues, as the pipeline makes them) encode to the bytes of the same forecasts as dicts."""
     import numpy as np
 
-    from agent.events import ForecastValues
+    from agent.core.events import ForecastValues
 
     rng = np.random.default_rng(3)
     array = (rng.normal(0, 1, (300, 2, 10)) * 10.0 ** rng.uniform(-3, 5, (300, 2, 1))).astype(np.float32).astype(np.float64)
@@ -182,7 +182,7 @@ def test_forecasts_read_from_the_pipelines_array_encode_to_the_same_bytes():
 
 def test_forecasts_published_together_arrive_in_order_and_whole(mosquitto, make_probe, agent_settings):
     """MqttLink.publish_many writes many QoS 0 messages in one go; each arrives intact, in order, after a reconnect too."""
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     probe = make_probe(subscribe="edgecast/#")
     link = MqttLink(agent_settings(), [], lambda *a: None, will=Retained("edgecast/agent/t/status", b"offline"))
@@ -208,7 +208,7 @@ def test_messages_read_in_one_pass_arrive_whole_in_order_and_qos1_is_acknowledge
     sizes across buffer boundaries; QoS 1 keeps flowing (mosquitto stops at 20 unacknowledged messages)."""
     import threading
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     got: list[tuple[str, bytes]] = []
     batch_sizes: list[int] = []
@@ -247,7 +247,7 @@ def test_a_publish_that_arrives_alone_takes_the_one_pass_reader(mosquitto, make_
     acknowledged (mosquitto stops at 20 unacknowledged); paho's per-message path would cost each its own message object."""
     import queue
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     batches: queue.Queue = queue.Queue()
     singles: list[tuple[str, bytes]] = []
@@ -274,7 +274,7 @@ def test_a_publish_queued_while_a_backlog_is_read_leaves_before_the_backlog_ends
     import threading
     import time
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     progress: list[tuple[float, int]] = []  # (time, messages handed over so far)
     released = threading.Event()
@@ -318,7 +318,7 @@ def test_forecasts_waiting_for_a_broker_that_stopped_reading_are_bounded_dropped
     import signal
     import time
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     probe = make_probe(subscribe="edgecast/+/forecast")
     link = MqttLink(agent_settings(mqtt={"max_pending_forecast_mib": 1.0, "keepalive_s": 60}), [], lambda *a: None,
@@ -350,11 +350,11 @@ def test_forecasts_waiting_for_a_broker_that_stopped_reading_are_bounded_dropped
 
 def test_the_load_generators_pumps_are_healthy_for_the_shipped_model():
     """The benchmark's default load replays healthy pumps: through the shipped model's pipeline it raises no alert, so the daemon is measured on a normal fleet, not an alert storm."""
-    from agent.config import Settings
-    from agent.events import Sample
-    from agent.loadgen import _healthy_trace, telemetry_payloads
-    from agent.model import load_bundle
-    from agent.pipeline import Pipeline
+    from agent.config.settings import Settings
+    from agent.core.events import Sample
+    from agent.tools.loadgen import _healthy_trace, telemetry_payloads
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
 
     bundle = load_bundle(REPO / "exported_models" / "pump-lstm")
     assert _healthy_trace(bundle.features, bundle.period_s) is not None
@@ -381,7 +381,7 @@ def test_readings_that_trickle_in_are_held_for_company_then_delivered_together_i
     import queue
     import time
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     for hold_s, expect_together in ((0.4, True), (0.0, False)):
         batches: queue.Queue = queue.Queue()
@@ -416,7 +416,7 @@ def test_a_hold_never_holds_back_the_forecasts_written_meanwhile(mosquitto, make
     import threading
     import time
 
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     held = threading.Event()
     link = MqttLink(agent_settings(), ["sensors/+/telemetry"], lambda t, p, at: None, will=Retained("edgecast/agent/t/status", b"offline"),

@@ -11,7 +11,7 @@ import pytest
 from conftest import AGENT_ID, Broker, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import _TakeoverWatch
+from agent.transport.mqtt import _TakeoverWatch
 
 
 def intrude(broker: Broker, client_id: str) -> paho.Client:
@@ -37,7 +37,7 @@ def conflicts(caplog) -> list[logging.LogRecord]:
 @pytest.mark.mqtt
 def test_repeated_takeovers_by_a_client_with_the_agent_id_are_logged_as_an_error(start_agent, mosquitto, caplog):
     """Another client connecting with the agent_id again and again is logged at ERROR naming the id; one takeover is not."""
-    with caplog.at_level(logging.INFO, logger="agent.mqtt"):
+    with caplog.at_level(logging.INFO, logger="agent.transport.mqtt"):
         agent = start_agent()
         for kick in range(1, 4):
             wait_until(agent.link.connected.is_set, timeout=10, message="the agent (re)connected")

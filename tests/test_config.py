@@ -12,7 +12,7 @@ from bundles import PUMP_BUNDLE, REPO_ROOT
 
 from agent import __version__
 from agent.__main__ import main
-from agent.config import UnknownEnvironmentVariable, check_environment, load_settings
+from agent.config.settings import UnknownEnvironmentVariable, check_environment, load_settings
 
 SECRET = "hunter2-do-not-print"
 

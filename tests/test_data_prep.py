@@ -118,7 +118,7 @@ def test_metrics_and_baselines_in_original_units():
 
 def test_cross_validation_folds_expand_or_slide_and_never_train_on_the_future():
     """Expanding folds grow the training range; sliding folds keep its length; validation always follows it."""
-    from training.synth import FleetConfig, generate_fleet
+    from simulation.synth import FleetConfig, generate_fleet
     from training.train import TrainConfig
 
     rows = generate_fleet(FleetConfig(devices=1, hours=12.0, seed=2, faults="none")).rows

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from agent.detect import AlertDetector, ResidualScorer, anomaly_score
+from agent.core.detect import AlertDetector, ResidualScorer, anomaly_score
 
 THRESHOLDS = {"warning": 3.0, "critical": 6.0, "exit": 2.0}
 TARGETS = ["temp", "current"]
@@ -282,7 +282,7 @@ def test_without_flap_suppression_every_burst_alerts():
 
 def test_dynamic_threshold_sits_between_the_noise_and_an_excursion():
     """Hundman's eps: above a window's ordinary scores, below the isolated excursion it should flag."""
-    from agent.detect import dynamic_threshold
+    from agent.core.detect import dynamic_threshold
 
     rng = np.random.default_rng(0)
     scores = 1.0 + 0.1 * rng.standard_normal(500)

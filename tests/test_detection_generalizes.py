@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from agent.state import NormalState
+from agent.core.state import NormalState
 
 
 def _correlated(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO, SHIPPED_MODEL
 
-from agent.metrics import METRICS, exposed_names
+from agent.ops.metrics import METRICS, exposed_names
 
 
 def agent_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -20,8 +20,8 @@ def agent_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 
 def test_configuration_reference_is_generated_from_the_settings_model():
-    """docs/configuration.md equals `python -m agent config-reference`; regenerate it when agent/config.py changes."""
-    from agent.confref import generate
+    """docs/configuration.md equals `python -m agent config-reference`; regenerate it when agent/config/settings.py changes."""
+    from agent.config.reference import generate
 
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == generate(), "docs/configuration.md is stale: run `python -m agent config-reference > docs/configuration.md`"
@@ -31,8 +31,8 @@ def test_configuration_reference_names_every_setting_and_its_environment_variabl
     """Every field of every section appears with its EDGECAST_* variable (the generator walks the whole model)."""
     from pydantic import BaseModel
 
-    from agent.config import Settings
-    from agent.confref import generate
+    from agent.config.settings import Settings
+    from agent.config.reference import generate
 
     text = generate()
 
@@ -81,10 +81,10 @@ def test_metric_names_in_the_registry_match_the_declared_list():
     prometheus_client = pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
-    from agent.config import Settings
+    from agent.config.settings import Settings
     from agent.app import Agent
-    from agent.metrics import AgentMetrics
-    from agent.model import load_bundle
+    from agent.ops.metrics import AgentMetrics
+    from agent.core.model import load_bundle
 
     agent = Agent(Settings(model={"path": SHIPPED_MODEL}, outbox={"enabled": False}))
     agent.bundle = load_bundle(SHIPPED_MODEL)
@@ -115,7 +115,7 @@ def test_models_verify_exit_codes(tmp_path):
     """models verify: 0 for a good bundle (signature checked with the key), 1 naming the failed check, 2 on usage errors."""
     import shutil
 
-    from agent import signing
+    from agent.core import signing
 
     folder = tmp_path / "bundle"
     shutil.copytree(SHIPPED_MODEL, folder)

@@ -1,4 +1,4 @@
-"""The embedded MQTT broker (training/embedded_broker.py: amqtt in a background thread), exercised with real paho
+"""The embedded MQTT broker (simulation/broker.py: amqtt in a background thread), exercised with real paho
 clients, the mosquitto command-line clients and the daemon itself. No mosquitto broker is needed."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import PREFIX, REPO, Broker, healthy_rows, publish_rows
-from training.embedded_broker import EmbeddedBroker
+from simulation.broker import EmbeddedBroker
 
 pytestmark = pytest.mark.amqtt
 TIMEOUT = 5.0

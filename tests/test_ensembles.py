@@ -13,7 +13,7 @@ pytestmark = pytest.mark.training
 
 torch = pytest.importorskip("torch")
 
-from agent.model import load_bundle  # noqa: E402
+from agent.core.model import load_bundle  # noqa: E402
 from training import ensemble  # noqa: E402
 from training.__main__ import main as training_main  # noqa: E402
 from training.bundle import export_bundle  # noqa: E402

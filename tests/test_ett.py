@@ -82,7 +82,7 @@ def test_trained_bundle_runs_in_the_daemon_loader(splits, tmp_path, decoder, str
     manifest = ett.write_ett_bundle(model, cfg, splits, tmp_path / "etth1-h96", command="pytest", history=history, extra={})
     assert manifest["scaler"]["params"]["OT"] == {"mean": splits.mean, "std": splits.std}
     assert manifest["onnx"]["verified"]["max_abs_diff"] <= 1e-5
-    from agent.model import load_bundle
+    from agent.core.model import load_bundle
 
     bundle = load_bundle(tmp_path / "etth1-h96")
     assert (bundle.lookback, bundle.horizon, bundle.features) == (336, 96, ["OT"])

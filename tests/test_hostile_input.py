@@ -17,10 +17,10 @@ from conftest import FEATURES, PREFIX, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import Settings
-from agent.errors import ErrorReporter
-from agent.events import REJECTION_REASONS, Rejected
-from agent.ingest import Ingest
+from agent.config.settings import Settings
+from agent.transport.errors import ErrorReporter
+from agent.core.events import REJECTION_REASONS, Rejected
+from agent.transport.ingest import Ingest
 
 NOW = 1_800_000_000.0
 EXAMPLES = 2600  # each example is a batch of 4 messages: > 10,000 messages in all

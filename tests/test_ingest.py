@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import pytest
 from bundles import PUMP_FEATURES
 
-from agent.config import Settings
-from agent.events import Rejected
-from agent.ingest import Ingest, parse_timestamp
+from agent.config.settings import Settings
+from agent.core.events import Rejected
+from agent.transport.ingest import Ingest, parse_timestamp
 
 NOW = 1_763_737_200.0  # 2025-11-21T15:00:00Z
 GOOD = {"bearing_temp": 55.0, "vibration_rms": 2.5, "motor_current": 30.0, "outlet_pressure": 4.0}

@@ -1,4 +1,4 @@
-"""Prediction intervals: the manifest table (training.intervals), its daemon-side reader (agent.intervals, numpy
+"""Prediction intervals: the manifest table (training.intervals), its daemon-side reader (agent.core.intervals, numpy
 only) and the coverage report of `fit`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from agent.intervals import IntervalError, interval_bounds, load_intervals
+from agent.core.intervals import IntervalError, interval_bounds, load_intervals
 from training.intervals import coverage_markdown, format_coverage, interval_table
 
 T0 = 1_767_571_200
@@ -91,8 +91,8 @@ def test_coverage_formats_per_step_next_to_nominal():
 
 
 def test_agent_intervals_imports_numpy_only():
-    """agent/intervals.py runs on the daemon: importing it pulls in neither torch nor onnxruntime."""
-    code = "import sys, agent.intervals; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
+    """agent/core/intervals.py runs on the daemon: importing it pulls in neither torch nor onnxruntime."""
+    code = "import sys, agent.core.intervals; print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -102,7 +102,7 @@ def test_fit_writes_intervals_and_prints_their_test_coverage(tmp_path, capsys):
     """A fitted bundle carries calibration.intervals (from the validation residuals that set the detector's
     normalization) and metrics.test.interval_coverage; fit prints the coverage per step next to the nominal."""
     pytest.importorskip("torch")
-    from agent.model import load_bundle
+    from agent.core.model import load_bundle
     from training.__main__ import main as training_main
 
     rng = np.random.default_rng(0)
@@ -151,9 +151,9 @@ def test_forecast_payloads_carry_the_bands_as_the_reference_encoding_and_schema_
     same bytes as the plain JSON encoding, valid against forecast.json; without intervals the payload is unchanged."""
     import jsonschema
 
-    from agent import payloads
-    from agent.events import Forecast, ForecastValues
-    from agent.model import load_bundle
+    from agent.transport import payloads
+    from agent.core.events import Forecast, ForecastValues
+    from agent.core.model import load_bundle
 
     folder, manifest = _bundle_with_intervals(tmp_path, model_path)
     bundle = load_bundle(folder, 1)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import healthy_rows, publish_rows, wait_until
 
-from agent.config import Settings
-from agent.learning import DeviceLearning
+from agent.config.settings import Settings
+from agent.core.learning import DeviceLearning
 
 FEATURES = ["bearing_temp", "vibration_rms", "motor_current", "outlet_pressure"]
 
@@ -28,8 +28,8 @@ def _offset_pump_csv(path, faults="none"):
 
 
 def _replay_alerts(tmp_path, data, **detect):
-    from agent.config import shipped_model_path
-    from agent.replay import replay
+    from agent.config.settings import shipped_model_path
+    from agent.tools.replay import replay
 
     model = shipped_model_path()
     out = tmp_path / f"scored-{len(detect)}.csv"

@@ -11,11 +11,11 @@ import sys
 import pytest
 from conftest import REPO, wait_until
 
-from agent.logs import JsonFormatter, make_formatter
+from agent.ops.logs import JsonFormatter, make_formatter
 
 
 def record(message: str, level: int = logging.INFO, **extra) -> logging.LogRecord:
-    rec = logging.LogRecord("agent.mqtt", level, __file__, 1, message, (), None)
+    rec = logging.LogRecord("agent.transport.mqtt", level, __file__, 1, message, (), None)
     rec.__dict__.update(extra)
     return rec
 
@@ -24,23 +24,23 @@ def test_json_lines_carry_level_logger_message_and_event_fields():
     """log.format = json: one object per line with ts, level, logger, message and the extra= event fields."""
     line = JsonFormatter().format(record("reconnected after %s", event="mqtt_reconnected", reason_code=0))
     body = json.loads(line)
-    assert body["level"] == "INFO" and body["logger"] == "agent.mqtt" and body["event"] == "mqtt_reconnected"
+    assert body["level"] == "INFO" and body["logger"] == "agent.transport.mqtt" and body["event"] == "mqtt_reconnected"
     assert body["reason_code"] == 0 and body["ts"].endswith("Z") and "\n" not in line
 
 
 def test_under_journald_no_timestamps_and_text_lines_carry_a_priority():
     """With JOURNAL_STREAM set the journal stamps lines itself: no ts; text lines start with <priority> for journalctl -p."""
     assert "ts" not in json.loads(make_formatter("json", journald=True).format(record("x")))
-    assert make_formatter("text", journald=True).format(record("boom", logging.ERROR)) == "<3>ERROR agent.mqtt: boom"
+    assert make_formatter("text", journald=True).format(record("boom", logging.ERROR)) == "<3>ERROR agent.transport.mqtt: boom"
     plain = make_formatter("text", journald=False).format(record("hello"))
-    assert plain[:4].isdigit() and plain.endswith("INFO agent.mqtt: hello")
+    assert plain[:4].isdigit() and plain.endswith("INFO agent.transport.mqtt: hello")
 
 
 def test_json_format_turns_python_and_numpy_warnings_into_json_lines():
     """log.format = json: warnings.warn and numpy RuntimeWarnings come out as JSON objects, never as raw stderr lines."""
     code = (
         "import warnings, logging, numpy as np\n"
-        "from agent.logs import configure_logging\n"
+        "from agent.ops.logs import configure_logging\n"
         "configure_logging('INFO', 'json')\n"
         "np.log(np.zeros(2))\n"  # RuntimeWarning: divide by zero
         "np.float32(1e39)\n"  # RuntimeWarning: overflow (numpy >= 2) or silently inf
@@ -83,7 +83,7 @@ def test_disconnect_and_reconnect_are_logged_with_reason_codes(agent_settings, r
     from agent.app import Agent
 
     agent = Agent(agent_settings(mqtt={"port": restartable_broker.port}))
-    with caplog.at_level(logging.INFO, logger="agent.mqtt"):
+    with caplog.at_level(logging.INFO, logger="agent.transport.mqtt"):
         agent.start()
         try:
             assert agent.wait_connected(10)
@@ -112,7 +112,7 @@ def test_a_refused_connection_is_logged_with_its_reason_code(agent_settings, tmp
 
     with run_mosquitto(tmp_path / "closed-broker", "allow_anonymous false\n") as broker:
         agent = Agent(agent_settings(mqtt={"port": broker.port}))
-        with caplog.at_level(logging.INFO, logger="agent.mqtt"):
+        with caplog.at_level(logging.INFO, logger="agent.transport.mqtt"):
             agent.start()
             try:
                 wait_until(lambda: agent.link.connect_failures >= 1, timeout=10, message="a refused connect")

@@ -101,7 +101,7 @@ def test_metrics_are_off_by_default_and_prometheus_client_is_not_imported():
 def test_a_missing_prometheus_client_is_a_clear_error(monkeypatch, agent_settings):
     """metrics.enabled without prometheus-client installed: the agent refuses to start and says what to install."""
     from agent.app import Agent
-    from agent.metrics import MetricsUnavailable
+    from agent.ops.metrics import MetricsUnavailable
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
     agent = Agent(agent_settings(metrics={"enabled": True, "port": 0}))

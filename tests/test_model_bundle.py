@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bundles import PUMP_BUNDLE, PUMP_FEATURES, build_bundle
 
-from agent.model import BundleError, load_bundle
+from agent.core.model import BundleError, load_bundle
 
 
 @pytest.fixture(scope="module")

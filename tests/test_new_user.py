@@ -17,7 +17,7 @@ from bundles import healthy_series, univariate_bundle
 
 from agent.__main__ import _parser as agent_parser
 from agent.__main__ import main as agent_main
-from agent.replay import TS_COLUMN_NAMES, ReplayError, find_ts_column, read_table
+from agent.tools.replay import TS_COLUMN_NAMES, ReplayError, find_ts_column, read_table
 from training.data import prepare, to_device_series
 from training.evaluate_alerts import EvaluationError, join
 

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from agent.outbox import Message, Outbox
+from agent.transport.outbox import Message, Outbox
 
 
 def alert(i: int, device: str = "pump-00") -> Message:

@@ -28,7 +28,7 @@ STATUS = f"{PREFIX}/agent/{AGENT_ID}/status"
 
 
 def make_settings(broker, model_path: Path, state_dir: Path, **overrides):
-    from agent.config import Settings
+    from agent.config.settings import Settings
 
     base = {
         "agent_id": AGENT_ID,
@@ -46,9 +46,9 @@ def make_settings(broker, model_path: Path, state_dir: Path, **overrides):
 
 def expected_alerts(model_path: Path, settings, rows) -> list[tuple[str, str, float]]:
     """The alert events the daemon's pipeline makes from `rows`, computed offline with the same code."""
-    from agent.events import AlertEvent, Sample
-    from agent.model import load_bundle
-    from agent.pipeline import Pipeline
+    from agent.core.events import AlertEvent, Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
 
     now = time.time()
     events = Pipeline(load_bundle(model_path), settings).process([Sample(d, float(ts), dict(v), now) for d, ts, v in rows], now)
@@ -197,7 +197,7 @@ def test_alerts_queued_at_sigkill_are_delivered_after_restart(restartable_broker
 
 
 def corrupt_outbox(path: Path, how: str) -> None:
-    from agent.outbox import Message, Outbox
+    from agent.transport.outbox import Message, Outbox
 
     if how == "garbage":
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import AGENT_ID, PREFIX, PYTHON, REPO
 
-from agent.outbox import Message, Outbox
+from agent.transport.outbox import Message, Outbox
 
 QUEUED = 320
 
@@ -27,7 +27,7 @@ def crash_with(directory: Path, stored: int, acked: int = 0) -> None:
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from agent.outbox import Message, Outbox
+        from agent.transport.outbox import Message, Outbox
         box = Outbox({str(directory)!r})
         for start in range(0, {stored}, 40):  # one transaction per worker batch, as the daemon does
             box.put_many([Message("alert", "{PREFIX}/pump-0/alert", b'{{"n":%d}}' % i + b" " * 200, "pump-0")
@@ -55,7 +55,7 @@ def test_a_lost_wal_is_reported_with_the_number_of_queued_messages_lost(tmp_path
     """320 alerts queued, process killed, -wal deleted/emptied/overwritten: the reopen reports exactly 320 lost (ERROR)."""
     crash_with(tmp_path, QUEUED)
     lose_wal(tmp_path, how)
-    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+    with caplog.at_level(logging.ERROR, logger="agent.transport.outbox"):
         box = Outbox(tmp_path)
     try:
         assert box.count == 0, "the -wal file held every alert"

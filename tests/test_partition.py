@@ -1,4 +1,4 @@
-"""Device-hash partitioning (agent/partition.py): every device's window lives in exactly one daemon process."""
+"""Device-hash partitioning (agent/transport/partition.py): every device's window lives in exactly one daemon process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import AGENT_ID, REPO, healthy_rows, publish_rows, wait_until
 
-from agent.partition import PartitionFilter, partition_of
+from agent.transport.partition import PartitionFilter, partition_of
 
 NAMES = [f"pump-{i:04d}" for i in range(500)] + ["gw/x", "Ünicode-dev", "a", "bench-00042"]
 
@@ -31,7 +31,7 @@ def test_partitions_share_the_devices_evenly_enough():
 
 def test_hash_is_stable_across_processes_and_restarts():
     """Another interpreter (another hash seed) assigns every device to the same partition; the function is pinned."""
-    code = "import json,sys; from agent.partition import partition_of; print(json.dumps([partition_of(n, 3) for n in json.load(sys.stdin)]))"
+    code = "import json,sys; from agent.transport.partition import partition_of; print(json.dumps([partition_of(n, 3) for n in json.load(sys.stdin)]))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(NAMES), capture_output=True, text=True, env=env, check=True)
     assert json.loads(done.stdout) == [partition_of(n, 3) for n in NAMES]
@@ -44,7 +44,7 @@ def test_partition_settings_are_validated():
     """partition.index must be below partition.count."""
     from pydantic import ValidationError
 
-    from agent.config import Settings
+    from agent.config.settings import Settings
 
     with pytest.raises(ValidationError, match="partition.index"):
         Settings(partition={"count": 2, "index": 2})

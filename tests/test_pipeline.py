@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from bundles import PUMP_BUNDLE, healthy_series, multivariate_bundle, univariate_bundle
 
-from agent.config import Settings
-from agent.events import AlertEvent, Forecast, Rejection, Sample
-from agent.model import load_bundle
-from agent.pipeline import Pipeline
+from agent.config.settings import Settings
+from agent.core.events import AlertEvent, Forecast, Rejection, Sample
+from agent.core.model import load_bundle
+from agent.core.pipeline import Pipeline
 
 T0 = 1_763_737_200.0  # a multiple of 60
 
@@ -231,7 +231,7 @@ def test_ten_thousand_devices_fit_in_well_under_100_mib():
 
 def test_shipped_model_stays_quiet_on_healthy_pumps_and_alerts_on_an_injected_jump():
     """pump-lstm on the synthetic fleet: no alert on a healthy pump; a sudden +15 degC bearing jump alerts."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("simulation.synth")
     bundle = load_bundle(PUMP_BUNDLE)
     rows = synth.generate_fleet(synth.FleetConfig(devices=2, hours=16, seed=11, faults="none")).rows
     jump_ts = rows["ts"][0] + 10 * 3600
@@ -291,7 +291,7 @@ def test_bundle_without_new_calibration_keys_scores_one_step_without_flat_line(u
 
 def test_bad_score_steps_are_a_bundle_error(tmp_path):
     """score_steps beyond the horizon make the bundle unusable, with a message naming the key."""
-    from agent.model import BundleError
+    from agent.core.model import BundleError
 
     bundle = bundle_with_calibration(univariate_bundle(), tmp_path, score_steps=[1, 9])
     with pytest.raises(BundleError, match="calibration"):
@@ -328,7 +328,7 @@ def _detector_state(pipeline: Pipeline) -> dict:
 @pytest.mark.parametrize("chunk", [97, 1024])
 def test_quiet_devices_scored_together_give_exactly_the_one_by_one_results(chunk):
     """Scoring the samples of quiet devices all at once gives the same events and detector state, bit for bit, as scoring each sample on its own."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("simulation.synth")
     bundle = load_bundle(PUMP_BUNDLE)
     fleet = synth.generate_fleet(synth.FleetConfig(devices=6, hours=30, seed=1, faults="auto"))
     rows = fleet.rows
@@ -358,7 +358,7 @@ def test_quiet_devices_scored_together_give_exactly_the_one_by_one_results(chunk
 def test_small_calls_take_the_one_by_one_paths_and_give_the_large_calls_results():
     """A steady trickle's calls of 1-3 samples (looked up, remembered and scored one by one) give the events, the
     detector state and the ring of past forecasts of 1,024-sample calls, bit for bit, on the shipped multi-step model."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("simulation.synth")
     bundle = load_bundle(PUMP_BUNDLE)
     fleet = synth.generate_fleet(synth.FleetConfig(devices=3, hours=20, seed=4, faults="auto"))
     rows = fleet.rows

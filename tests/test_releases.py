@@ -1,4 +1,4 @@
-"""Signed release numbers, expiry and the rollback ledger (agent/releases.py): the rules without a broker, and the
+"""Signed release numbers, expiry and the rollback ledger (agent/ops/releases.py): the rules without a broker, and the
 daemon's local reload and start paths."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from bundles import PUMP_BUNDLE
 from conftest import PREFIX
 
-from agent import signing
-from agent.model import BundleError, load_bundle
-from agent.releases import ReleaseError, ReleaseInfo, ReleaseLedger, parse_expiry, parse_time, release_info, with_release
+from agent.core import signing
+from agent.core.model import BundleError, load_bundle
+from agent.ops.releases import ReleaseError, ReleaseInfo, ReleaseLedger, parse_expiry, parse_time, release_info, with_release
 
 NOW = 1_800_000_000.0  # 2027-01-15
 

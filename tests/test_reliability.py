@@ -46,8 +46,8 @@ def test_replay_drops_implausible_cells_as_the_daemon_rejects_them(tmp_path):
     """A 1e30 cell in a replayed CSV is dropped (and counted), not fed to the model: the scores stay finite."""
     import csv
 
-    from agent.config import Settings, shipped_model_path
-    from agent.replay import replay
+    from agent.config.settings import Settings, shipped_model_path
+    from agent.tools.replay import replay
 
     rows = healthy_rows(devices=1, rows=120, seed=2, end_ts=1_800_000_000)
     data = tmp_path / "data.csv"

@@ -11,9 +11,9 @@ import pytest
 from bundles import PUMP_BUNDLE, healthy_series, univariate_bundle
 
 from agent.__main__ import main
-from agent.config import Settings
-from agent.model import load_bundle
-from agent.replay import read_table, replay, replay_table
+from agent.config.settings import Settings
+from agent.core.model import load_bundle
+from agent.tools.replay import read_table, replay, replay_table
 
 T0 = 1_763_737_200  # a multiple of 60
 
@@ -133,7 +133,7 @@ def test_model_batch_size_does_not_change_the_output(tmp_path):
 
 def test_shipped_model_replay_of_the_synthetic_fleet(tmp_path):
     """pump-lstm replay writes 4 expected and 40 forecast columns and flags only the pump with a sudden jump."""
-    synth = pytest.importorskip("training.synth")
+    synth = pytest.importorskip("simulation.synth")
     fleet = synth.generate_fleet(synth.FleetConfig(devices=2, hours=16, seed=5, faults="none"))
     jump_ts = int(fleet.rows["ts"][0]) + 10 * 3600
     fleet.rows["vibration_rms"] = fleet.rows["vibration_rms"] + np.where((fleet.rows["device"] == "pump-00") & (fleet.rows["ts"] >= jump_ts), 2.0, 0.0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import PREFIX, healthy_rows, publish_rows, wait_until
 
-from agent import rollout, signing
+from agent.core import signing
+from agent.ops import rollout
 from training.publish_model import PublishError, publish_bundle
 
 pytestmark = pytest.mark.mqtt

@@ -67,7 +67,7 @@ def test_schemas_reject_what_the_contract_forbids():
 def test_live_traffic_of_a_running_daemon_matches_the_schemas(start_agent, subscriber, mosquitto, model_path, tmp_path):
     """Input, forecasts, alerts, active lists, status (online, swap, failed reload, last will), errors, discovery and the
     rollout descriptor, as they cross the broker, all validate against their schemas."""
-    from agent import signing
+    from agent.core import signing
     from training.publish_model import publish_bundle
 
     secret = signing.generate_secret()

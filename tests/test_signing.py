@@ -11,8 +11,8 @@ import legacy_ed25519
 import pytest
 from bundles import PUMP_BUNDLE
 
-from agent import signing
-from agent.model import BundleError, load_bundle
+from agent.core import signing
+from agent.core.model import BundleError, load_bundle
 
 L = 2**252 + 27742317777372353535851937790883648493  # order of the ed25519 base point
 
@@ -47,7 +47,7 @@ def test_rfc8032_vectors(secret, public, message, signature):
 
 
 def test_signatures_are_made_and_checked_by_cryptography(monkeypatch):
-    """agent/signing.py delegates to cryptography's Ed25519 (no hand-written curve arithmetic): its verifier is called."""
+    """agent/core/signing.py delegates to cryptography's Ed25519 (no hand-written curve arithmetic): its verifier is called."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     calls = []
@@ -62,7 +62,7 @@ def test_signatures_are_made_and_checked_by_cryptography(monkeypatch):
     assert signing.verify(pk, msg, sig)
     assert calls == [pk]
     for name in ("_P", "_L", "_D", "_add", "_mul", "_recover_x"):
-        assert not hasattr(signing, name), f"agent.signing still carries the hand-written {name}"
+        assert not hasattr(signing, name), f"agent.core.signing still carries the hand-written {name}"
 
 
 def test_without_cryptography_signing_says_what_is_missing(monkeypatch):
@@ -89,7 +89,7 @@ def test_the_edge_install_depends_on_cryptography():
 def test_keys_and_signatures_made_before_the_change_still_verify(tmp_path):
     """A key pair and a bundle signed by the earlier pure-Python code (file formats unchanged) load with the new code,
     and the new code signs the same manifest to the same bytes."""
-    from agent.config import load_settings
+    from agent.config.settings import load_settings
 
     secret = bytes(range(100, 132))
     key_file = tmp_path / "model-signing"  # what `keygen` wrote: hex seed; KEY.pub: hex public key
@@ -101,7 +101,7 @@ def test_keys_and_signatures_made_before_the_change_still_verify(tmp_path):
     (folder / signing.SIGNATURE_FILE).write_text(legacy_ed25519.sign(secret, manifest).hex() + "\n")
 
     settings = load_settings(None, model={"path": str(folder), "public_key_file": str(tmp_path / "model-signing.pub"), "require_signature": True})
-    from agent.model import load_configured_bundle
+    from agent.core.model import load_configured_bundle
 
     bundle = load_configured_bundle(settings.model)
     assert bundle.signed and bundle.release is None  # signed before release numbers: release 0 to the ledger
@@ -200,7 +200,7 @@ def test_any_of_several_trusted_keys_may_sign(signed_bundle):
 def test_trusted_keys_come_from_a_list_a_multi_key_file_or_a_directory(tmp_path, monkeypatch):
     """model.public_key takes one key or a list; public_key_file a file (one key per line), a directory of *.pub, or a
     list; the environment takes a JSON list; a single key keeps working."""
-    from agent.config import load_settings
+    from agent.config.settings import load_settings
 
     keys = [signing.public_key(bytes([i]) * 32) for i in (1, 2, 3)]
     hexes = [k.hex() for k in keys]

@@ -11,8 +11,8 @@ import pytest
 from conftest import PREFIX, healthy_rows, publish_rows
 
 from agent.__main__ import _load_settings
-from agent.config import Settings, freeze, load_settings
-from agent.snapshot import ModelSnapshot, MqttSnapshot, Secret, Snapshot, load_in_child
+from agent.config.settings import Settings, freeze, load_settings
+from agent.config.snapshot import ModelSnapshot, MqttSnapshot, Secret, Snapshot, load_in_child
 
 PASSWORD = "s3cret-never-shown"
 KEY_HEX = "ab" * 32

@@ -1,4 +1,4 @@
-"""Sparkplug B input (agent/sparkplug.py): births and aliases, sequence numbers, deaths, rebirth requests, and the
+"""Sparkplug B input (agent/transport/sparkplug.py): births and aliases, sequence numbers, deaths, rebirth requests, and the
 bytes over a real broker. Payloads are built with the generated protobuf code by a simulated edge node."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 from bundles import PUMP_FEATURES
 from conftest import REPO, wait_until
 
-from agent import sparkplug_b_pb2 as pb
-from agent.events import REJECTION_REASONS, Sample
-from agent.ingest import DEVICE_NAME as INGEST_DEVICE_NAME
-from agent.sparkplug import DEVICE_NAME, REBIRTH_METRIC, SPARKPLUG_REJECTION_REASONS, SparkplugInput, SparkplugResult
-from agent.sparkplug_config import SparkplugSettings
+from agent.transport import sparkplug_b_pb2 as pb
+from agent.core.events import REJECTION_REASONS, Sample
+from agent.transport.ingest import DEVICE_NAME as INGEST_DEVICE_NAME
+from agent.transport.sparkplug import DEVICE_NAME, REBIRTH_METRIC, SPARKPLUG_REJECTION_REASONS, SparkplugInput, SparkplugResult
+from agent.config.sparkplug import SparkplugSettings
 
 NOW = 1_763_737_200.0  # 2025-11-21T15:00:00Z
 NOW_MS = int(NOW * 1000)
@@ -287,7 +287,7 @@ def test_device_names_follow_the_template_and_lose_characters_a_name_may_not_hol
 
 
 def test_device_name_rule_is_the_ingest_rule():
-    """The Sparkplug input allows exactly the device names agent/ingest.py allows."""
+    """The Sparkplug input allows exactly the device names agent/transport/ingest.py allows."""
     assert DEVICE_NAME.pattern == INGEST_DEVICE_NAME.pattern
 
 
@@ -442,7 +442,7 @@ def test_an_edge_node_name_that_cannot_be_a_device_still_has_its_devices_read():
 
 def test_runs_on_the_frozen_settings_the_daemon_uses(node):
     """SparkplugInput takes the section's Snapshot (agent.config.freeze) as well as the pydantic model."""
-    from agent.config import freeze
+    from agent.config.settings import freeze
 
     spb = SparkplugInput(freeze(SparkplugSettings(metric_map={"Temp": "bearing_temp"}, groups=["plant"])), PUMP_FEATURES)
     assert spb.subscriptions() == ["spBv1.0/plant/#"]
@@ -507,7 +507,7 @@ def test_settings_defaults_are_off_and_valid():
 
 
 def test_generated_code_matches_the_proto_beside_it():
-    """agent/sparkplug_b_pb2.py is the code of agent/sparkplug_b.proto: same package, fields and numbers, DataType values."""
+    """agent/transport/sparkplug_b_pb2.py is the code of agent/sparkplug_b.proto: same package, fields and numbers, DataType values."""
     text = (REPO / "agent" / "sparkplug_b.proto").read_text()
     text = re.sub(r"//[^\n]*", "", text)
     fields_in_proto = set(re.findall(r"(\w+)\s*=\s*(\d+)\s*;", text))  # fields and enum values

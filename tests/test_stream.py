@@ -11,7 +11,7 @@ import pytest
 from training.data import ScalerAccumulator, Split, load_table, prepare
 from training.distributed import Dist, assign
 from training.stream import ParquetFleet, PrepareOptions, eval_devices, open_stream
-from training.synth import FEATURES, FleetConfig, generate_fleet, write_csv
+from simulation.synth import FEATURES, FleetConfig, generate_fleet, write_csv
 from training.to_parquet import convert, synthetic
 
 pytestmark = pytest.mark.training  # pyarrow, pandas and torch: the training extra

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from training.__main__ import main as training_main
-from training.synth import (
+from simulation.synth import (
     COLUMNS,
     FAULT_KINDS,
     FEATURES,

@@ -114,7 +114,7 @@ def test_daemon_sends_ready_status_watchdog_and_stopping(start_daemon, make_prob
 def test_watchdog_is_not_fed_while_the_worker_is_stuck(agent_settings, subscriber, tmp_path):
     """A stalled worker stops the WATCHDOG=1 pings and says why in STATUS=; they resume once it moves again."""
     from agent.app import Agent
-    from agent.notify import Notifier
+    from agent.ops.notify import Notifier
 
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     agent = Agent(agent_settings(health={"max_stall_s": 1.0}),

@@ -172,7 +172,7 @@ def test_refused_connections(secure_broker, pki, creds, agent_settings, caplog, 
 ])
 def test_password_is_never_sent_in_plaintext_unless_allowed(agent_settings, host, policy, refused):
     """Without TLS a password is refused at start (clear message) unless mqtt.plaintext_password allows it."""
-    from agent.mqtt import MqttLink, Retained
+    from agent.transport.mqtt import MqttLink, Retained
 
     settings = agent_settings(mqtt={"host": host, "username": "edge", "password": SECRET, "plaintext_password": policy})
     make = lambda: MqttLink(settings, [], lambda *a: None, will=Retained("t", b"x"))  # noqa: E731

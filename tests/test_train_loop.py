@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from agent.model import load_bundle
+from agent.core.model import load_bundle
 from training.data import prepare
-from training.synth import FleetConfig, generate_fleet
+from simulation.synth import FleetConfig, generate_fleet
 from training.train import LeanAdam, TrainConfig, fit
 
 pytestmark = pytest.mark.training

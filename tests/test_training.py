@@ -14,7 +14,7 @@ from training.__main__ import main as training_main
 from training.data import prepare, to_device_series
 from training.export import ExportError, export_onnx
 from training.model import LSTMForecaster
-from training.synth import FEATURES, FaultSpec, FleetConfig, generate_fleet, write_csv
+from simulation.synth import FEATURES, FaultSpec, FleetConfig, generate_fleet, write_csv
 from training.train import TrainConfig, build_model, evaluate_loss, fit
 
 pytestmark = pytest.mark.training

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.events import Rejected
-from agent.window import WindowStore, slot_of
+from agent.core.events import Rejected
+from agent.core.window import WindowStore, slot_of
 
 P = 60.0
 FEATURES = ["a", "b"]
@@ -236,9 +236,9 @@ def _resident_mib() -> float:
 
 
 def test_state_arrays_are_resident_only_where_written_and_freed_back_to_the_system():
-    """Per-device state arrays (agent.arrays) take memory only for the rows written, and a grown-out array's memory
+    """Per-device state arrays (agent.core.arrays) take memory only for the rows written, and a grown-out array's memory
     goes back to the system when it is freed (malloc kept freed arrays in the heap)."""
-    from agent import arrays
+    from agent.core import arrays
 
     np.ones(30 << 20, dtype=np.uint8)  # a large temporary freed: from now on malloc serves up to 30 MiB from its heap
     base = _resident_mib()

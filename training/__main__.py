@@ -13,13 +13,13 @@ import sys
 
 
 def _synth_args(parser: argparse.ArgumentParser) -> None:
-    from training import synth
+    from simulation import synth
 
     synth.add_arguments(parser)
 
 
 def _synth_run(args: argparse.Namespace) -> int:
-    from training import synth
+    from simulation import synth
 
     return synth.run(args)
 
@@ -56,11 +56,11 @@ COMMANDS = {
     "evaluate-alerts": ("point-wise and event-level alert metrics of a replay against labels", lambda p: import_module("training.evaluate_alerts").add_arguments(p), lambda a: import_module("training.evaluate_alerts").run(a)),
     "detection-benchmark": ("held-out synthetic fleet -> replay -> evaluate-alerts, one table", lambda p: import_module("training.detection_benchmark").add_arguments(p), lambda a: import_module("training.detection_benchmark").run(a)),
     "recalibrate": ("recompute a bundle's anomaly calibration with the current detection code (model unchanged)", lambda p: import_module("training.calibrate").add_recalibrate_arguments(p), lambda a: import_module("training.calibrate").run_recalibrate(a)),
-    "broker": ("run the embedded MQTT 3.1.1 broker, amqtt (for machines without mosquitto; the demo extra)", lambda p: import_module("training.embedded_broker").add_arguments(p), lambda a: import_module("training.embedded_broker").run(a)),
+    "broker": ("run the embedded MQTT 3.1.1 broker, amqtt (for machines without mosquitto; the demo extra)", lambda p: import_module("simulation.broker").add_arguments(p), lambda a: import_module("simulation.broker").run(a)),
     "keygen": ("create an ed25519 key pair for signing model bundles", lambda p: import_module("training.sign").add_keygen_arguments(p), lambda a: import_module("training.sign").run_keygen(a)),
     "publish-model": ("publish a signed bundle to a model-update topic: agents with rollout enabled verify and swap it in", lambda p: import_module("training.publish_model").add_arguments(p), lambda a: import_module("training.publish_model").run(a)),
     "sign-model": ("sign a bundle's manifest.json as a new release (--release, --expires; manifest.json.sig) for agents with model.public_key", lambda p: import_module("training.sign").add_sign_arguments(p), lambda a: import_module("training.sign").run_sign(a)),
-    "demo": ("the one-command demo: simulator -> broker -> edge daemon -> live view and summary", lambda p: import_module("training.demo").add_arguments(p), lambda a: import_module("training.demo").run(a)),
+    "demo": ("the one-command demo: simulator -> broker -> edge daemon -> live view and summary", lambda p: import_module("simulation.demo").add_arguments(p), lambda a: import_module("simulation.demo").run(a)),
     # the training toolbox (issue 3)
     "search": ("Optuna hyperparameter search (random, TPE, grid); several workers share a study via --storage", lambda p: import_module("training.search").add_arguments(p), lambda a: import_module("training.search").run(a)),
     "data-report": ("resample a CSV/Parquet file, report its gaps and windows per split", lambda p: import_module("training.cli").add_data_report_arguments(p), lambda a: import_module("training.cli").run_data_report(a)),

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.config import Settings
-from agent.events import AlertEvent, Sample
-from agent.pipeline import Pipeline
-from agent.state import NormalState
+from agent.config.settings import Settings
+from agent.core.events import AlertEvent, Sample
+from agent.core.pipeline import Pipeline
+from agent.core.state import NormalState
 from training.intervals import DEFAULT_LEVELS as DEFAULT_INTERVAL_LEVELS, interval_table, validation_residuals
 from training.data import DeviceSeries, Prepared
 
@@ -503,7 +503,7 @@ def run_recalibrate(args) -> int:
     import sys
 
     from training.cli import SHIPPED_DIR, SHIPPED_EVAL_FLEET, SHIPPED_TRAIN_FLEET
-    from training.synth import generate_fleet, read_csv
+    from simulation.synth import generate_fleet, read_csv
 
     model = args.model or str(SHIPPED_DIR)
     try:

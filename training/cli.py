@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from training.synth import FEATURES, FaultSpec, FleetConfig
+from simulation.synth import FEATURES, FaultSpec, FleetConfig
 
 BUNDLE_NAME = "pump-lstm"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "exported_models" / BUNDLE_NAME
@@ -130,7 +130,9 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
     its evaluation devices."""
     import torch
 
-    from training import calibrate, evaluate
+    from training import calibrate
+
+    from training import evaluate
     from training.data import prepare, to_device_series
     from training.export import OnnxPredictor, export_onnx, utc_now, write_bundle
     from training.bundle import architecture_section
@@ -279,7 +281,7 @@ def _parse_time(text: str) -> float:
 
 def run_train(args: argparse.Namespace) -> int:
     from training.data import load_table
-    from training.synth import read_csv
+    from simulation.synth import read_csv
 
     if Path(args.data).is_dir():  # a Parquet dataset: streamed (training.stream), data-parallel under torchrun
         from training.stream import run_train as run_stream
@@ -305,7 +307,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_build_shipped(args: argparse.Namespace) -> int:
-    from training.synth import generate_fleet
+    from simulation.synth import generate_fleet
 
     cfg = _train_config(args, quick=args.quick)
     train_fleet = generate_fleet(SHIPPED_TRAIN_FLEET)
@@ -348,7 +350,7 @@ def toolbox_config(args: argparse.Namespace, **overrides):
 def load_training_data(args: argparse.Namespace):
     """(Prepared, data description) from --data or a synthetic fleet, with the data-preparation options."""
     from training.data import load_table, prepare
-    from training.synth import generate_fleet
+    from simulation.synth import generate_fleet
 
     cfg = toolbox_config(args)
     if args.data:
@@ -377,7 +379,7 @@ def run_cv(args: argparse.Namespace) -> int:
     """Time-series cross-validation of one configuration."""
     from training.data import load_table
     from training.evaluate import cross_validate
-    from training.synth import generate_fleet
+    from simulation.synth import generate_fleet
 
     cfg = toolbox_config(args)
     if args.data:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.synth import FEATURES
+from simulation.synth import FEATURES
 
 SPLITS = ("train", "val", "test")
 FILL_METHODS = ("ffill", "linear")
@@ -148,7 +148,7 @@ def load_table(path: str | Path, timestamp: str | None = None, device: str | Non
     """Read a CSV or Parquet file into columns: `ts` (unix seconds), `device`, the features, `label`.
 
     The timestamp column is `timestamp` (--ts-column), or when None the first column named ts, timestamp, time,
-    datetime or date, any case (agent.replay.find_ts_column, the rule of every command).
+    datetime or date, any case (agent.tools.replay.find_ts_column, the rule of every command).
     Timestamps may be numbers (unix seconds) or date strings (ISO-8601, UTC unless they say otherwise).
     Without a device column the whole file is one series named "series". Features default to every numeric
     column other than the timestamp, device and label.
@@ -169,7 +169,7 @@ def rows_from_frame(frame, source: str, timestamp: str | None = None, device: st
     reader (training.stream) hands each device's Parquet rows through here, so both paths parse alike."""
     import pandas as pd
 
-    from agent.replay import find_ts_column
+    from agent.tools.replay import find_ts_column
 
     timestamp = find_ts_column([str(c) for c in frame.columns], timestamp, source)  # a ValueError naming the columns
     stamps = frame[timestamp]

@@ -1,9 +1,9 @@
 """`python -m training detection-benchmark`: the detection figures end to end, on a held-out synthetic fleet.
 
-1. generate a labeled fleet with training.synth (seed HELDOUT_SEED by default: never used for training,
+1. generate a labeled fleet with simulation.synth (seed HELDOUT_SEED by default: never used for training,
    calibration or tuning; TUNING_SEEDS were used to choose the score steps, EWMA and alert settings):
    `healthy` pumps without faults, the others with two faults each of different kinds at random times;
-2. replay it through `python -m agent replay`'s code path (agent.replay.replay) with the bundle;
+2. replay it through `python -m agent replay`'s code path (agent.tools.replay.replay) with the bundle;
 3. evaluate-alerts on the replay output and the fleet's labels; print the table (and write JSON).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.synth import FAULT_KINDS, DEFAULT_START_TS, FaultSpec, FleetConfig, device_name, generate_fleet, write_csv
+from simulation.synth import FAULT_KINDS, DEFAULT_START_TS, FaultSpec, FleetConfig, device_name, generate_fleet, write_csv
 
 HELDOUT_SEED = 2027
 TUNING_SEEDS = (101, 102)
@@ -44,8 +44,8 @@ def benchmark_fleet(seed: int, devices: int = 20, healthy: int = 4, days: float 
 
 def run_benchmark(model_dir: str | Path, out_dir: str | Path, seed: int = HELDOUT_SEED, devices: int = 20, healthy: int = 4,
                   days: float = 8.0, settings=None, grace_min: float = 30.0, recovery_min: float = 60.0, log=print) -> dict:
-    from agent.config import Settings
-    from agent.replay import replay
+    from agent.config.settings import Settings
+    from agent.tools.replay import replay
     from training import evaluate_alerts
 
     out = Path(out_dir)
@@ -110,7 +110,7 @@ def ablation_variants(model: Path, folder: Path, names=ABLATIONS):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from agent.config import shipped_model_path
+    from agent.config.settings import shipped_model_path
 
     parser.add_argument("--model", default=str(shipped_model_path()), help="bundle folder (default: the shipped pump-lstm)")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help=f"fleet seed (default {HELDOUT_SEED}, held out; tuning used {TUNING_SEEDS})")
@@ -127,8 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.config import Settings
-    from agent.model import BundleError
+    from agent.config.settings import Settings
+    from agent.core.model import BundleError
     from training import evaluate_alerts
 
     if not 0 <= args.healthy < args.devices:

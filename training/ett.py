@@ -520,7 +520,7 @@ def write_ett_bundle(model, cfg: EttConfig, splits: EttSplits, out_dir: str | Pa
 
 def evaluate_bundle(folder: str | Path, splits: EttSplits, threads: int = 2) -> dict:
     """MSE/MAE of a bundle on the validation and test windows through agent.model.load_bundle (original units)."""
-    from agent.model import load_bundle
+    from agent.core.model import load_bundle
 
     bundle = load_bundle(folder, intra_op_threads=threads)
     out = {}

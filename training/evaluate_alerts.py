@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.ingest import parse_timestamp
+from agent.transport.ingest import parse_timestamp
 
 
 class EvaluationError(Exception):
@@ -43,8 +43,8 @@ def read_header(path: str, delimiter: str = ",") -> list[str]:
 
 
 def find_ts(path: str, given: str | None) -> str:
-    """The file's timestamp column: `given`, or found by name (agent.replay.find_ts_column); EvaluationError if none."""
-    from agent.replay import TimestampColumnError, find_ts_column
+    """The file's timestamp column: `given`, or found by name (agent.tools.replay.find_ts_column); EvaluationError if none."""
+    from agent.tools.replay import TimestampColumnError, find_ts_column
 
     try:
         return find_ts_column(read_header(path), given, path)

@@ -35,7 +35,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def load_rows(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], list[str], list[str], float]:
     """The selected rows as training.data's column dict, the features, the targets and the period."""
-    from agent.replay import ReplayError, find_ts_column, parse_ts_column, read_table
+    from agent.tools.replay import ReplayError, find_ts_column, parse_ts_column, read_table
 
     header = _header(args.data, args.delimiter)
     ts_column = find_ts_column(header, args.ts_column, args.data)  # a ValueError naming the columns when there is none

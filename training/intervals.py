@@ -8,7 +8,7 @@ never trained on. Per level (e.g. 0.8) and per (horizon step, target), the inter
 residuals, with the split-conformal finite-sample correction (rank ceil((n + 1) p) of n). Asymmetric on
 purpose: skewed residuals (a temperature that rises faster than it falls) keep their shape.
 
-The daemon side is `agent/intervals.py` (numpy only): it turns the table into bounds for any forecast.
+The daemon side is `agent/core/intervals.py` (numpy only): it turns the table into bounds for any forecast.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def interval_table(resid: np.ndarray, levels=DEFAULT_LEVELS, source: str = "vali
 def coverage(manifest: dict, prepared, predict, split: str = "test") -> dict | None:
     """Empirical coverage of the manifest's intervals on the windows of `split`, next to the nominal level:
     overall, per horizon step and per target, with the mean band width (physical units) per step. Bounds come
-    from agent.intervals (the daemon's code). None without intervals."""
-    from agent.intervals import load_intervals
+    from agent.core.intervals (the daemon's code). None without intervals."""
+    from agent.core.intervals import load_intervals
 
     table = load_intervals(manifest)
     if table is None:

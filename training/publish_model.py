@@ -3,7 +3,7 @@
 The bundle is checked first (the agent's own loader: checksum, shapes, warm-up), signed with KEY as a new release
 (`sign-model`'s rules: the release number and optional expiry are written into manifest.json and signed; the
 default number is one more than the highest of the manifest's release and the release now retained on TOPIC), or
-its existing manifest.json.sig is used; then packed (agent/rollout.py) and published retained: the chunks on
+its existing manifest.json.sig is used; then packed (agent/ops/rollout.py) and published retained: the chunks on
 TOPIC/chunks/<transfer_id>/<index>, then the descriptor on TOPIC. Daemons with `[rollout] enabled = true` and
 `rollout.topic = TOPIC` fetch it, verify signature and checksums, and swap it in; each reports the model it
 runs on its status topic. The previous transfer's retained chunks are cleared afterwards, so the broker
@@ -21,7 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-from agent import releases, rollout, signing
+from agent.ops import releases
+
+from agent.ops import rollout
+
+from agent.core import signing
 from training.sign import add_release_arguments, next_release, read_secret, sign_bundle
 
 
@@ -56,7 +60,7 @@ def _sign(folder: Path, key_file: Path | None, verify: bool, release: int | None
           rollback_to: int | None = None, previous_release: int | None = None) -> bytes:
     """The hex text of manifest.json.sig to ship: a new release signed with `key_file` (written into the folder, as
     `sign-model` does), or the bundle's existing signature."""
-    from agent.model import BundleError, load_bundle
+    from agent.core.model import BundleError, load_bundle
 
     if key_file is not None:
         secret = read_secret(key_file)

@@ -64,7 +64,7 @@ def _load_rows(args):
 
         rows, features = load_table(args.data, args.ts_column, args.device_column)
         return rows, features
-    from training.synth import FEATURES, FleetConfig, generate_fleet
+    from simulation.synth import FEATURES, FleetConfig, generate_fleet
 
     return generate_fleet(FleetConfig(devices=args.synthetic_devices, hours=args.synthetic_hours, seed=0, faults="none")).rows, FEATURES
 

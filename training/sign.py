@@ -6,7 +6,7 @@ list). Keys are hex text: KEY holds the 32-byte secret seed (mode 0600), KEY.pub
 agent's configuration. Signing uses the `cryptography` package's ed25519 (the same file formats as before it).
 
 Every signing is a release: `sign-model` writes `"release": N` (and `"expires"`, `"rollback_to"` when given) into
-manifest.json before signing it (agent/releases.py). N defaults to the manifest's previous release + 1; a manifest
+manifest.json before signing it (agent/ops/releases.py). N defaults to the manifest's previous release + 1; a manifest
 without one needs `--release`. Agents refuse a release not newer than the one they run, so rolling back means
 signing the old bundle again under a higher number: `sign-model old-bundle --key KEY --release 8 --rollback-to 5`.
 """
@@ -19,7 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from agent import releases, signing
+from agent.ops import releases
+
+from agent.core import signing
 
 
 def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +95,7 @@ def sign_bundle(
     refuses past times; this function does not, so tests can make expired releases). With `verify`, the bundle is
     first loaded as the agent would (checksum, shapes, warm-up): nothing an agent would refuse is signed.
     """
-    from agent.model import BundleError, load_bundle
+    from agent.core.model import BundleError, load_bundle
 
     folder = Path(folder)
     manifest_path = folder / "manifest.json"

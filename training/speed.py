@@ -51,7 +51,7 @@ def peak_rss_mib() -> float:
 
 def measure(args: argparse.Namespace) -> dict:
     from training.data import prepare
-    from training.synth import FleetConfig, generate_fleet
+    from simulation.synth import FleetConfig, generate_fleet
     from training.train import TrainConfig, fit, resolve_precision
 
     fleet = generate_fleet(FleetConfig(devices=args.devices, hours=args.hours, seed=0, faults="none"))

@@ -53,7 +53,7 @@ class ParquetFleet:
         import pyarrow as pa
         import pyarrow.dataset as ds
 
-        from agent.replay import find_ts_column
+        from agent.tools.replay import find_ts_column
 
         self.path = Path(path)
         if not self.path.is_dir():
@@ -374,7 +374,7 @@ def run_train(args: argparse.Namespace) -> int:
                            "shuffle_buffer": args.shuffle_buffer, "train_windows_per_s": round(result.train_windows_per_s, 1)}}
         eval_rows = None
         if args.eval_data:
-            from training.synth import read_csv
+            from simulation.synth import read_csv
 
             eval_rows = read_csv(args.eval_data)
         import json

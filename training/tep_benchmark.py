@@ -84,7 +84,7 @@ def pca_anchor(tep: Path, components: int = 14, quantile: float = 0.999) -> dict
 
 
 def replay_all(model: Path, tep: Path, work: Path) -> dict[int, np.ndarray]:
-    from agent.replay import replay
+    from agent.tools.replay import replay
 
     alerts = {}
     for k in (0, *FAULTS):
@@ -135,7 +135,7 @@ def run_tep(tep: Path, out: Path, variants, log=print) -> dict:
     for name, bundle in variants(model, out / "variants"):
         results[name] = score_alerts(replay_all(bundle, tep, out))
         if name == "full":
-            from agent.replay import replay
+            from agent.tools.replay import replay
 
             replay(bundle, tep / "d00.csv", out / "replay-d00.csv")  # the rows the model was fitted on
             with open(out / "replay-d00.csv", newline="", encoding="utf-8") as f:

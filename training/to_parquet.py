@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row-group-rows", type=int, default=4096,
                         help="rows buffered per partition before a row group is written (memory: partitions x this)")
     g = parser.add_argument_group("synthetic fleet instead of --data")
-    g.add_argument("--synthetic-devices", type=int, help="pumps of the synthetic fleet (training.synth), written device by device")
+    g.add_argument("--synthetic-devices", type=int, help="pumps of the synthetic fleet (simulation.synth), written device by device")
     g.add_argument("--synthetic-days", type=float, default=30.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--faults", default="auto", help="auto | none | fault specs as in `synth --faults`")
@@ -129,11 +129,11 @@ def convert(paths: list[str | Path], out: str | Path, partition: str = "device",
 
 def synthetic(out: str | Path, devices: int, days: float, seed: int = 0, faults: str = "auto",
               dtype: str = "float32", log=print) -> dict:
-    """The synthetic fleet of training.synth.generate_fleet, simulated and written one device at a time."""
+    """The synthetic fleet of simulation.synth.generate_fleet, simulated and written one device at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.synth import FEATURES, FleetConfig, _auto_faults, _simulate_device, device_name, parse_fault_specs
+    from simulation.synth import FEATURES, FleetConfig, _auto_faults, _simulate_device, device_name, parse_fault_specs
 
     out = Path(out)
     if out.exists():

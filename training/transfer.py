@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from training import evaluate
     from training.bundle import export_bundle, torch_predictor
     from training.data import Split, prepare
-    from training.synth import FleetConfig, generate_fleet
+    from simulation.synth import FleetConfig, generate_fleet
     from training.train import TrainConfig, fit
 
     shipped, manifest = model_from_bundle(args.bundle)

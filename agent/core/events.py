@@ -25,7 +25,7 @@ REJECTION_REASONS = (
     "queue_full",
     "out_of_range",
     "device_limit",
-    # Sparkplug B input (agent/sparkplug.py)
+    # Sparkplug B input (agent/transport/sparkplug.py)
     "sparkplug_decode",
     "sparkplug_no_birth",
     "sparkplug_unknown_alias",

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.events import Rejected, Sample
-from agent.partition import PartitionFilter
+from agent.core.events import Rejected, Sample
+from agent.transport.partition import PartitionFilter
 
 if TYPE_CHECKING:
-    from agent.config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
+    from agent.config.settings import Settings  # the daemon runs on a Snapshot of it (agent/config/snapshot.py)
 
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 PLACEHOLDER = re.compile(r"\{(device|sensor)\}")

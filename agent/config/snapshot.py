@@ -7,7 +7,7 @@ devices (docs/benchmarks.md). `python -m agent run` therefore validates its conf
 helper methods, read-only, with `model_copy(update=...)` as the daemon uses it. Everything else (check-config,
 replay, the tests) keeps using the pydantic `Settings`; both have the same attributes.
 
-This module imports nothing from pydantic; agent/config.py builds snapshots (`freeze`) and shares the helper
+This module imports nothing from pydantic; agent/config/settings.py builds snapshots (`freeze`) and shares the helper
 methods below with its sections.
 """
 
@@ -70,7 +70,7 @@ class ModelMethods:
         (`#` comments), or a directory whose `*.pub` files are read; relative names are looked up in
         $CREDENTIALS_DIRECTORY first.
         """
-        from .signing import PUBLIC_BYTES, SignatureError, parse_hex, parse_public_keys
+        from agent.core.signing import PUBLIC_BYTES, SignatureError, parse_hex, parse_public_keys
 
         keys: list[bytes] = []
         texts = self.public_key
@@ -219,6 +219,6 @@ def _child(load: Callable[[], tuple[Any, int | None]], read_end: int, write_end:
 
 
 def _freeze(settings: Any) -> Snapshot:
-    from agent.config import freeze  # in the child (or without fork): pydantic is loaded there anyway
+    from agent.config.settings import freeze  # in the child (or without fork): pydantic is loaded there anyway
 
     return freeze(settings)

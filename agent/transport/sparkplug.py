@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
-from agent import sparkplug_b_pb2 as pb
-from agent.events import Sample
+from agent.transport import sparkplug_b_pb2 as pb
+from agent.core.events import Sample
 
 if TYPE_CHECKING:
-    from agent.sparkplug_config import SparkplugSettings  # the daemon runs on a Snapshot of it (no pydantic)
+    from agent.config.sparkplug import SparkplugSettings  # the daemon runs on a Snapshot of it (no pydantic)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ SPARKPLUG_REJECTION_REASONS = (
     "sparkplug_seq_gap",  # the edge node's sequence number jumped: messages were lost or reordered
 )
 
-# A device name of ours (agent/ingest.py DEVICE_NAME): other characters of Sparkplug IDs become '_'.
+# A device name of ours (agent/transport/ingest.py DEVICE_NAME): other characters of Sparkplug IDs become '_'.
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _NOT_NAME_CHARACTER = re.compile(r"[^A-Za-z0-9_.:-]+")
 

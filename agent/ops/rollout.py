@@ -1,4 +1,4 @@
-"""Fleet model rollout over MQTT: the wire format and the receiving side (no paho here; agent/mqtt.py carries it).
+"""Fleet model rollout over MQTT: the wire format and the receiving side (no paho here; agent/transport/mqtt.py carries it).
 
 A published bundle is a gzip'd tar of its files (manifest.json, model.onnx, manifest.json.sig, optional
 README.md / report.json), cut into chunks:
@@ -17,7 +17,7 @@ warm-up checked: the same path as a reload. Nothing from the network reaches the
 
 The descriptor repeats the manifest's release fields (`release`, `expires`, `rollback_to`) for people and tools
 watching the topic; they are not signed there. The agent decides on the signed copies in manifest.json, through
-its release ledger (agent/releases.py): a release not newer than the one it accepted, or an expired one, is refused.
+its release ledger (agent/ops/releases.py): a release not newer than the one it accepted, or an expired one, is refused.
 """
 
 from __future__ import annotations

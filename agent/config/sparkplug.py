@@ -1,4 +1,4 @@
-"""Settings of the Sparkplug B input (agent/sparkplug.py): one section, `[sparkplug]`, in the style of agent/config.py.
+"""Settings of the Sparkplug B input (agent/transport/sparkplug.py): one section, `[sparkplug]`, in the style of agent/config/settings.py.
 
 Kept in its own module until it is added to `Settings` (`sparkplug: SparkplugSettings = Field(default_factory=
 SparkplugSettings)`); it imports nothing from agent.config at import time, so config.py can import it at its top.
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The placeholders of the device-name templates, and the characters a template may hold around them: those of a
-# device name (agent/ingest.py DEVICE_NAME), since the name becomes a topic level (edgecast/<device>/forecast).
+# device name (agent/transport/ingest.py DEVICE_NAME), since the name becomes a topic level (edgecast/<device>/forecast).
 TEMPLATE_PLACEHOLDERS = ("group", "edge_node", "device")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _TEMPLATE_LITERAL = re.compile(r"[A-Za-z0-9_.:-]*")
@@ -23,7 +23,7 @@ GroupId = Annotated[str, Field(min_length=1, max_length=128, pattern=SPARKPLUG_I
 
 
 class _Section(BaseModel):
-    """agent.config.Section, without importing agent.config here (it will import this module)."""
+    """agent.config.settings.Section, without importing agent.config here (it will import this module)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -31,7 +31,7 @@ class _Section(BaseModel):
     @classmethod
     def _refuse_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name:
-            from agent.config import _numeric_not_bool  # loaded by the time anything is validated
+            from agent.config.settings import _numeric_not_bool  # loaded by the time anything is validated
 
             if _numeric_not_bool(cls.model_fields[info.field_name].annotation):
                 raise ValueError("expected a number, not a boolean (true/false)")

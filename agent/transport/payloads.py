@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .events import AlertEvent, Forecast, ForecastValues
+from agent.core.events import AlertEvent, Forecast, ForecastValues
 
 FORECAST_DIGITS = 5  # significant digits of forecast values: far below any sensor's noise
 SCORE_DIGITS = 4

@@ -36,10 +36,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.client import _ConnectionState
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from . import affinity
+from agent.ops import affinity
 
 if TYPE_CHECKING:
-    from .config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
+    from agent.config.settings import Settings  # the daemon runs on a Snapshot of it (agent/config/snapshot.py)
 
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ class MqttLink:
         )
         client.acks_deferred = settings.mqtt.at_least_once
         client.hold_s, client.hold_count = hold
-        paho_log = logging.getLogger("agent.mqtt.paho")
+        paho_log = logging.getLogger("agent.transport.mqtt.paho")
         if self._drop_socket_noise not in paho_log.filters:
             paho_log.addFilter(self._drop_socket_noise)
         client.enable_logger(paho_log)

@@ -207,7 +207,7 @@ def read_retained(port: int, topic: str, timeout: float = 3.0) -> dict | None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgecast-demo-check-{os.getpid()}")
     client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topic, 1) if not rc.is_failure else got.put(None)
     # Only the asked topic counts: a broker may send other retained messages first (unpatched amqtt 0.12.1 sends a
-    # connecting client those of every other client's subscriptions: training/embedded_broker.py).
+    # connecting client those of every other client's subscriptions: simulation/broker.py).
     client.on_message = lambda c, u, message: got.put(message.payload if message.retain else None) if message.topic == topic else None
     client.connect_async("127.0.0.1", port)
     client.loop_start()
@@ -227,7 +227,7 @@ def find_mosquitto() -> str | None:
 
 
 class Broker:
-    """mosquitto (config in the work dir) or the embedded broker (amqtt, training/embedded_broker.py), on a free port."""
+    """mosquitto (config in the work dir) or the embedded broker (amqtt, simulation/broker.py), on a free port."""
 
     def __init__(self, kind: str, workdir: Path):
         self.requested = kind
@@ -253,7 +253,7 @@ class Broker:
             if not wait_for_port(self.port, 10.0, self.process):
                 raise RuntimeError(f"mosquitto did not start:\n{tail(self.workdir / 'mosquitto.log')}")
             return
-        from training.embedded_broker import BrokerUnavailable, EmbeddedBroker
+        from simulation.broker import BrokerUnavailable, EmbeddedBroker
 
         if self.requested == "auto":
             self.note = "mosquitto is not installed: using the embedded broker (amqtt)"
@@ -613,7 +613,7 @@ class Demo:
 
     def _run(self, workdir: Path) -> int:
         args, s = self.args, self.style
-        from agent.config import shipped_model_path
+        from agent.config.settings import shipped_model_path
 
         model = Path(args.model) if args.model else shipped_model_path()
         if not (model / "manifest.json").is_file():

@@ -90,7 +90,7 @@ def _error(message: str) -> int:
 
 def _key_settings(args: argparse.Namespace):
     """(public key bytes or None, require_signature) from the flags or the configuration's [model] section."""
-    from agent.signing import SignatureError, parse_hex
+    from agent.core.signing import SignatureError, parse_hex
 
     if args.public_key and args.public_key_file:
         raise ValueError("give --public-key or --public-key-file, not both")
@@ -108,7 +108,7 @@ def _key_settings(args: argparse.Namespace):
 
 
 def cmd_models(args: argparse.Namespace, load_settings) -> int:
-    from agent.model import BundleError, load_bundle
+    from agent.core.model import BundleError, load_bundle
 
     try:
         key, required = _key_settings(args)
@@ -184,7 +184,7 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from agent.confref import generate
+    from agent.config.reference import generate
 
     sys.stdout.write(generate())
     return 0

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import affinity
-from .snapshot import credential_path
+from agent.ops import affinity
+from agent.config.snapshot import credential_path
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ def problems(settings: Any) -> list[Problem]:
         _check_state_directory(Path(settings.state.directory), found)
     if settings.sparkplug.enabled:
         try:
-            import agent.sparkplug  # noqa: F401
+            import agent.transport.sparkplug  # noqa: F401
         except ImportError as exc:
             found.append(Problem("sparkplug.enabled", f"the Sparkplug B input needs protobuf: pip install 'edgecast[sparkplug]' ({exc})"))
     if settings.metrics.enabled:
-        from .metrics import MetricsUnavailable, _prometheus
+        from agent.ops.metrics import MetricsUnavailable, _prometheus
 
         try:
             _prometheus()

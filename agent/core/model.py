@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .releases import ReleaseError, release_info
+from agent.ops.releases import ReleaseError, release_info
 
 SCHEMA_VERSION = 1
 SCALER_TYPES = ("standard", "minmax")
@@ -131,7 +131,7 @@ class Bundle:
         self.signed = False  # set by load_bundle when a signature was verified
         self.signed_by: bytes | None = None  # the trusted public key that made the signature
         self.manifest_sha256 = ""  # of manifest.json's bytes (what the signature covers), set by load_bundle
-        self.release_info = release_info(manifest)  # release number, expiry, rollback marker (agent/releases.py)
+        self.release_info = release_info(manifest)  # release number, expiry, rollback marker (agent/ops/releases.py)
         self.name: str = manifest["name"]
         self.version: str = manifest["version"]
         self.features: list[str] = list(manifest["features"])
@@ -151,7 +151,7 @@ class Bundle:
         self._shift32 = (-self.offset / self.scale).astype(np.float32)
         self._tscale32 = self.target_scale.astype(np.float32)
         self._toffset32 = self.target_offset.astype(np.float32)
-        from .intervals import IntervalError, load_intervals
+        from agent.core.intervals import IntervalError, load_intervals
 
         try:
             self.intervals = load_intervals(manifest)  # prediction bands of the forecasts; None for bundles without
@@ -212,7 +212,7 @@ def verify_signature(folder: Path, manifest_bytes: bytes, public_key: bytes | li
     The key that made a valid signature; None when the bundle is unsigned and that is allowed.
     Raises BundleError when a signature is required but missing, malformed, or made by a key not trusted.
     """
-    from .signing import SIGNATURE_FILE, SignatureError, key_id, parse_hex, verify_any
+    from agent.core.signing import SIGNATURE_FILE, SignatureError, key_id, parse_hex, verify_any
 
     keys = [public_key] if isinstance(public_key, (bytes, bytearray)) else list(public_key or [])
     sig_path = folder / SIGNATURE_FILE
@@ -249,7 +249,7 @@ def load_bundle(path: str | Path, intra_op_threads: int = 1, public_key: bytes |
     """Read, verify and warm up a bundle folder; BundleError names the first thing that does not match.
 
     With `public_key` (one trusted key, or a list of them: any may sign), a `manifest.json.sig` must verify (and must
-    exist when `require_signature`). The manifest's release fields are validated (agent/releases.py); whether the
+    exist when `require_signature`). The manifest's release fields are validated (agent/ops/releases.py); whether the
     release may run is the daemon's release ledger's decision.
     """
     folder = Path(path)

@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from agent import arrays
-from agent.events import Rejected
+from agent.core import arrays
+from agent.core.events import Rejected
 
 NO_SLOT = np.iinfo(np.int64).min
 

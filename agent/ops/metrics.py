@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Agent
+    from agent.app import Agent
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class _AgentCollector:
 
         stats = agent.stats()
         info = family("edgecast_agent_info", ["agent_id", "version"])
-        from .payloads import agent_version
+        from agent.transport.payloads import agent_version
 
         info.add_metric([agent.settings.agent_id, agent_version()], 1.0)
         yield info

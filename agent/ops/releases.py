@@ -228,7 +228,7 @@ class ReleaseLedger:
 
     def admit(self, bundle):
         """`check(bundle)` as the loader's BundleError (reported like any other refused bundle); returns `bundle`."""
-        from .model import BundleError
+        from agent.core.model import BundleError
 
         try:
             self.check(bundle)

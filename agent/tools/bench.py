@@ -2,7 +2,7 @@
 against, all in one run on one machine (docs/benchmarks.md explains the method and holds the last results).
 
 Parts, each its own process: a private mosquitto (free port, unbounded queues), the load generator
-(`agent.loadgen publish`), the daemon under test (`python -m agent run`, the real thing), and this process's
+(`agent.tools.loadgen publish`), the daemon under test (`python -m agent run`, the real thing), and this process's
 subscriber, which timestamps every forecast on arrival.
 
 Throughput is measured as *capacity*: the process under test is paused (SIGSTOP) while the generator queues a
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 MOSQUITTO = "/usr/sbin/mosquitto"
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so `python -m agent...` children find this agent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so `python -m agent...` children find this agent
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Collector:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from agent.mqtt import _Client
+        from agent.transport.mqtt import _Client
 
         self._lock = threading.Condition()
         self.arrivals: list[tuple[float, bytes]] = []
@@ -293,7 +293,7 @@ class Helper:
     """A loadgen role that prints READY when subscribed and its JSON result at the end."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.loadgen", *args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.tools.loadgen", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=_child_env(), text=True)
         line = self.proc.stdout.readline()
         if line.strip() != "READY":
@@ -338,7 +338,7 @@ class Run:
         """Run the generator for `slots` new slots of `devices` devices; returns (first slot, its result)."""
         first = self.next_slot
         self.next_slot += slots
-        args = [sys.executable, "-m", "agent.loadgen", "publish", "--port", str(self.port), "--model", str(self.model),
+        args = [sys.executable, "-m", "agent.tools.loadgen", "publish", "--port", str(self.port), "--model", str(self.model),
                 "--devices", str(devices), "--first-slot", str(first), "--slots", str(slots), "--rate", str(rate),
                 "--origin", str(self.origin), "--qos", "1" if self.plan.at_least_once else "0"]
         if times is not None:
@@ -473,8 +473,8 @@ def machine() -> dict:
 
 
 def run_bench(plan: Plan, model: Path, progress=print) -> dict:
-    from agent.config import Settings
-    from agent.model import load_bundle
+    from agent.config.settings import Settings
+    from agent.core.model import load_bundle
 
     settings = Settings()
     max_batch = plan.max_batch or settings.inference.max_batch
@@ -503,7 +503,7 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
     try:
         # (b) inference ceiling, alone on the machine.
         progress("inference ceiling: onnxruntime alone, full batches")
-        done = subprocess.run([sys.executable, "-m", "agent.loadgen", "infer", "--model", str(model), "--batch", str(max_batch),
+        done = subprocess.run([sys.executable, "-m", "agent.tools.loadgen", "infer", "--model", str(model), "--batch", str(max_batch),
                                "--threads", str(threads), "--seconds", str(plan.infer_seconds)],
                               capture_output=True, text=True, env=_child_env(), timeout=300)
         if done.returncode != 0:
@@ -822,7 +822,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.config import shipped_model_path
+    from agent.config.settings import shipped_model_path
 
     plan = Plan.quick() if args.quick else Plan()
     plan.at_least_once = args.at_least_once

@@ -133,7 +133,7 @@ class EmbeddedBroker:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self.port}"}},
-            "plugins": {"training.embedded_broker.OpenAuthPlugin": {}},
+            "plugins": {"simulation.broker.OpenAuthPlugin": {}},
         }
 
     # ------------------------------------------------------------------ lifecycle (called from any thread)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent import arrays
+from agent.core import arrays
 
 MIN_SPREAD = 1e-3  # a device's spread never below this share of the training spread (a constant sensor)
 

@@ -23,15 +23,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agent.snapshot import SNAPSHOT_CLASSES, ModelMethods, MqttMethods, Secret, Snapshot
-from agent.sparkplug_config import SparkplugSettings
+from agent.config.snapshot import SNAPSHOT_CLASSES, ModelMethods, MqttMethods, Secret, Snapshot
+from agent.config.sparkplug import SparkplugSettings
 
 DEFAULT_MODEL_NAME = "pump-lstm"
 
 
 def shipped_model_path() -> Path:
     """The bundle shipped with edgecast: the source tree's exported_models/, or the installed copy."""
-    source_tree = Path(__file__).resolve().parent.parent / "exported_models" / DEFAULT_MODEL_NAME
+    source_tree = Path(__file__).resolve().parents[2] / "exported_models" / DEFAULT_MODEL_NAME
     if source_tree.is_dir():
         return source_tree
     from importlib.resources import files
@@ -271,7 +271,7 @@ class InferenceConfig(Section):
 
 
 class PartitionConfig(Section):
-    count: int = Field(1, ge=1, le=256, description="Processes sharing the input by device hash (agent/partition.py); 1: this process takes every device.")
+    count: int = Field(1, ge=1, le=256, description="Processes sharing the input by device hash (agent/transport/partition.py); 1: this process takes every device.")
     index: int = Field(0, ge=0, le=255, description="This process's partition, 0..count-1: it keeps the devices whose crc32(name) % count equals it and drops the others before decoding.")
 
     @model_validator(mode="after")
@@ -469,7 +469,7 @@ def masked_dump(settings: Settings) -> dict[str, Any]:
 
 
 def freeze(value: Any) -> Any:
-    """Validated settings (or a section) as a read-only Snapshot of plain values (agent/snapshot.py)."""
+    """Validated settings (or a section) as a read-only Snapshot of plain values (agent/config/snapshot.py)."""
     if isinstance(value, BaseModel):
         fields = {field: freeze(getattr(value, field)) for field in type(value).model_fields}
         return SNAPSHOT_CLASSES.get(type(value).__name__, Snapshot)(fields)

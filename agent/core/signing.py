@@ -2,7 +2,7 @@
 
 A bundle is signed by `manifest.json.sig` (hex text, 128 digits) over the exact bytes of `manifest.json`; the
 manifest carries model.onnx's sha256, which the loader checks, so the signature covers the model too, and its
-release number, expiry and rollback marker (agent/releases.py), so those cannot be changed without the key.
+release number, expiry and rollback marker (agent/ops/releases.py), so those cannot be changed without the key.
 
 Key files are hex text: the secret key is the 32-byte RFC 8032 seed, the public key its 32 raw bytes. These are
 the formats the earlier pure-Python implementation wrote and read; ed25519 signatures are deterministic, so the

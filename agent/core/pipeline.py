@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from agent import arrays
-from agent.detect import AlertDetector, ResidualScorer
-from agent.events import AlertEvent, FeatureDeviation, Forecast, ForecastValues, Rejected, Rejection, Sample
-from agent.learning import DeviceLearning
-from agent.model import Bundle, BundleError
-from agent.window import NO_SLOT, WindowStore
+from agent.core import arrays
+from agent.core.detect import AlertDetector, ResidualScorer
+from agent.core.events import AlertEvent, FeatureDeviation, Forecast, ForecastValues, Rejected, Rejection, Sample
+from agent.core.learning import DeviceLearning
+from agent.core.model import Bundle, BundleError
+from agent.core.window import NO_SLOT, WindowStore
 
 if TYPE_CHECKING:
-    from agent.config import Settings  # the daemon runs on a Snapshot of it (agent/snapshot.py)
+    from agent.config.settings import Settings  # the daemon runs on a Snapshot of it (agent/config/snapshot.py)
 
 Event = Forecast | AlertEvent | Rejection
 
@@ -279,7 +279,7 @@ class Pipeline:
         self.counters["reordered"] += windows.reordered - reordered
         target_offset = target_scale = None
         if self._n_batch and self.learning.enabled:
-            # Each row scaled by its device's own normal once it has learned one (agent/learning.py).
+            # Each row scaled by its device's own normal once it has learned one (agent/core/learning.py).
             rows = np.fromiter((c[0] for c in self._call_forecasts), dtype=np.int64, count=self._n_batch)  # (N,) devices
             offset, scale = self.learning.device_offset[rows], self.learning.device_scale[rows]  # (N, F) each
             batch = self._batch[: self._n_batch]
@@ -543,7 +543,7 @@ class Pipeline:
         idle = f"none silent for ingest.device_idle_s={self.device_idle_s:g} s" if self.device_idle_s > 0 else "eviction off (ingest.device_idle_s=0)"
         return f"device table full (ingest.max_devices={self.max_devices}), {idle}"
 
-    # -- learned normal per device (agent/learning.py) ----------------------------------------------------------
+    # -- learned normal per device (agent/core/learning.py) ----------------------------------------------------------
     def learned(self) -> dict:
         """What the devices learned and are learning (JSON-ready), read consistently with phase 3."""
         with self._state_lock:

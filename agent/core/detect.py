@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent import arrays
-from agent.events import AlertEvent, FeatureDeviation
-from agent.state import NormalState
+from agent.core import arrays
+from agent.core.events import AlertEvent, FeatureDeviation
+from agent.core.state import NormalState
 
 FLATLINE_CAP = 1.5  # flat-line score at most 1.5 x warning (below the default critical = 2 x warning)
 

@@ -17,8 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from . import payloads
-from .events import REJECTION_REASONS, Rejected, Rejection
+from agent.transport import payloads
+from agent.core.events import REJECTION_REASONS, Rejected, Rejection
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The benchmark's helper processes (`python -m agent.loadgen ROLE ...`), each run by `agent.bench` in its own
+"""The benchmark's helper processes (`python -m agent.loadgen ROLE ...`), each run by `agent.tools.bench` in its own
 process so that its CPU never counts against the daemon's:
 
 - `publish`: the load generator. D devices x F features, slot-major (every device's slot s, then s + 1), healthy
@@ -263,7 +263,7 @@ def naive(args: argparse.Namespace) -> dict:
 
 def infer(args: argparse.Namespace) -> dict:
     """Windows per second of the model alone on full batches, through the daemon's own Bundle.predict."""
-    from agent.model import load_bundle
+    from agent.core.model import load_bundle
 
     bundle = load_bundle(args.model, args.threads)
     rng = np.random.default_rng(0)
@@ -289,7 +289,7 @@ def infer(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.loadgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.tools.loadgen", description=__doc__.splitlines()[0])
     roles = parser.add_subparsers(dest="role", required=True)
     p = roles.add_parser("publish")
     p.add_argument("--port", type=int, required=True)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import Settings
-from agent.events import Sample
-from agent.ingest import parse_timestamp, plausible_limits
-from agent.model import Bundle, load_bundle
-from agent.pipeline import Pipeline
+from agent.config.settings import Settings
+from agent.core.events import Sample
+from agent.transport.ingest import parse_timestamp, plausible_limits
+from agent.core.model import Bundle, load_bundle
+from agent.core.pipeline import Pipeline
 
 DEFAULT_DEVICE = "device"
 REPLAY_MAX_BATCH = 512  # windows per model call when the configuration does not set inference.max_batch

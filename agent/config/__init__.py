@@ -1,0 +1,1 @@
+"""The daemon's settings, their reference page and the snapshot the daemon runs on."""

@@ -1,0 +1,1 @@
+"""The daemon's core: windows, the model, the pipeline, detection."""

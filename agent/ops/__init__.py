@@ -1,0 +1,1 @@
+"""Running the daemon: metrics, Home Assistant, rollout, releases, systemd notify, logs, CPU placement."""

@@ -1,0 +1,1 @@
+"""Tools around the daemon: benchmark, load generator, replay, model and schema commands."""

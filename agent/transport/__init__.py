@@ -1,0 +1,1 @@
+"""The daemon's transport: MQTT in and out, input decoding, the outbox, payloads."""
