@@ -159,7 +159,7 @@ def test_forecast_payloads_carry_the_bands_as_the_reference_encoding_and_schema_
     bundle = load_bundle(folder, 1)
     from pathlib import Path
 
-    schema = json.loads((Path(payloads.__file__).parent / "schemas" / "forecast.json").read_text())
+    schema = json.loads((Path(payloads.__file__).parents[1] / "schemas" / "forecast.json").read_text())
     rng = np.random.default_rng(3)
     H, T = bundle.horizon, bundle.n_targets
     batch = rng.normal(50, 5, (3, T, H))  # (N, T, H) as the pipeline holds them
