@@ -38,7 +38,7 @@ def _tiny(arch: str, strategy: str, **extra) -> TrainConfig:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_architecture_strategy_exports_and_runs_in_the_daemon_loader(small, arch, strategy, tmp_path):
-    """Trains briefly, exports; ONNX == PyTorch within 1e-5 at batch 1, 7, 64; agent.model.load_bundle predicts."""
+    """Trains briefly, exports; ONNX == PyTorch within 1e-5 at batch 1, 7, 64; agent.core.model.load_bundle predicts."""
     cfg = _tiny(arch, strategy, difference=(arch == "many_to_one"))  # differencing in the graph too, once per strategy
     result = fit(small, cfg, log=lambda *_: None)
     out = tmp_path / "bundle"

@@ -1,5 +1,5 @@
 """Bagging, stacking and boosting ensembles: their resampling and folds, and their bundles through the daemon's
-loader (agent.model.load_bundle) against PyTorch."""
+loader (agent.core.model.load_bundle) against PyTorch."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_nnls_is_exact_and_non_negative():
 
 @pytest.mark.parametrize("method", ["bagging", "stacking", "boosting"])
 def test_ensemble_bundle_runs_in_the_daemons_loader_and_matches_pytorch(trained, method, tmp_path):
-    """The exported bundle loads with agent.model.load_bundle and forecasts (original units) what PyTorch does."""
+    """The exported bundle loads with agent.core.model.load_bundle and forecasts (original units) what PyTorch does."""
     prepared, model = trained["prepared"], trained[method]
     manifest = export_bundle(model, prepared, ensemble.Trainer(prepared, trained["args"]).base,
                              tmp_path / method, name=f"ens-{method}", calibration="residual", reports=False, log=lambda *_: None)

@@ -90,7 +90,7 @@ def test_reconnects_are_counted(start_agent, mosquitto):
 def test_metrics_are_off_by_default_and_prometheus_client_is_not_imported():
     """Without [metrics] enabled the daemon never imports prometheus-client (the edge install does not have it)."""
     code = (
-        "import sys; from agent.config import Settings; from agent.app import Agent; "
+        "import sys; from agent.config.settings import Settings; from agent.app import Agent; "
         "a = Agent(Settings()); assert a.metrics is None and not Settings().metrics.enabled; "
         "assert 'prometheus_client' not in sys.modules, 'imported'"
     )

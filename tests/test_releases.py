@@ -21,7 +21,7 @@ NOW = 1_800_000_000.0  # 2027-01-15
 
 
 def fake_bundle(release: int | None, content: str = "a", expires: float | None = None, signed: bool = True, name: str = "pump-lstm"):
-    """What the ledger reads of an agent.model.Bundle."""
+    """What the ledger reads of an agent.core.model.Bundle."""
     return SimpleNamespace(
         name=name, version=f"v-{release}-{content}", signed=signed, release_info=ReleaseInfo(release, expires, None),
         manifest_sha256=hashlib.sha256(f"{release}{content}".encode()).hexdigest(),

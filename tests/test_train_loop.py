@@ -185,7 +185,7 @@ def test_shipped_bundle_rebuilds_in_pytorch_and_fine_tunes(prepared):
 
 
 def test_ensemble_is_the_mean_of_its_members_and_loads_in_the_daemon(prepared, tmp_path):
-    """One graph averages the members; the bundle loads in agent.model.load_bundle like any other."""
+    """One graph averages the members; the bundle loads in agent.core.model.load_bundle like any other."""
     from training.bundle import export_bundle
     from training.ensemble import EnsembleForecaster
 

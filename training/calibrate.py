@@ -1,4 +1,4 @@
-"""Anomaly calibration, run through the daemon's own code (agent.pipeline.Pipeline); docs/contracts.md,
+"""Anomaly calibration, run through the daemon's own code (agent.core.pipeline.Pipeline); docs/contracts.md,
 "Anomaly score", is the reference.
 
 1. residual_mean / residual_std per horizon step and target (scaled units) on validation windows;
@@ -91,7 +91,7 @@ def flatline_repeats(prepared: Prepared, period_s: float, splits=("train", "val"
 
 
 class PredictorBundle:
-    """The subset of agent.model.Bundle the pipeline uses, around a scaled-units predictor (the exported
+    """The subset of agent.core.model.Bundle the pipeline uses, around a scaled-units predictor (the exported
     ONNX model's OnnxPredictor): calibration runs the daemon's pipeline without writing a bundle first."""
 
     def __init__(self, prepared: Prepared, predict, calibration: dict, name: str = "calibration"):

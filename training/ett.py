@@ -22,7 +22,7 @@ For each horizon, in one run:
    scored on models trained without it and early-stopped on the validation rows), seed 0; then 3 seeds trained on
    the train rows (early stopping on the validation rows) with the chosen ones;
 4. every seed exported to ONNX (verified against PyTorch at batch 1, 7, 64) and evaluated through the daemon's
-   own loader (agent.model.load_bundle, original units in, original units out) on the validation and test
+   own loader (agent.core.model.load_bundle, original units in, original units out) on the validation and test
    windows; the seed with the best validation MSE becomes `exported_models/etth1-h<H>` (`<name>-h<H>`);
 5. the table (JSON + markdown) with the baselines, the ablation without the LSTM (the linear path alone) and
    our model, plus the spread over seeds.
@@ -519,7 +519,7 @@ def write_ett_bundle(model, cfg: EttConfig, splits: EttSplits, out_dir: str | Pa
 
 
 def evaluate_bundle(folder: str | Path, splits: EttSplits, threads: int = 2) -> dict:
-    """MSE/MAE of a bundle on the validation and test windows through agent.model.load_bundle (original units)."""
+    """MSE/MAE of a bundle on the validation and test windows through agent.core.model.load_bundle (original units)."""
     from agent.core.model import load_bundle
 
     bundle = load_bundle(folder, intra_op_threads=threads)
