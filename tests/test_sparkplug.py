@@ -508,7 +508,7 @@ def test_settings_defaults_are_off_and_valid():
 
 def test_generated_code_matches_the_proto_beside_it():
     """agent/transport/sparkplug_b_pb2.py is the code of agent/sparkplug_b.proto: same package, fields and numbers, DataType values."""
-    text = (REPO / "agent" / "sparkplug_b.proto").read_text()
+    text = (REPO / "agent" / "transport" / "sparkplug_b.proto").read_text()
     text = re.sub(r"//[^\n]*", "", text)
     fields_in_proto = set(re.findall(r"(\w+)\s*=\s*(\d+)\s*;", text))  # fields and enum values
     assert "package org.eclipse.tahu.protobuf;" in text
