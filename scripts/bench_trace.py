@@ -27,7 +27,7 @@ def main() -> int:
     rows = synth.generate_fleet(config).rows
     pumps = sorted(set(rows["device"].tolist()))
     values = np.stack([np.stack([rows[f][rows["device"] == p] for f in FEATURES], axis=1) for p in pumps])  # (P, N, F)
-    out = REPO / "agent" / "bench_pumps.npz"
+    out = REPO / "agent" / "tools" / "bench_pumps.npz"
     np.savez_compressed(out, values=values.astype(np.float32), features=np.array(FEATURES), period_s=np.array(60.0))
     print(f"wrote {out} {values.shape} ({out.stat().st_size} bytes)")
     return 0
