@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-model", action="store_true", help="do not load and verify the model bundle")
 
     replay = commands.add_parser("replay", help="run a historical CSV through the daemon's pipeline, no broker")
-    replay.add_argument("--model", required=True, metavar="DIR", help="model bundle folder (model.onnx + manifest.json)")
+    replay.add_argument("--model", required=True, metavar="DIR|NAME", help="model bundle folder (model.onnx + manifest.json), or the name of a [[models]] entry of --config (its bundle and sections)")
     replay.add_argument("--data", required=True, metavar="FILE.csv", help="input CSV with a timestamp column and one column per model feature")
     replay.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV, one row per input row")
     replay.add_argument("--ts-column", "--timestamp-column", dest="ts_column", metavar="NAME",
@@ -133,14 +133,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _error(preflight.describe(problems))
     if args.no_model:
         return EXIT_OK
+    from agent.config.models import model_plans
     from agent.core.model import BundleError, load_configured_bundle
 
-    try:
-        bundle = load_configured_bundle(settings.model)  # checksum, signature (when configured), shapes, warm-up
-    except BundleError as exc:
-        return _error(f"model bundle {settings.model.path} refused: {exc}")
-    print(f"model bundle OK: {bundle.name} {bundle.version} ({bundle.path}, sha256 {bundle.sha256[:12]}...)", file=sys.stderr)
+    for plan in model_plans(settings):
+        where = "" if plan.single else f"model {plan.name}: "
+        try:
+            bundle = load_configured_bundle(plan.settings.model)  # checksum, signature (when configured), shapes, warm-up
+        except BundleError as exc:
+            return _error(f"{where}model bundle {plan.settings.model.path} refused: {exc}")
+        print(f"{where}model bundle OK: {bundle.name} {bundle.version} ({bundle.path}, sha256 {bundle.sha256[:12]}...)", file=sys.stderr)
     return EXIT_OK
+
+
+def _replay_settings(args: argparse.Namespace):
+    """(settings, None) for the bundle to replay: `--model DIR`, or `--model NAME` of the configuration's [[models]]
+    (that model's bundle and its own [window], [detect] and [inference] sections, as the daemon runs it)."""
+    from agent.config.models import model_plans
+
+    if Path(args.model).is_dir() or args.config is None:
+        return _load_settings(args.config, model={"path": Path(args.model)})
+    settings, code = _load_settings(args.config)
+    if settings is None:
+        return None, code
+    plans = {plan.name: plan for plan in model_plans(settings) if not plan.single or settings.models}
+    if args.model not in plans:
+        return None, _error(f"--model {args.model!r} is neither a bundle folder nor a model of {args.config} "
+                            f"(its [[models]]: {sorted(plans) or 'none'})")
+    return plans[args.model].settings, None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -153,12 +173,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _error(f"--delimiter must be one character (or 'tab'), got {args.delimiter!r}")
     if not Path(args.data).is_file():
         return _error(f"data file not found: {args.data}")
-    settings, code = _load_settings(args.config, model={"path": Path(args.model)})
+    settings, code = _replay_settings(args)
     if settings is None:
         return code
     try:
         result = replay(
-            args.model,
+            settings.model.path,
             args.data,
             args.out,
             settings=settings,

@@ -473,6 +473,8 @@ def agent_settings(mosquitto: Broker, model_path: Path, tmp_path: Path):
             "model": {"path": str(model_path)},
             "state": {"directory": str(tmp_path / "agent-state")},  # the outbox: never the repository's ./state
         }
+        if "models" in overrides:  # several models instead of the one [model]
+            del base["model"]
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key] = {**base[key], **value}

@@ -31,7 +31,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent = Agent(settings)
     agent.start()
-    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
+    agent.engine.inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     real_prepare = agent.pipeline.prepare
 
     def held(samples):

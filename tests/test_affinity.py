@@ -45,12 +45,12 @@ def test_a_running_agent_puts_its_model_thread_alone_on_a_cpu(start_agent):
     usable = affinity.usable_cpus()
     agent = start_agent()
     network = agent.link.network_thread()
-    threads = [agent._worker, agent._publisher, network]
+    threads = [agent.engine.worker, agent.engine.publisher_thread, network]
     expected = placement("auto", usable)
     if expected is None:  # a 1-CPU machine: nothing is pinned
-        assert all(affinity.thread_cpus(t) == usable for t in [agent._model_thread, *threads])
+        assert all(affinity.thread_cpus(t) == usable for t in [agent.engine.model_thread, *threads])
         return
-    assert affinity.thread_cpus(agent._model_thread) == {expected.model_cpu}
+    assert affinity.thread_cpus(agent.engine.model_thread) == {expected.model_cpu}
     for thread in threads:
         assert affinity.thread_cpus(thread) == expected.others, thread.name
     assert affinity.thread_cpus(threading.main_thread()) == usable  # the embedding process is left as it was

@@ -183,13 +183,13 @@ def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subsc
 
     agent.pipeline.prepare = fail_once
     rows = healthy_rows(devices=1, rows=manifest["lookback"] + 3, seed=9)
-    with caplog.at_level(logging.ERROR, logger="agent.app"):
+    with caplog.at_level(logging.ERROR, logger="agent.core.engine"):
         publish_rows(subscriber, rows[:1])
         wait_until(lambda: agent.stats()["worker_errors"] == 1, timeout=10, message="the worker error to be counted")
         publish_rows(subscriber, rows[1:])
         forecasts = subscriber.collect(f"{PREFIX}/pump-00/forecast", 3, timeout=20)
     assert [m.json()["ts"] for m in forecasts] == [ts for _, ts, _ in rows[-3:]]
-    failures = [r for r in caplog.records if r.name == "agent.app" and r.exc_info]
+    failures = [r for r in caplog.records if r.name == "agent.core.engine" and r.exc_info]
     assert failures and "injected bug" in str(failures[0].exc_info[1])
     agent.counters.worker_errors = 0  # injected on purpose; the fixture's teardown checks for unexpected ones
 
@@ -197,7 +197,7 @@ def test_worker_exception_is_logged_and_the_daemon_carries_on(start_agent, subsc
 def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscriber, manifest):
     """With the worker stuck and the ingest queue full, the MQTT thread waits (bounded), then rejects as queue_full."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 0.5})
-    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
+    agent.engine.inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()
@@ -294,7 +294,7 @@ def test_broker_password_from_a_credentials_file(agent_settings, tmp_path, monke
 def test_slow_worker_slows_reads_and_loses_nothing(start_agent, subscriber, manifest):
     """Backpressure: with a full queue the MQTT thread stops reading (bounded wait); QoS 1 input waits, none dropped."""
     agent = start_agent(ingest={"queue_size": 10, "full_wait_s": 10})
-    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
+    agent.engine.inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     real_prepare = agent.pipeline.prepare
     release = threading.Event()
     entered = threading.Event()

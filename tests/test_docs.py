@@ -84,10 +84,9 @@ def test_metric_names_in_the_registry_match_the_declared_list():
     from agent.config.settings import Settings
     from agent.app import Agent
     from agent.ops.metrics import AgentMetrics
-    from agent.core.model import load_bundle
 
     agent = Agent(Settings(model={"path": SHIPPED_MODEL}, outbox={"enabled": False}))
-    agent.bundle = load_bundle(SHIPPED_MODEL)
+    agent.runtimes[0].load()  # the bundle and its pipeline, as start() loads them
     metrics = AgentMetrics(agent)
     metrics.observe_inference(3, 0.002)
     families = {f.name for f in text_string_to_metric_families(metrics.render().decode())}

@@ -91,7 +91,7 @@ def test_alerts_raised_while_the_broker_is_down_arrive_after_it_restarts(restart
     try:
         assert agent.wait_connected(10)
         release = __import__("threading").Event()
-        agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
+        agent.engine.inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
         real_prepare = agent.pipeline.prepare
 
         def held(samples):  # fault injection: the worker is behind when the broker dies

@@ -113,7 +113,7 @@ def test_a_stop_out_of_time_drops_only_queued_samples_counts_them_and_stores_eve
 
     monkeypatch.setattr(app, "STOP_DRAIN_TIMEOUT_S", 0.05)
     agent = start_agent()
-    agent._inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
+    agent.engine.inline_allowed = False  # every batch through the worker (a light load's batches run on the MQTT thread)
     release = threading.Event()
     real_prepare = agent.pipeline.prepare
 

@@ -154,8 +154,14 @@ def test_fit_leaves_the_floating_point_mode_as_it_found_it(prepared):
     assert (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() != 0.0
 
 
-def test_bf16_training_runs(prepared):
-    """precision=bf16 (autocast) trains to a finite validation loss."""
+def test_bf16_training_runs_or_is_refused_with_a_clear_error(prepared):
+    """precision=bf16 (autocast) trains to a finite validation loss where the CPU has a bf16 LSTM, else says why."""
+    from training.train import bf16_lstm_available
+
+    if not bf16_lstm_available():
+        with pytest.raises(ValueError, match="precision=bf16: this CPU's oneDNN has no bfloat16 LSTM"):
+            fit(prepared, _cfg(precision="bf16", epochs=1), log=lambda *_: None)
+        return
     result = fit(prepared, _cfg(precision="bf16", epochs=1), log=lambda *_: None)
     assert np.isfinite(result.best_val_loss)
 

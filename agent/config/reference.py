@@ -14,7 +14,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from agent.config.settings import Settings
+from agent.config.settings import ModelConfig, ModelEntry, Settings
 
 # Defaults computed at start (machine-dependent): described, not printed.
 COMPUTED_DEFAULTS = {
@@ -157,4 +157,31 @@ def generate() -> str:
     lines += ["## Top level", "", "| setting | type | default | environment | meaning |", "|---|---|---|---|---|", *rows, ""]
     for path, model, text in sections:
         lines += _section(f"[{path}]", model, f"{path}.", text)
+    lines += _models_section()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _models_section() -> list[str]:
+    """`[[models]]`: a list, so no environment variable per field; its entries take every [model] setting too."""
+    entry = ModelEntry
+    rows = []
+    for name, info in entry.model_fields.items():
+        if name in ModelConfig.model_fields:
+            continue
+        detail = _escape(info.description or "")
+        bounds = _bounds(info)
+        if bounds:
+            detail += f" ({_escape(bounds)})"
+        default = "`[\"*\"]`" if name == "devices" else _default(f"models.{name}", info)
+        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {default} | {detail} |")
+    return [
+        "## `[[models]]`", "",
+        "Several models in one daemon, one entry each, instead of `[model]` (setting both is an error). Each entry takes "
+        "every `[model]` setting (`path`, `public_key`, `require_signature`, `reload_poll_s`, ...) and these; "
+        "`[models.window]`, `[models.detect]` and `[models.inference]` replace the top-level section for that model. "
+        "A device is served by the model whose input topics and device patterns match it; two models that could both "
+        "match one device are refused at start (and by `check-config`), and a device no model matches is rejected as "
+        "`no_model`. In the environment the whole list is one JSON value, `EDGECAST_MODELS`. Example: "
+        "[systemd/agent.example.toml](../systemd/agent.example.toml).", "",
+        "| setting | type | default | meaning |", "|---|---|---|---|", *rows, "",
+    ]

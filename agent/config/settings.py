@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from agent.config.snapshot import SNAPSHOT_CLASSES, ModelMethods, MqttMethods, Secret, Snapshot
+from agent.config.models import model_plans, overlap_problem
 from agent.config.sparkplug import SparkplugSettings
 
 DEFAULT_MODEL_NAME = "pump-lstm"
@@ -363,6 +364,36 @@ class RolloutConfig(Section):
         return self
 
 
+class ModelEntry(ModelConfig):
+    """One model of several (`[[models]]`): a bundle, the devices it serves, and its own sections where they differ."""
+
+    name: str = Field(
+        "model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="The model's name in status, metrics, logs, state files and `replay --model` (unique; letters, digits, _ and -).",
+    )
+    devices: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:*?-]+$")]] = Field(
+        default_factory=lambda: ["*"], min_length=1, max_length=64,
+        description="Device-name patterns this model serves (`*` any characters, `?` one), matched on the {device} of the input topic.",
+    )
+    telemetry: str | None = Field(None, max_length=256, description="This model's whole-record input topic template (default: topics.telemetry).")
+    sensor: str | None = Field(None, max_length=256, description="This model's per-sensor input topic template (default: topics.sensor; empty disables it).")
+    rollout_topic: str | None = Field(
+        None, max_length=200, description="This model's rollout topic (default: rollout.topic/<name>).",
+    )
+    window: WindowConfig | None = Field(None, description="This model's [window] section (default: the top-level one).")
+    detect: DetectConfig | None = Field(None, description="This model's [detect] section (default: the top-level one).")
+    inference: InferenceConfig | None = Field(None, description="This model's [inference] section (default: the top-level one).")
+
+    @model_validator(mode="after")
+    def _check_entry(self) -> "ModelEntry":
+        TopicsConfig(telemetry=self.telemetry or "sensors/{device}/telemetry", sensor=self.sensor or None)  # the same rules
+        for name in ("telemetry", "sensor", "rollout_topic"):
+            value = getattr(self, name) or ""
+            if "+" in value or "#" in value:
+                raise ValueError(f"models.{name} of {self.name!r} must not contain MQTT wildcards")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole daemon configuration."""
 
@@ -392,12 +423,39 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
+    models: list[ModelEntry] = Field(
+        default_factory=list, max_length=32,
+        description="Several models in one daemon (`[[models]]`, instead of `[model]`): each serves the devices its patterns "
+        "name, with its own windows, detector, reload and rollout; empty: the single [model].",
+    )
 
     @model_validator(mode="after")
     def _check_rollout(self) -> "Settings":
         # Bundles arriving over the network are only ever accepted with a signature.
-        if self.rollout.enabled and self.model.public_key is None and self.model.public_key_file is None:
-            raise ValueError("rollout.enabled needs model.public_key or model.public_key_file (published bundles must be signed)")
+        for entry, where in [(e, f"models {e.name!r}") for e in self.models] or [(self.model, "model")]:
+            if self.rollout.enabled and entry.public_key is None and entry.public_key_file is None:
+                raise ValueError(f"rollout.enabled needs {where}.public_key or public_key_file (published bundles must be signed)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "Settings":
+        if not self.models:
+            return self
+        if "model" in self.model_fields_set:
+            raise ValueError("set either [model] (one model) or [[models]] (several), not both: move [model] into a [[models]] entry")
+        names = [entry.name for entry in self.models]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"models: names must be unique, {twice} appear more than once")
+        problem = overlap_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.sparkplug.enabled and len(self.models) > 1:
+            raise ValueError("the Sparkplug B input serves one model: with sparkplug.enabled, configure a single model "
+                             "([model], or one [[models]] entry); run a second agent for the other machine types")
+        topics = [plan.rollout_topic for plan in model_plans(self)]
+        if len(set(topics)) < len(topics):
+            raise ValueError("models: two models have the same rollout_topic; each needs its own")
         return self
 
     toml_file: ClassVar[Path | None] = None

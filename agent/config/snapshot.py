@@ -168,7 +168,7 @@ class ModelSnapshot(Snapshot, ModelMethods):
 
 
 # The pydantic section class name -> its snapshot class (the rest are plain Snapshots).
-SNAPSHOT_CLASSES: dict[str, type[Snapshot]] = {"MqttConfig": MqttSnapshot, "ModelConfig": ModelSnapshot}
+SNAPSHOT_CLASSES: dict[str, type[Snapshot]] = {"MqttConfig": MqttSnapshot, "ModelConfig": ModelSnapshot, "ModelEntry": ModelSnapshot}
 
 
 def load_in_child(load: Callable[[], tuple[Any, int | None]]) -> tuple[Snapshot | None, int | None]:

@@ -25,6 +25,7 @@ REJECTION_REASONS = (
     "queue_full",
     "out_of_range",
     "device_limit",
+    "no_model",  # several models ([[models]]): the device matches none of their device patterns
     # Sparkplug B input (agent/transport/sparkplug.py)
     "sparkplug_decode",
     "sparkplug_no_birth",
@@ -55,6 +56,7 @@ class Sample:
     values: dict[str, float] | None
     received_at: float  # agent clock when it arrived (unix seconds)
     ack: int = 0  # mqtt.at_least_once: the packet id to acknowledge once this sample is processed (its message's last)
+    model: int = 0  # the index of the model that serves the device (agent/transport/router.py)
 
 
 @dataclass(slots=True)

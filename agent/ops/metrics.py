@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 METRICS: dict[str, tuple[str, str]] = {
     "edgecast_agent_info": ("info", "The agent: agent_id and edgecast version (value 1)."),
     "edgecast_start_time_seconds": ("gauge", "Unix time the agent started."),
-    "edgecast_model_info": ("info", "The running model bundle: name, version, sha256 (value 1)."),
+    "edgecast_model_info": ("info", "Each running model bundle: model (the configured name), name, version, sha256 (value 1)."),
+    "edgecast_model_devices": ("gauge", "Devices with a window, per model."),
     "edgecast_readings_accepted": ("counter", "Readings (samples) accepted into the ingest queue."),
     "edgecast_readings_rejected": ("counter", "Readings rejected, by reason (docs/contracts.md, rejection reasons)."),
     "edgecast_samples_processed": ("counter", "Samples the worker handed to the pipeline."),
@@ -116,10 +117,14 @@ class _AgentCollector:
         info.add_metric([agent.settings.agent_id, agent_version()], 1.0)
         yield info
         yield single("edgecast_start_time_seconds", self.started_at)
-        if "model" in stats:
-            model = family("edgecast_model_info", ["name", "version", "sha256"])
-            model.add_metric([stats["model"]["name"], stats["model"]["version"], stats["model"]["sha256"]], 1.0)
+        if "models" in stats:
+            model = family("edgecast_model_info", ["model", "name", "version", "sha256"])
+            devices = family("edgecast_model_devices", ["model"])
+            for entry in stats["models"]:
+                model.add_metric([entry["model"], entry["name"], entry["version"], entry["sha256"]], 1.0)
+                devices.add_metric([entry["model"]], float(entry["pipeline"].get("devices", 0)))
             yield model
+            yield devices
         yield single("edgecast_readings_accepted", stats["accepted"])
         rejected = family("edgecast_readings_rejected", ["reason"])
         for reason, count in sorted(stats["rejected"].items()):

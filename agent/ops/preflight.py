@@ -55,7 +55,8 @@ def problems(settings: Any) -> list[Problem]:
     """Every reason `run` would refuse `settings` before connecting (the model bundle aside)."""
     found: list[Problem] = []
     _check_mqtt(settings.mqtt, found)
-    _check_model_key(settings.model, found)
+    for k, entry in enumerate(settings.models) if settings.models else [(None, settings.model)]:
+        _check_model_key(entry, found, "model" if k is None else f"models[{k}]")
     inference, partition = settings.inference, settings.partition
     try:
         affinity.placement(inference.model_cpu, affinity.usable_cpus(), (partition.count, partition.index), settings.model.intra_op_threads)
@@ -109,15 +110,15 @@ def _check_mqtt(mqtt: Any, found: list[Problem]) -> None:
             found.append(Problem("mqtt.tls.ca_file", f"{tls.ca_file}: not a usable CA bundle ({exc})"))
 
 
-def _check_model_key(model: Any, found: list[Problem]) -> None:
+def _check_model_key(model: Any, found: list[Problem], where: str = "model") -> None:
     if model.public_key_file is None:
         return
     try:
         model.resolved_public_key()
     except OSError as exc:
-        found.append(Problem("model.public_key_file", _os_error(exc, model.public_key_file)))
+        found.append(Problem(f"{where}.public_key_file", _os_error(exc, model.public_key_file)))
     except ValueError as exc:  # not hex, wrong length, not UTF-8
-        found.append(Problem("model.public_key_file", f"{model.public_key_file}: {exc}"))
+        found.append(Problem(f"{where}.public_key_file", f"{model.public_key_file}: {exc}"))
 
 
 def _check_state_directory(directory: Path, found: list[Problem]) -> None:

@@ -234,14 +234,15 @@ class Daemon:
     """`python -m agent run` with a configuration written here; pause/resume for capacity phases."""
 
     def __init__(self, workdir: Path, port: int, model: Path, agent_id: str, collector: Collector, plan: Plan, stride: int = 1,
-                 partition: tuple[int, int] = (1, 0), extra_config: list[str] | None = None):
+                 partition: tuple[int, int] = (1, 0), extra_config: list[str] | None = None,
+                 models: list[tuple[str, Path, list[str]]] | None = None):
         self.agent_id = agent_id
         folder = workdir / agent_id
         folder.mkdir(parents=True, exist_ok=True)
         lines = [
             f'agent_id = "{agent_id}"',
             f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nkeepalive_s = 120' + ("\nat_least_once = true" if plan.at_least_once else ""),
-            f'[model]\npath = "{model}"\nreload_poll_s = 0' + (f"\nintra_op_threads = {plan.threads}" if plan.threads is not None else ""),
+            *(_model_sections(model, plan, models)),
             f"[inference]\nstride = {stride}" + (f"\nmax_batch = {plan.max_batch}" if plan.max_batch is not None else "")
             + (f"\nbatch_wait_ms = {plan.batch_wait_ms}" if plan.batch_wait_ms is not None else ""),
             f'[state]\ndirectory = "{folder / "state"}"',
@@ -287,6 +288,15 @@ class Daemon:
             counters["rejected_by_reason"] = json.loads(detail.group(1))
             counters["dropped_publishes"] = int(detail.group(2))
         return counters
+
+
+def _model_sections(model: Path, plan: Plan, models: list[tuple[str, Path, list[str]]] | None) -> list[str]:
+    """[model], or one [[models]] entry per (name, bundle folder, device patterns)."""
+    threads = f"\nintra_op_threads = {plan.threads}" if plan.threads is not None else ""
+    if models is None:
+        return [f'[model]\npath = "{model}"\nreload_poll_s = 0' + threads]
+    return [f'[[models]]\nname = "{name}"\npath = "{path}"\ndevices = {json.dumps(patterns)}\nreload_poll_s = 0' + threads
+            for name, path, patterns in models]
 
 
 class Helper:

@@ -70,8 +70,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         + EXAMPLES["models"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("bundle", metavar="DIR", type=Path, help="bundle folder (model.onnx + manifest.json)")
+    verify.add_argument("bundle", metavar="DIR", type=Path, nargs="?", help="bundle folder (model.onnx + manifest.json); "
+                        "without it, every model of --config (or the one --model names)")
     verify.add_argument("--config", metavar="FILE", help="take model.public_key / public_key_file / require_signature from this configuration")
+    verify.add_argument("--model", metavar="NAME", help="with --config and no DIR: only this [[models]] entry")
     verify.add_argument("--public-key", metavar="HEX", help="ed25519 public key (64 hex digits) the signature must verify with")
     verify.add_argument("--public-key-file", metavar="FILE", type=Path, help="file holding that public key (e.g. KEY.pub from `python -m training keygen`)")
     verify.add_argument("--require-signature", action="store_true", help="refuse an unsigned bundle (needs a key)")
@@ -108,12 +110,14 @@ def _key_settings(args: argparse.Namespace):
 
 
 def cmd_models(args: argparse.Namespace, load_settings) -> int:
-    from agent.core.model import BundleError, load_bundle
-
     try:
         key, required = _key_settings(args)
     except (OSError, ValueError) as exc:
         return _error(str(exc))
+    if args.bundle is None:
+        return _verify_configured(args, load_settings)
+    if args.model is not None:
+        return _error("--model names a model of --config; give it without DIR")
     if required is None:  # from --config
         settings, code = load_settings(args.config)
         if settings is None:
@@ -123,13 +127,47 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
         except (OSError, ValueError) as exc:
             return _error(f"cannot read the model public key: {exc}")
         required = settings.model.require_signature or args.require_signature
+    return _verify(args, args.bundle, key, bool(required))
+
+
+def _verify_configured(args: argparse.Namespace, load_settings) -> int:
+    """Every model of the configuration (or the one --model names), each with its own keys and signature rule."""
+    from agent.config.models import model_plans
+
+    if args.config is None:
+        _error("give a bundle folder DIR, or --config FILE to verify the models it configures")
+        return 2  # a usage error, as argparse's
+    settings, code = load_settings(args.config)
+    if settings is None:
+        return code
+    plans = model_plans(settings)
+    if args.model is not None:
+        plans = [plan for plan in plans if plan.name == args.model]
+        if not plans:
+            return _error(f"no model {args.model!r} in {args.config} (models: {[p.name for p in model_plans(settings)]})")
+    worst = 0
+    for plan in plans:
+        model = plan.settings.model
+        try:
+            key = model.resolved_public_keys() or None
+        except (OSError, ValueError) as exc:
+            return _error(f"model {plan.name}: cannot read the model public key: {exc}")
+        if not args.json:
+            print(f"model {plan.name}:")
+        worst = max(worst, _verify(args, Path(model.path), key, model.require_signature or args.require_signature, plan.name))
+    return worst
+
+
+def _verify(args: argparse.Namespace, folder: Path, key, required: bool, model_name: str | None = None) -> int:
+    from agent.core.model import BundleError, load_bundle
+
     started = time.perf_counter()
     try:
-        bundle = load_bundle(args.bundle, public_key=key, require_signature=bool(required))
+        bundle = load_bundle(folder, public_key=key, require_signature=bool(required))
     except BundleError as exc:
         if args.json:
-            print(json.dumps({"bundle": str(args.bundle), "ok": False, "error": str(exc)}))
-        return _error(f"model bundle {args.bundle} refused: {exc}")
+            print(json.dumps({"bundle": str(folder), "ok": False, "error": str(exc)}))
+        return _error(f"model bundle {folder} refused: {exc}")
     load_s = time.perf_counter() - started
     latency = {}
     import numpy as np
@@ -151,7 +189,8 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
         signature = "absent (allowed: --require-signature not set)"
     manifest = bundle.manifest
     report = {
-        "bundle": str(args.bundle),
+        "bundle": str(folder),
+        **({"model": model_name} if model_name is not None else {}),
         "ok": True,
         "name": bundle.name,
         "version": bundle.version,
@@ -172,7 +211,7 @@ def cmd_models(args: argparse.Namespace, load_settings) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"bundle {args.bundle}: OK")
+    print(f"bundle {folder}: OK")
     print(f"  model       {bundle.name} {bundle.version}")
     print(f"  checksum    sha256 {bundle.sha256} matches the manifest")
     print(f"  signature   {signature}")

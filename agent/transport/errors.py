@@ -137,6 +137,11 @@ class ErrorReporter:
     def rejection(self, event: Rejection) -> None:
         self.report(event.reason, event.detail, topic=event.topic, device=event.device)
 
+    def count(self, reason: str) -> None:
+        """Count a rejection without reporting it again (one already reported for the same device and cause)."""
+        with self._lock:
+            self.counts[reason] += 1
+
     def report(self, reason: str, detail: str, topic: str | None = None, device: str | None = None) -> None:
         if reason not in self.counts:
             raise ValueError(f"unknown rejection reason {reason!r}")
