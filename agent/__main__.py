@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": cmd_run, "check-config": cmd_check_config, "replay": cmd_replay,
         "models": lambda a: cli_ops.cmd_models(a, _load_settings),
+        "export-feedback": lambda a: cli_ops.cmd_export_feedback(a, _load_settings),
         "config-reference": cli_ops.cmd_config_reference, "schemas": cli_ops.cmd_schemas,
         "bench": lambda a: __import__("agent.tools.bench", fromlist=["cmd_bench"]).cmd_bench(a),
     }

@@ -17,6 +17,7 @@ and the StatusReporter (agent/ops/status.py). Optional parts, each off by defaul
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.config.models import model_plans
+from agent.core.alarms import AlarmBook, Outcome
 from agent.core.engine import Counters, Engine, SampleQueue  # noqa: F401  (SampleQueue: tests and tools import it here)
 from agent.core.events import Sample
 from agent.core.runtime import ModelRuntime
@@ -36,7 +38,7 @@ from agent.ops.notify import Notifier
 from agent.ops.releases import ReleaseLedger
 from agent.ops.status import StatusReporter
 from agent.ops.watcher import ModelWatcher
-from agent.transport import payloads
+from agent.transport import commands, payloads
 from agent.transport.errors import ErrorReporter
 from agent.transport.mqtt import MqttLink, Retained
 from agent.transport.outbox import Forwarder, Message, Outbox
@@ -63,6 +65,9 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 MALLOC_ARENAS = 2
 
 
+_REFUSED = Outcome(False)
+
+
 class Agent:
     """The daemon: `start()` returns once the parts run (connecting continues in the background)."""
 
@@ -82,6 +87,9 @@ class Agent:
         self.hass = None  # agent.ops.hass.HassDiscovery when homeassistant.enabled
         self.sparkplug = None  # agent.transport.sparkplug.SparkplugInput when sparkplug.enabled (network thread only)
         self.router: Router | None = None
+        alarms = settings.alarms
+        # Operator state (alarms.enabled): acknowledged, shelved, out of service, feedback (agent/core/alarms.py).
+        self.alarms = AlarmBook(settings.state.directory, alarms.max_shelve_s, alarms.max_maintenance_s) if alarms.enabled else None
         self.outbox: Outbox | None = None
         self.forwarder: Forwarder | None = None
         self.publisher: Publisher | None = None
@@ -103,6 +111,7 @@ class Agent:
         self._start_placement()
         self._start_metrics()
         self._start_models()
+        self._start_alarms()
         self._start_input()
         self._start_outbox()
         self._start_control()
@@ -178,6 +187,13 @@ class Agent:
         the publisher (they go out first)."""
         self._ended_at_start = [(runtime, runtime.load()) for runtime in self.runtimes]
 
+    def _start_alarms(self) -> None:
+        """The operator state of the last run (acknowledged, shelved, out of service, feedback) and the command topic."""
+        if self.alarms is None:
+            return
+        self.alarms.load()
+        self._control.append(commands.command_topic_filter(self.settings.topics.output_prefix))
+
     def _start_input(self) -> None:
         settings = self.settings
         if settings.sparkplug.enabled:
@@ -218,6 +234,7 @@ class Agent:
             self.hass = HassDiscovery(
                 settings.agent_id, settings.topics.output_prefix, self.status_topic, ha.discovery_prefix, ha.birth_topic,
                 payloads.agent_version(), publish=lambda topic, body: self.link.set_retained(Retained(topic, body)),
+                commands=settings.alarms.enabled,
             )
             self._control.append(ha.birth_topic)
         if settings.rollout.enabled:
@@ -232,6 +249,7 @@ class Agent:
         settings = self.settings
         self.publisher = Publisher(settings, self.counters, self.errors, self.runtimes, lambda: self.link, self.outbox,
                                    wake_forwarder=lambda: self.forwarder.wake() if self.forwarder is not None else None, hass=self.hass)
+        self.publisher.alarms = self.alarms
         self.engine = Engine(settings, self.runtimes, self.publisher, self.counters, self.errors, self.router.parse,
                              self._ack, self.clock, self._spawn)
         # An explicit model CPU is a promise that the model runs there; auto only keeps the pipeline's threads apart.
@@ -320,6 +338,9 @@ class Agent:
             out["pipeline"] = loaded[0].pipeline.stats() if len(loaded) == 1 else _sum_stats([r.pipeline.stats() for r in loaded])
         if self.sparkplug is not None:
             out["sparkplug"] = self.sparkplug.stats()
+        if self.alarms is not None:
+            out["alarms"] = {**self.alarms.summary(), "commands": self.alarms.commands_counted(),
+                             "feedback_by_label": self.alarms.feedback_by_label(), "suppressed": self.alarms.counts["suppressed"]}
         return out
 
     def health(self) -> tuple[bool, str]:
@@ -374,10 +395,120 @@ class Agent:
         if self.hass is not None and topic == self.settings.homeassistant.birth_topic:
             self.hass.on_birth(payload)
             return
+        if self.alarms is not None and commands.device_of(topic, self.settings.topics.output_prefix) is not None:
+            self._on_command(topic, payload)
+            return
         for runtime in self.runtimes:
             if runtime.rollout is not None and runtime.rollout.handles(topic):
                 runtime.rollout.on_message(topic, payload)
                 return
+
+    # -- operator commands (agent/core/alarms.py) -------------------------------------------------------------------
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        """paho's thread: check the command, then run it on the worker between two batches (it changes alert state)."""
+        prefix = self.settings.topics.output_prefix
+        try:
+            command = commands.parse(topic, payload, prefix)
+        except commands.CommandError as error:
+            device = commands.device_of(topic, prefix) or ""
+            self._command_result(device, None, False, error.reason, error.detail, error.by, error.request_id)
+            return
+        partition = self.runtimes[0].ingest.partition
+        if partition.active and not partition.owns(command.device):
+            return  # another partition's device: that process answers
+        runtime = next((r for r in self.runtimes if r.plan.serves(command.device)), None)
+        if runtime is None:
+            self._command_result(command.device, command, False, "no_model", f"no model of this agent serves {command.device}")
+            return
+        self.engine.call_between_batches(lambda: self._execute(command, runtime))
+
+    def _execute(self, command: commands.Command, runtime: ModelRuntime) -> None:
+        """Worker thread, pipeline idle: apply one command, publish what it changed, answer it."""
+        book, now, device = self.alarms, self.clock(), command.device
+        open_alerts = runtime.open_alerts.get(device, {})
+        events: list = []
+        if command.alert_id is not None and command.command in ("acknowledge", "shelve") and command.alert_id not in open_alerts:
+            outcome = dataclasses.replace(_REFUSED, reason="not_open", detail=f"alert {command.alert_id} is not open on {device}")
+        elif command.command == "acknowledge":
+            ids = [command.alert_id] if command.alert_id is not None else list(open_alerts)
+            if not ids:
+                outcome = dataclasses.replace(_REFUSED, reason="not_open", detail=f"{device} has no open alert")
+            else:
+                outcome = book.acknowledge(device, ids, command.by, command.reason, now)
+                events = [dataclasses.replace(open_alerts[i], state="update", ts=now) for i in ids]
+        elif command.command == "shelve":
+            outcome = book.shelve(device, command.alert_id, command.duration_s, command.by, command.reason, now)
+        elif command.command == "unshelve":
+            outcome = book.unshelve(device, command.alert_id)
+            if outcome.ok:
+                events = self._reannounce(runtime, device, now)
+        elif command.command == "maintenance":
+            until = command.until if command.until is not None else (now + command.duration_s if command.duration_s else None)
+            outcome = book.check_maintenance(until, now)
+            if outcome.ok:
+                self.publisher.publish(runtime.pipeline.restart_device(device, now, relearn=False), runtime)  # open alerts end
+                outcome = book.start_maintenance(device, until, command.by, command.reason, now)
+        elif command.command == "end_maintenance":
+            outcome = book.end_maintenance(device)
+            if outcome.ok:
+                self._back_in_service(runtime, device, now)
+        else:
+            outcome = book.give_feedback(device, command.alert_id, command.label, command.comment, command.by, now)
+        if outcome.ok:
+            log.info("operator command %s on %s by %s: %s (%s)", command.command, device, command.by, outcome.detail, command.reason)
+            self.publisher.device_changed(runtime, device, now, events)
+            self.status.publish()
+        self._command_result(device, command, outcome.ok, outcome.reason, outcome.detail)
+
+    def _reannounce(self, runtime: ModelRuntime, device: str, now: float) -> list:
+        """Open alerts of a device that were kept off the outputs: announced again (`new` when they never were)."""
+        events = []
+        for alert_id, event in runtime.open_alerts.get(device, {}).items():
+            known = self.alarms.alerts.get(alert_id, {})
+            if not known.get("announced", True):
+                events.append(dataclasses.replace(event, state="new", ts=now))
+        return events
+
+    def _back_in_service(self, runtime: ModelRuntime, device: str, now: float) -> None:
+        """The machine may have changed: its window and detector start over, and it learns its normal again."""
+        ended = runtime.pipeline.restart_device(device, now, relearn=True)
+        for event in ended:  # opened during maintenance, never published: the publisher keeps it quiet
+            self.alarms.admit(event)
+
+    def expire_alarms(self) -> None:
+        """Periodic: shelves and maintenance periods whose time ran out end on the worker, between batches."""
+        shelves, services = self.alarms.expired(self.clock())
+        if shelves or services:
+            self.engine.call_between_batches(self._apply_expiry)
+
+    def _apply_expiry(self) -> None:
+        now = self.clock()
+        shelves, services = self.alarms.expired(now)  # again: an earlier call may have done it already
+        for device, alert_id in shelves:
+            runtime = next((r for r in self.runtimes if r.plan.serves(device)), self.runtimes[0])
+            self.alarms.drop_shelf(device, alert_id)
+            log.info("shelf of %s ran out", alert_id or device)
+            self.publisher.device_changed(runtime, device, now, self._reannounce(runtime, device, now))
+        for device in services:
+            runtime = next((r for r in self.runtimes if r.plan.serves(device)), self.runtimes[0])
+            self.alarms.end_maintenance(device)
+            log.info("maintenance of %s ran out: back in service", device)
+            self._back_in_service(runtime, device, now)
+            self.publisher.device_changed(runtime, device, now)
+        self.status.publish()
+
+    def _command_result(self, device: str, command, ok: bool, reason: str | None, detail: str,
+                        by: str | None = None, request_id: str | None = None) -> None:
+        if self.alarms is not None:
+            self.alarms.count_command(command.command if command is not None else "invalid", ok)
+        if not ok:
+            log.warning("operator command refused on %s: %s: %s", device or "?", reason, detail)
+        if command is not None:
+            by, request_id = command.by, command.request_id
+        body = commands.result(device, command.command if command is not None else None, ok, reason, detail, self.clock(),
+                               by, request_id)
+        self._publish(f"{self.settings.topics.output_prefix}/{device or '_'}/command/result", body, qos=1)
 
     def _on_connected(self) -> None:
         if self.forwarder is not None:

@@ -37,7 +37,8 @@ def test_discovery_describes_each_device_as_home_assistant_expects(start_agent, 
     active = subscriber.expect(f"{PREFIX}/pump-00/alerts/active", timeout=10)
     assert active.json()["alerts"] == []  # the alert entity has a state from the start
 
-    configs = discovery_configs(subscriber, len(FEATURES) + 2)  # + the alert binary_sensor + the agent's connectivity
+    # + the alert binary_sensor, the acknowledge button and the maintenance switch, + the agent's connectivity
+    configs = discovery_configs(subscriber, len(FEATURES) + 4)
     schema = load_schema("hass_discovery")
     for topic, config in configs.items():
         jsonschema.validate(config, schema)
@@ -70,7 +71,7 @@ def test_discovery_is_published_again_when_home_assistant_comes_online(start_age
     """`online` on homeassistant/status makes the agent publish every discovery config again; other payloads do not."""
     agent = start_agent(homeassistant={"enabled": True})
     publish_rows(subscriber, healthy_rows(devices=2, rows=61, seed=6))
-    first = discovery_configs(subscriber, 2 * (len(FEATURES) + 1) + 1)
+    first = discovery_configs(subscriber, 2 * (len(FEATURES) + 3) + 1)
     subscriber.drain()
 
     subscriber.publish("homeassistant/status", "offline")

@@ -21,6 +21,8 @@ from agent.schemas import SCHEMAS, load_schema  # noqa: E402
 ROLLOUT_TOPIC = "edgecast/models/schema-test"
 BROKEN = b"{broken"  # the one input sent on purpose against its schema
 TOPIC_SCHEMAS = [  # most specific first
+    (f"{PREFIX}/+/command/result", "command_result"),
+    (f"{PREFIX}/+/command", "command"),
     (f"{PREFIX}/agent/+/status", "status"),
     (f"{PREFIX}/agent/+/errors", "error"),
     (f"{PREFIX}/+/forecast", "forecast"),
@@ -106,6 +108,9 @@ def test_live_traffic_of_a_running_daemon_matches_the_schemas(start_agent, subsc
     (good / "manifest.json").write_text(json.dumps(manifest))
     publish_bundle(good, ROLLOUT_TOPIC, mosquitto.host, mosquitto.port, key_file=tmp_path / "key", release=1, expires="2999-01-01T00:00:00Z")
     subscriber.expect(f"{PREFIX}/agent/{AGENT_ID}/status", lambda m: m.json()["model"]["version"] == "1.0.1-schema", timeout=30)
+
+    subscriber.publish(f"{PREFIX}/pump-00/command", {"command": "maintenance", "by": "schema-test", "reason": "r", "duration_s": 60})
+    subscriber.expect(f"{PREFIX}/pump-00/command/result", timeout=10)
 
     agent.link._client._sock.close()  # the connection drops: the broker publishes the last will
     subscriber.expect(f"{PREFIX}/agent/{AGENT_ID}/status", lambda m: m.json().get("reason") == "connection lost", timeout=20)

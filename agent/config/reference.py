@@ -43,6 +43,7 @@ SECTION_NOTES = {
     "metrics": "The optional Prometheus endpoint (`pip install 'edgecast[metrics]'`); see the README, \"Metrics\".",
     "homeassistant": "Optional Home Assistant MQTT discovery; see the README, \"Home Assistant\".",
     "rollout": "Optional fleet model rollout over MQTT; see docs/fleet.md.",
+    "alarms": "Operators in the loop: acknowledge, shelve, maintenance mode and feedback over MQTT (docs/operators.md).",
 }
 
 HEADER = """# Configuration reference

@@ -364,6 +364,19 @@ class RolloutConfig(Section):
         return self
 
 
+class AlarmsConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Take operator commands on <output_prefix>/<device>/command: acknowledge, shelve, maintenance (out of service) "
+        "and feedback (docs/operators.md); limit who may publish there with the broker's ACL.",
+    )
+    max_shelve_s: float = Field(8 * 3600.0, ge=60.0, le=7 * 86400.0, description="Longest shelving; a shelved alert always comes back by itself when its time runs out.")
+    max_maintenance_s: float = Field(
+        30 * 86400.0, ge=60.0, le=365 * 86400.0,
+        description="Longest maintenance period given with an end time (one given without an end lasts until ended).",
+    )
+
+
 class ModelEntry(ModelConfig):
     """One model of several (`[[models]]`): a bundle, the devices it serves, and its own sections where they differ."""
 
@@ -423,6 +436,7 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     models: list[ModelEntry] = Field(
         default_factory=list, max_length=32,
         description="Several models in one daemon (`[[models]]`, instead of `[model]`): each serves the devices its patterns "

@@ -129,6 +129,7 @@ class Engine:
         self.clock = clock
         self._spawn = spawn
         self.on_swapped: Callable[[ModelRuntime], None] = lambda runtime: None  # after a bundle was swapped in
+        self._between: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # work for the idle pipeline
         self.queue = SampleQueue(maxsize=settings.ingest.queue_size)
         self._full_wait_s = min(settings.ingest.full_wait_s, settings.mqtt.keepalive_s / 2)
         # The link holds a small read (up to batch_wait_ms) for company until one model call's samples are there.
@@ -274,7 +275,7 @@ class Engine:
         if len(samples) > self.batch_fill or not self.inline_allowed or not self.pipeline_lock.acquire(blocking=False):
             return False
         try:
-            if (self.queue.qsize() or self._swap_waiting() or not self.accepting.is_set()
+            if (self.queue.qsize() or self._idle_work_waiting() or not self.accepting.is_set()
                     or self._inference.unfinished_tasks or self._outgoing.unfinished_tasks):
                 return False
             self.counters.add("accepted", len(samples))
@@ -308,13 +309,14 @@ class Engine:
             if self.abandon.is_set():
                 self._drop_queued()
                 return
-            if self._swap_waiting():
+            if self._idle_work_waiting():
                 with self.pipeline_lock:  # no batch runs on the network thread meanwhile
                     self._inference.join()  # the model thread has handed on every batch of the running model,
                     self._outgoing.join()  # and the publisher, which owns the open-alert lists, is idle
                     self._swap_pending()
+                    self._run_between()
             if not self.queue.wait_for_items(WORKER_POLL_S):
-                if self.drain_and_exit.is_set():
+                if self.drain_and_exit.is_set() and not self._idle_work_waiting():
                     return
                 continue
             # Taken under the lock: a batch the network thread runs itself never overtakes one taken here.
@@ -328,8 +330,25 @@ class Engine:
                     self.counters.add("worker_errors")
                     log.exception("worker failed on a batch of %d samples", len(batch))
 
-    def _swap_waiting(self) -> bool:
-        return any(runtime.pending is not None for runtime in self.runtimes)
+    def call_between_batches(self, work: Callable[[], None]) -> None:
+        """Run `work` on the worker with the pipeline idle (nothing in the model or publisher threads, no batch on the
+        network thread): what changes a device's state or the open alerts (operator commands) runs there, in order."""
+        self._between.put(work)
+
+    def _idle_work_waiting(self) -> bool:
+        return not self._between.empty() or any(runtime.pending is not None for runtime in self.runtimes)
+
+    def _run_between(self) -> None:
+        while True:
+            try:
+                work = self._between.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                work()
+            except Exception:  # a bug in one command must not end the worker
+                self.counters.add("worker_errors")
+                log.exception("work between batches failed")
 
     def _swap_pending(self) -> None:
         """Every model with a verified bundle waiting gets it; the end of its open alerts goes out first."""

@@ -194,6 +194,25 @@ class Pipeline:
         self.counters["devices_evicted"] += 1
         return victim
 
+    def restart_device(self, name: str, now: float, relearn: bool) -> list[AlertEvent]:
+        """A device taken out of service or back into it: its window and detector start over and, with `relearn`, its
+        learned normal too; returns the `end` event of its open alert, if any. Only between two batches (pipeline idle)."""
+        d = self.windows.index.get(name)
+        if d is None:
+            return []
+        ended = []
+        with self._state_lock:
+            alert = self.detector.open.get(d)
+            if alert is not None:
+                ended.append(dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now))
+            self.detector.reset(d)
+            self.past_slot[d] = NO_SLOT
+            self.past_ok[d] = False
+            self.windows.restart(d)
+            if relearn:
+                self.learning.reset(d)
+        return ended
+
     def _device(self, name: str, now: float = 0.0, i: int = 0) -> int | None:
         d = self.windows.index.get(name)
         if d is None:

@@ -5,6 +5,8 @@ For every device the agent forecasts, Home Assistant gets one device with
   horizon and its timestamps as attributes;
 - a `binary_sensor` (device_class `problem`): on while the device has an open alert (from the retained
   `alerts/active` list), the list as attributes;
+- with operator commands on (`[alarms]`): a `button` that acknowledges the device's open alerts and a `switch`
+  for its maintenance mode (state from the active list), both sending commands to `<prefix>/<device>/command`;
 and the agent itself appears as a device with a `connectivity` binary_sensor. Every entity's availability
 follows the agent's retained status topic (`value_json.state`: online / offline, the last will included), so
 entities go unavailable when the gateway drops off.
@@ -44,6 +46,7 @@ class HassDiscovery:
         birth_topic: str,
         sw_version: str,
         publish: Callable[[str, bytes], None],
+        commands: bool = False,
     ):
         self.agent_id = agent_id
         self.output_prefix = output_prefix
@@ -52,6 +55,7 @@ class HassDiscovery:
         self.birth_topic = birth_topic
         self.sw_version = sw_version
         self._publish = publish
+        self.commands = commands  # operator commands on: an acknowledge button and a maintenance switch per device
         self.node_id = slug(f"edgecast_{agent_id}")
         self._lock = threading.Lock()
         self._devices: dict[str, tuple[list[str], str]] = {}  # device -> (targets, model label)
@@ -154,7 +158,32 @@ class HassDiscovery:
                 "origin": self._origin(),
             },
         ))
+        if self.commands:
+            out += self._command_configs(device, block, active_topic)
         return out
+
+    def _command_configs(self, device: str, block: dict, active_topic: str) -> list[tuple[str, dict]]:
+        """An acknowledge button and a maintenance switch, sending operator commands (docs/operators.md)."""
+        command_topic = f"{self.output_prefix}/{device}/command"
+
+        def command(name: str, reason: str) -> str:
+            return json.dumps({"command": name, "by": "homeassistant", "reason": reason}, separators=(",", ":"))
+
+        device_slug = slug(device)
+        common = {"command_topic": command_topic, "availability": self._availability(), "device": block, "origin": self._origin()}
+        return [
+            (self.config_topic("button", f"{device_slug}_acknowledge"), {
+                "name": "Acknowledge alerts", "unique_id": f"{self.node_id}_{device_slug}_acknowledge", "icon": "mdi:check-circle",
+                "payload_press": command("acknowledge", "acknowledged in Home Assistant"), **common,
+            }),
+            (self.config_topic("switch", f"{device_slug}_maintenance"), {
+                "name": "Maintenance", "unique_id": f"{self.node_id}_{device_slug}_maintenance", "icon": "mdi:wrench",
+                "payload_on": command("maintenance", "maintenance switched on in Home Assistant"),
+                "payload_off": command("end_maintenance", "maintenance switched off in Home Assistant"),
+                "state_topic": active_topic, "value_template": "{{ 'ON' if value_json.maintenance is defined else 'OFF' }}",
+                "state_on": "ON", "state_off": "OFF", **common,
+            }),
+        ]
 
     # -- publishing ----------------------------------------------------------------------------------------
 

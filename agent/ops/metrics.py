@@ -24,6 +24,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "edgecast_start_time_seconds": ("gauge", "Unix time the agent started."),
     "edgecast_model_info": ("info", "Each running model bundle: model (the configured name), name, version, sha256 (value 1)."),
     "edgecast_model_devices": ("gauge", "Devices with a window, per model."),
+    "edgecast_operator_commands": ("counter", "Operator commands (docs/operators.md), by command and result (ok, refused)."),
+    "edgecast_alarms": ("gauge", "Operator state: acknowledged alerts, shelves, devices in maintenance (state label)."),
+    "edgecast_feedback": ("gauge", "Alerts with operator feedback, by label (true_fault, false_alarm, unknown)."),
     "edgecast_readings_accepted": ("counter", "Readings (samples) accepted into the ingest queue."),
     "edgecast_readings_rejected": ("counter", "Readings rejected, by reason (docs/contracts.md, rejection reasons)."),
     "edgecast_samples_processed": ("counter", "Samples the worker handed to the pipeline."),
@@ -166,6 +169,21 @@ class _AgentCollector:
             faults.add_metric([reason], float(count))
         yield faults
         yield single("edgecast_worker_errors", stats["worker_errors"])
+        alarms = stats.get("alarms")
+        if alarms is not None:
+            commands = family("edgecast_operator_commands", ["command", "result"])
+            for key, count in sorted(alarms["commands"].items()):
+                command, result = key.split(":")
+                commands.add_metric([command, result], float(count))
+            yield commands
+            state = family("edgecast_alarms", ["state"])
+            for name in ("acknowledged", "shelved", "in_maintenance"):
+                state.add_metric([name], float(alarms[name]))
+            yield state
+            feedback = family("edgecast_feedback", ["label"])
+            for label, count in sorted(alarms["feedback_by_label"].items()):
+                feedback.add_metric([label], float(count))
+            yield feedback
 
 
 class AgentMetrics:

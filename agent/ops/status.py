@@ -52,6 +52,10 @@ class StatusReporter:
             models.append(entry)
         if models:
             extra["models"] = models
+        if state == "online" and agent.alarms is not None:
+            summary = agent.alarms.summary()
+            if any(summary.values()):  # nothing to say until an operator acted
+                extra["alarms"] = summary
         return payloads.status(state, agent.settings.agent_id, payloads.agent_version(), first.name, first.version, first.sha256,
                                agent.clock(), reason=reason, extra=extra)
 
@@ -87,6 +91,8 @@ class StatusReporter:
                     runtime.save_learned()
                 if runtime.rollout is not None:
                     runtime.rollout.check_timeout()
+            if agent.alarms is not None and agent.engine is not None:
+                agent.expire_alarms()
             if time.monotonic() >= next_log:
                 next_log = time.monotonic() + STATS_LOG_EVERY_S
                 c = agent.counters

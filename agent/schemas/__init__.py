@@ -22,6 +22,8 @@ SCHEMAS = {
     "error": "out: {prefix}/agent/{agent_id}/errors",
     "hass_discovery": "out: homeassistant/{component}/{node_id}/{object_id}/config (retained)",
     "model_descriptor": "in/out: the model rollout topic's descriptor (retained)",
+    "command": "in: {prefix}/{device}/command (operator commands)",
+    "command_result": "out: {prefix}/{device}/command/result",
 }
 
 

@@ -79,6 +79,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify.add_argument("--require-signature", action="store_true", help="refuse an unsigned bundle (needs a key)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    feedback = commands.add_parser(
+        "export-feedback", help="write the operators' feedback on alerts as labelled time ranges (CSV) for retraining",
+        description="The feedback operators gave on alerts (docs/operators.md), from the agent's state directory, as the CSV "
+        "that `training fit|train|evaluate-alerts --labels` read: device, start, end, label, alert_id, by, at, comment.",
+    )
+    feedback.add_argument("--state", metavar="DIR", type=Path, help="the agent's state directory (default: state.directory of --config)")
+    feedback.add_argument("--config", metavar="FILE", help="configuration to take state.directory from")
+    feedback.add_argument("--out", metavar="FILE.csv", type=Path, required=True)
+
     commands.add_parser("config-reference", help="print the configuration reference (Markdown) generated from the settings model")
 
     schemas = commands.add_parser("schemas", help="list or print the JSON Schemas of the payloads the agent reads and publishes")
@@ -219,6 +228,33 @@ def _verify(args: argparse.Namespace, folder: Path, key, required: bool, model_n
     print(f"  features    {', '.join(bundle.features)}; targets {', '.join(bundle.targets)}; period {bundle.period_s:g}s")
     print(f"  warm-up     finite outputs at batch 1 and 3; median latency {latency['batch_1_ms']} ms (batch 1), {latency['batch_64_ms']} ms (batch 64)")
     print(f"  thresholds  {report['thresholds']}")
+    return 0
+
+
+def cmd_export_feedback(args: argparse.Namespace, load_settings) -> int:
+    import csv
+
+    from agent.core.alarms import ALARMS_FILE, feedback_rows
+
+    state = args.state
+    if state is None:
+        settings, code = load_settings(args.config)
+        if settings is None:
+            return code
+        state = Path(settings.state.directory)
+    book = state / ALARMS_FILE
+    if not book.is_file():
+        return _error(f"no operator state in {state} ({ALARMS_FILE} not found): no feedback was given there")
+    try:
+        rows = feedback_rows(book, time.time())
+    except (OSError, ValueError, KeyError) as exc:
+        return _error(f"{book} is unreadable: {exc}")
+    with open(args.out, "w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=["device", "start", "end", "label", "alert_id", "by", "at", "comment"])
+        writer.writeheader()
+        writer.writerows(rows)
+    counts = {label: sum(1 for r in rows if r["label"] == label) for label in ("true_fault", "false_alarm", "unknown")}
+    print(f"{len(rows)} labelled alert(s) -> {args.out} ({', '.join(f'{v} {k}' for k, v in counts.items())})", file=sys.stderr)
     return 0
 
 

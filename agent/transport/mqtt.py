@@ -387,6 +387,15 @@ class Retained:
     qos: int = 1
 
 
+def _literal_heads(filters: list[str]) -> tuple[str, ...]:
+    """Each filter's text before its first wildcard (a topic it matches starts with it)."""
+    heads = []
+    for text in filters:
+        cut = min((i for i in (text.find("+"), text.find("#")) if i >= 0), default=len(text))
+        heads.append(text[:cut])
+    return tuple(heads)
+
+
 class MqttLink:
     """One broker connection: subscribe on connect, hand messages to `on_message`, publish, stop cleanly."""
 
@@ -412,6 +421,7 @@ class MqttLink:
         self._handler = on_message
         self._batch_handler = on_messages
         self._control: list[str] = list(control_subscriptions or [])  # QoS 1, routed to on_control
+        self._control_heads = _literal_heads(self._control)  # what a control topic starts with: a cheap first test
         self._control_handler = on_control
         self._sub_topics: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics (for the SUBACK log)
         self._on_connect_publish = on_connect_publish
@@ -523,6 +533,7 @@ class MqttLink:
             if topic in self._control:
                 return
             self._control.append(topic)
+            self._control_heads = _literal_heads(self._control)
         if self.connected.is_set():
             self._subscribe([topic], qos=1)
 
@@ -531,11 +542,13 @@ class MqttLink:
             if topic not in self._control:
                 return
             self._control.remove(topic)
+            self._control_heads = _literal_heads(self._control)
         if self.connected.is_set():
             self._client.unsubscribe(topic)
 
     def _is_control(self, topic: str) -> bool:
-        if not self._control:  # the usual case, checked per sensor message: no lock, no copy
+        # Checked per sensor message: a sensor topic fails the literal start of every control filter, no lock, no copy.
+        if not self._control or not topic.startswith(self._control_heads):
             return False
         with self._retained_lock:
             filters = list(self._control)

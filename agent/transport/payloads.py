@@ -339,8 +339,9 @@ def _forecast_reference(fc: Forecast, model_name: str, model_version: str, inter
     return _dumps(body)
 
 
-def alert(event: AlertEvent, model_name: str, model_version: str) -> bytes:
-    return _dumps(
+def alert(event: AlertEvent, model_name: str, model_version: str, operator: dict | None = None) -> bytes:
+    """`operator`: the alert's operator state (acknowledged, shelved_until: agent/core/alarms.py), added when there is one."""
+    body = (
         {
             "alert_id": event.alert_id,
             "device": event.device,
@@ -364,19 +365,25 @@ def alert(event: AlertEvent, model_name: str, model_version: str) -> bytes:
             "model": _model(model_name, model_version),
         }
     )
+    if operator:
+        body.update(operator)
+    return _dumps(body)
 
 
-def active_alerts(device: str, ts: float, alerts: Iterable[AlertEvent]) -> bytes:
-    return _dumps(
-        {
-            "device": device,
-            "ts": _ts(ts),
-            "alerts": [
-                {"alert_id": a.alert_id, "severity": a.severity, "started_at": _ts(a.started_at), "score": _sig(a.score, SCORE_DIGITS)}
-                for a in alerts
-            ],
-        }
-    )
+def active_alerts(device: str, ts: float, alerts: Iterable[AlertEvent], operator=None) -> bytes:
+    """The retained list; `operator` (agent/core/alarms.py AlarmBook) adds each alert's and the device's operator state."""
+    body = {
+        "device": device,
+        "ts": _ts(ts),
+        "alerts": [
+            {"alert_id": a.alert_id, "severity": a.severity, "started_at": _ts(a.started_at), "score": _sig(a.score, SCORE_DIGITS),
+             **(operator.annotation(a.alert_id, device) if operator is not None else {})}
+            for a in alerts
+        ],
+    }
+    if operator is not None:
+        body.update(operator.device_annotation(device))
+    return _dumps(body)
 
 
 def status(

@@ -38,6 +38,7 @@ class Publisher:
         self.durable_forecasts = outbox is not None and settings.outbox.forecasts
         self._wake_forwarder = wake_forwarder
         self.hass = hass
+        self.alarms = None  # agent.core.alarms.AlarmBook when operator commands are on (alarms.enabled)
         self.active_by_severity: dict[str, int] = {"warning": 0, "critical": 0}  # replaced after every alert event
 
     def publish(self, events: list, runtime: ModelRuntime, bundle=None) -> None:
@@ -53,6 +54,8 @@ class Publisher:
         published: list[tuple[str, bytes]] = []  # QoS 0 forecasts, written together (before an alert, or after the loop)
         forecasts_sent = 0
         open_by_device = runtime.open_alerts
+        alarms = self.alarms
+        out_of_service = alarms.maintenance if alarms is not None else None  # read only here (changed between batches)
         for event in events:
             if isinstance(event, Forecast):
                 if self.hass is not None and self.hass.device_seen(event.device, list(event.values), f"{name} {version}"):
@@ -61,19 +64,25 @@ class Publisher:
                 topic, body = f"{prefix}/{event.device}/forecast", next(bodies)
                 if body is None:
                     continue  # could not be encoded: logged and counted; the other devices' events go on
+                if out_of_service and event.device in out_of_service:
+                    body = body[:-1] + b',"maintenance":true}'  # a forecast of a machine under maintenance says so
                 if self.durable_forecasts:
                     stored.append(Message("forecast", topic, body, event.device))
                 else:
                     published.append((topic, body))
             elif isinstance(event, AlertEvent):
+                shown = alarms is None or alarms.admit(event)  # shelved or out of service: kept, not published
                 try:
-                    topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version)
+                    operator = alarms.annotation(event.alert_id, event.device) if alarms is not None else None
+                    topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version, operator)
                 except (ValueError, TypeError, OverflowError):
                     self.counters.add("encode_errors")
                     log.exception("alert %s %s on %s could not be encoded; the batch's other events go on",
                                   event.alert_id, event.state, event.device)
                     continue
-                if self.outbox is not None:
+                if not shown:
+                    pass
+                elif self.outbox is not None:
                     stored.append(Message("alert", topic, body, event.device))
                 elif link is not None:
                     if published:  # the forecasts before it leave before it
@@ -81,7 +90,10 @@ class Publisher:
                         forecasts_sent += len(published)
                         published = []
                     link.publish(topic, body, qos=1)
-                self.counters.add("alerts")
+                if shown:
+                    self.counters.add("alerts")
+                elif out_of_service and event.device in out_of_service:
+                    continue  # a machine under maintenance has no alerts, not even in its active list
                 log.info(
                     "alert %s %s on %s: %s, score %.2f", event.alert_id, event.state, event.device, event.severity, event.score,
                     extra={"event": "alert", "alert_id": event.alert_id, "state": event.state, "device": event.device, "severity": event.severity},
@@ -92,7 +104,7 @@ class Publisher:
                     open_alerts.pop(event.alert_id, None)
                 else:
                     open_alerts[event.alert_id] = event
-                body = payloads.active_alerts(event.device, event.ts, list(open_alerts.values()))
+                body = payloads.active_alerts(event.device, event.ts, list(open_alerts.values()), alarms)
                 if not open_alerts:
                     del open_by_device[event.device]
                 active.append(Retained(f"{prefix}/{event.device}/alerts/active", body))
@@ -109,6 +121,17 @@ class Publisher:
         if link is not None:
             for message in active:  # after the alerts are safe on disk; republished on every connect
                 link.set_retained(message)
+
+    def device_changed(self, runtime: ModelRuntime, device: str, now: float, events: list[AlertEvent] = ()) -> None:
+        """An operator changed a device or its alerts (between batches): `events` out as any batch's, then the
+        device's retained active list with its new operator state."""
+        if events:
+            self.publish(list(events), runtime)
+        open_alerts = runtime.open_alerts.get(device, {})
+        body = payloads.active_alerts(device, now, list(open_alerts.values()), self.alarms)
+        link = self._link()
+        if link is not None:
+            link.set_retained(Retained(f"{self.prefix}/{device}/alerts/active", body))
 
     def store(self, messages: list[Message]) -> None:
         assert self.outbox is not None
