@@ -10,6 +10,10 @@
     false alerts, the daemon's peak memory). Exit code 0 when every injected fault was detected and no
     healthy pump alerted.
 
+`--machines pumps,fans` adds simulated ventilation fans (simulation/fans.py; fan-01's impeller goes out of
+balance) on the same broker and runs ONE daemon with two models (`[[models]]`: pump-lstm for pump-*, fan-lstm for
+fan-*); the live view and the summary show each machine type apart.
+
 Every subprocess is stopped on the way out, on success, error or Ctrl-C.
 """
 
@@ -116,6 +120,58 @@ class Fault:
     kind: str
     start_ts: float
     end_ts: float
+
+
+@dataclass
+class MachineGroup:
+    """One machine type of the demo: its simulated devices, the model that serves them, the two columns of the live view."""
+
+    key: str  # the --machines value: "pumps"
+    machine: str  # synth --machine and the device-name prefix: "pump"
+    devices: int
+    model: Path
+    temp: tuple[str, str]  # (feature, column title) of the temperature column
+    vibration: tuple[str, str]
+    synth: subprocess.Popen | None = None
+    schedule: Path | None = None
+
+    def owns(self, device: str) -> bool:
+        return device.startswith(self.machine + "-")
+
+
+# --machines value -> (synth --machine, bundle, temperature column, vibration column)
+MACHINE_TYPES = {
+    "pumps": ("pump", "pump-lstm", ("bearing_temp", "bearing temp"), ("vibration_rms", "vibration mm/s")),
+    "fans": ("fan", "fan-lstm", ("motor_temp", "motor temp"), ("fan_vibration", "vibration mm/s")),
+}
+
+
+def shipped_bundle(name: str) -> Path:
+    """A bundle shipped with edgecast: the source tree's exported_models/<name>, or the installed copy."""
+    source_tree = Path(__file__).resolve().parent.parent / "exported_models" / name
+    if source_tree.is_dir():
+        return source_tree
+    from importlib.resources import files
+
+    return Path(str(files("agent") / "shipped_models" / name))
+
+
+def parse_machines(text: str) -> list[str]:
+    """The --machines value as a list of MACHINE_TYPES keys, in the order given; ValueError naming the choices."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MACHINE_TYPES]
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise ValueError(f"--machines takes a comma-separated list of {', '.join(MACHINE_TYPES)} (each once), got {text!r}")
+    return keys
+
+
+def models_config(groups: list[MachineGroup]) -> str:
+    """The daemon's TOML for several machine types: one `[[models]]` entry per type, each serving its device names."""
+    lines = []
+    for group in groups:
+        lines += ["[[models]]", f'name = "{group.key}"', f"path = {json.dumps(str(group.model))}",
+                  f'devices = ["{group.machine}-*"]', ""]
+    return "\n".join(lines)
 
 
 class DemoState:
@@ -277,6 +333,17 @@ class Broker:
 # ------------------------------------------------------------------------------------------------ the demo
 
 
+def plan_fan_faults(hours: float) -> str:
+    """Fault spec for the simulated fans: fan-01's impeller goes out of balance, a little after the pump's fault.
+
+    The imbalance (+2.5..4 mm/s * speed squared, 20 min time constant) is caught within half an hour even at the
+    night's low speeds, so the short runs of the tests find it too.
+    """
+    warmup_h = WARMUP_ROWS / 60.0
+    onset = warmup_h + max(0.6, 0.4 * (hours - warmup_h))
+    return f"imbalance:fan-01@{onset:.2f}+{min(3.0, max(0.5, hours - onset)):.2f}"
+
+
 def plan_faults(devices: int, hours: float) -> str:
     """Fault specs for the simulator: pump-01 overheats a few hours in; on long runs pump-02 wears a bearing out.
 
@@ -305,10 +372,10 @@ class Demo:
         self.table_lines = 0  # lines of the live table currently on screen (tty mode)
         self.last_snapshot = 0.0
         self.daemon: subprocess.Popen | None = None
-        self.synth: subprocess.Popen | None = None
         self.subscriber = None
         self.broker: Broker | None = None
         self.hours = 0.0
+        self.groups: list[MachineGroup] = []
         self.peak_rss: int | None = None
         self.daemon_exit: int | None = None
         self.offline_seen = False
@@ -344,22 +411,31 @@ class Demo:
             f" {s.bold('sim ' + (sim_clock(st.sim_elapsed(latest)) if latest else '--'))} of {self.hours:.1f} h"
             f"   wall {self.wall():3.0f}/{self.args.duration:.0f} s   agent {status_text}   forecasts {st.forecasts}"
         )
-        horizon_min = next((len(d.forecast.get("bearing_temp", [])) * d.period_s / 60 for d in st.devices.values() if d.forecast), 10)
+        lines = [head]
+        for group in self.groups:
+            lines += self.group_table(group)
+        return lines
+
+    def group_table(self, group: MachineGroup) -> list[str]:
+        """One machine type's rows of the live view: its temperature and vibration, observed and forecast."""
+        s, st = self.style, self.state
+        (temp_feature, temp_title), (vib_feature, vib_title) = group.temp, group.vibration
+        mine = [d for name, d in sorted(st.devices.items()) if group.owns(name)]
+        horizon_min = next((len(d.forecast.get(temp_feature, [])) * d.period_s / 60 for d in mine if d.forecast), 10)
         later = f"+{horizon_min:g}m"
         lines = [
-            head,
-            s.dim(f" {'':<14}  {'bearing temp ' + s.degree:^20}   {'vibration mm/s':^13}"),
-            s.dim(f" {'pump':<8}{'fcsts':>6}  {'now':>6} {'+1m':>6} {later:>6}   {'now':>6} {later:>6}   {'window':>6}  alert"),
+            s.dim(f" {'':<14}  {temp_title + ' ' + s.degree:^20}   {vib_title:^13}"),
+            s.dim(f" {group.machine:<8}{'fcsts':>6}  {'now':>6} {'+1m':>6} {later:>6}   {'now':>6} {later:>6}   {'window':>6}  alert"),
         ]
-        for name in sorted(st.devices):
-            d = st.devices[name]
+        for d in mine:
+            name = d.name
             if not d.forecast:
                 lines.append(f" {name:<8}{d.forecasts:>6}  {s.dim('waiting for the first forecast')}")
                 continue
             nan = [float("nan")]
-            temp, vib = d.forecast.get("bearing_temp", nan), d.forecast.get("vibration_rms", nan)
-            temp_now = d.observed.get("bearing_temp", float("nan"))
-            vib_now = d.observed.get("vibration_rms", float("nan"))
+            temp, vib = d.forecast.get(temp_feature, nan), d.forecast.get(vib_feature, nan)
+            temp_now = d.observed.get(temp_feature, float("nan"))
+            vib_now = d.observed.get(vib_feature, float("nan"))
             if d.open_alert is not None:
                 since = sim_clock(st.sim_elapsed(d.open_alert["started_at"]))
                 alert = s.severity(d.open_alert["severity"], f"{d.open_alert['severity'].upper()} {since}")
@@ -443,8 +519,12 @@ class Demo:
                 self.offline_seen = True
             model = data.get("model") or {}
             text = s.green(state) if state == "online" else s.red(state)
-            self.say(f"{self.stamp()} agent {AGENT_ID} is {text}"
-                     + (f" (model {model.get('name')} {model.get('version')})" if model else "")
+            models = [m for m in data.get("models") or [] if isinstance(m, dict)]  # only with several models
+            if models:
+                running = " (models " + ", ".join(f"{m.get('model')}: {m.get('name')} {m.get('version')}" for m in models) + ")"
+            else:
+                running = f" (model {model.get('name')} {model.get('version')})" if model else ""
+            self.say(f"{self.stamp()} agent {AGENT_ID} is {text}" + running
                      + (f": {data['reason']}" if data.get("reason") else ""))
             return
         if parts[1] == "agent" and parts[3:] == ["errors"]:
@@ -532,10 +612,16 @@ class Demo:
         })
         env.setdefault("EDGECAST_LOG__LEVEL", "INFO")
         env.setdefault("EDGECAST_STATE__DIRECTORY", str(workdir / "agent-state"))  # the outbox, beside the demo's files
-        if self.args.model:
-            env["EDGECAST_MODEL__PATH"] = str(Path(self.args.model).resolve())
+        command = [sys.executable, "-m", "agent", "run"]
+        if len(self.groups) > 1:
+            # Several machine types: one [[models]] entry each (the daemon refuses [model] beside [[models]]).
+            config = workdir / "agent.toml"
+            config.write_text(models_config(self.groups), encoding="utf-8")
+            command += ["--config", str(config)]
+        elif self.args.model or self.groups[0].key != "pumps":
+            env["EDGECAST_MODEL__PATH"] = str(self.groups[0].model)
         log = open(workdir / "agent.log", "wb")
-        self.daemon = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        self.daemon = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         log.close()
 
@@ -550,43 +636,56 @@ class Demo:
                 return
         raise RuntimeError(f"the daemon did not report online within {STATUS_WAIT_S:.0f} s:\n{tail(workdir / 'agent.log')}")
 
-    def start_synth(self, workdir: Path, port: int) -> Path:
+    def start_synth(self, workdir: Path, port: int) -> None:
+        """One simulator per machine type, on one simulated clock (the same --start-ts and --hours)."""
         args = self.args
         live_s = max(10.0, args.duration - self.wall() - TAIL_BUDGET_S - SIM_START_BUDGET_S)
         self.hours = round(WARMUP_ROWS / 60.0 + live_s * args.speed / 3600.0, 2)
-        faults = plan_faults(args.devices, self.hours)
-        schedule = workdir / "faults.json"
-        command = [
-            sys.executable, "-m", "training", "synth", "--publish",
-            "--devices", str(args.devices), "--hours", f"{self.hours}", "--seed", str(args.seed),
-            "--faults", faults, "--host", "127.0.0.1", "--port", str(port), "--speed", f"{args.speed:g}",
-            "--warmup-rows", str(WARMUP_ROWS), "--schedule-out", str(schedule),
-        ]
-        self.synth = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+        # The simulated clock ends at about now (the daemon's timestamp bounds accept every row), the same for each type.
+        start_ts = int(time.time() // 60 * 60) - (int(self.hours * 3600.0 // 60) - 1) * 60
+        several = len(self.groups) > 1
+        for group in self.groups:
+            faults = plan_faults(group.devices, self.hours) if group.key == "pumps" else plan_fan_faults(self.hours)
+            group.schedule = workdir / ("faults.json" if group.key == "pumps" else f"faults-{group.key}.json")
+            command = [
+                sys.executable, "-m", "training", "synth", "--publish", "--machine", group.machine,
+                "--devices", str(group.devices), "--hours", f"{self.hours}", "--seed", str(args.seed),
+                "--start-ts", str(start_ts), "--faults", faults, "--host", "127.0.0.1", "--port", str(port),
+                "--speed", f"{args.speed:g}", "--warmup-rows", str(WARMUP_ROWS), "--schedule-out", str(group.schedule),
+            ]
+            group.synth = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+            prefix = f"({group.key}) " if several else ""
 
-        def forward_output():
-            for line in self.synth.stdout:
-                line = line.strip()
-                if line and not line.startswith("synth: fault "):
-                    self.events.put(("synth", line.removeprefix("synth: "), time.monotonic()))
+            def forward_output(process=group.synth, prefix=prefix):
+                for line in process.stdout:
+                    line = line.strip()
+                    if line and not line.startswith("synth: fault "):
+                        self.events.put(("synth", prefix + line.removeprefix("synth: "), time.monotonic()))
 
-        threading.Thread(target=forward_output, name="synth-output", daemon=True).start()
-        return schedule
+            threading.Thread(target=forward_output, name=f"synth-output-{group.key}", daemon=True).start()
 
-    def load_schedule(self, path: Path) -> None:
-        """The simulator writes its fault schedule before publishing; wait for it."""
+    def synths(self) -> list[subprocess.Popen]:
+        return [g.synth for g in self.groups if g.synth is not None]
+
+    def load_schedule(self) -> None:
+        """Each simulator writes its fault schedule before publishing; wait for them."""
         deadline = time.monotonic() + 30.0
+        faults: dict[str, list[Fault]] = {}
         while time.monotonic() < deadline:
-            if path.is_file():
+            for group in self.groups:
+                if group.key in faults or not group.schedule.is_file():
+                    if group.synth.poll() is not None and not group.schedule.is_file():
+                        raise RuntimeError(f"the simulator exited with code {group.synth.returncode} before writing its schedule")
+                    continue
                 try:
-                    items = json.loads(path.read_text())
-                    self.state.faults = [Fault(i["device"], i["kind"], float(i["start_ts"]), float(i["end_ts"])) for i in items]
-                    return
+                    items = json.loads(group.schedule.read_text())
+                    faults[group.key] = [Fault(i["device"], i["kind"], float(i["start_ts"]), float(i["end_ts"])) for i in items]
                 except (ValueError, KeyError):
                     pass  # still being written
-            if self.synth.poll() is not None and not path.is_file():
-                raise RuntimeError(f"the simulator exited with code {self.synth.returncode} before writing its schedule")
+            if len(faults) == len(self.groups):
+                self.state.faults = [f for group in self.groups for f in faults[group.key]]
+                return
             self.drain(time.monotonic() + 0.2)
         raise RuntimeError("the simulator did not write its fault schedule within 30 s")
 
@@ -613,14 +712,21 @@ class Demo:
 
     def _run(self, workdir: Path) -> int:
         args, s = self.args, self.style
-        from agent.config.settings import shipped_model_path
+        self.groups = self.machine_groups()
+        for group in self.groups:
+            if not (group.model / "manifest.json").is_file():
+                build = "build-shipped" + ("" if group.key == "pumps" else f" --machine {group.machine}")
+                raise RuntimeError(f"no model bundle at {group.model} (export one with `python -m training {build}`)")
 
-        model = Path(args.model) if args.model else shipped_model_path()
-        if not (model / "manifest.json").is_file():
-            raise RuntimeError(f"no model bundle at {model} (export one with `python -m training build-shipped`)")
-
-        self.say(s.bold("edgecast demo") + f": {args.devices} simulated pumps {s.arrow} MQTT {s.arrow} edge daemon "
-                 f"(model {model.name}) {s.arrow} forecasts and alerts, for about {args.duration:.0f} s")
+        if len(self.groups) == 1:
+            group = self.groups[0]
+            self.say(s.bold("edgecast demo") + f": {group.devices} simulated {group.key} {s.arrow} MQTT {s.arrow} edge daemon "
+                     f"(model {group.model.name}) {s.arrow} forecasts and alerts, for about {args.duration:.0f} s")
+        else:
+            fleet = " and ".join(f"{g.devices} {g.key}" for g in self.groups)
+            models = ", ".join(f"{g.model.name} for {g.machine}-*" for g in self.groups)
+            self.say(s.bold("edgecast demo") + f": {fleet} simulated {s.arrow} MQTT {s.arrow} one edge daemon with "
+                     f"{len(self.groups)} models ({models}) {s.arrow} forecasts and alerts, for about {args.duration:.0f} s")
         self.broker = Broker(args.broker, workdir)
         self.broker.start()
         if self.broker.note:
@@ -631,25 +737,27 @@ class Demo:
         self.say(f"{self.stamp()} daemon started (pid {self.daemon.pid}), loading the model...")
         self.wait_for_online(workdir)
 
-        schedule = self.start_synth(workdir, self.broker.port)
-        self.load_schedule(schedule)
+        self.start_synth(workdir, self.broker.port)
+        self.load_schedule()
         planned = ", ".join(f"{f.kind} on {f.device}" for f in self.state.faults) or "none"
+        others = self.groups[0].key if len(self.groups) == 1 else "machines"
         self.say(f"{self.stamp()} simulator: {self.hours:.1f} simulated hours at {args.speed:g}x real time; "
-                 f"faults to find: {s.bold(planned)}; the other pumps are healthy")
+                 f"faults to find: {s.bold(planned)}; the other {others} are healthy")
 
-        # Live view until the simulator is done (plus a moment for the last forecasts) or the time is up.
+        # Live view until the simulators are done (plus a moment for the last forecasts) or the time is up.
         deadline = self.started + args.duration - TAIL_BUDGET_S / 2
         while time.monotonic() < deadline:
             self.drain(min(deadline, time.monotonic() + 0.5))
-            if self.synth.poll() is not None:
-                self.synth_exit = self.synth.returncode
+            if all(p.poll() is not None for p in self.synths()):
+                self.synth_exit = max((p.returncode for p in self.synths()), key=abs)  # a failure wins over 0
                 self.drain(min(deadline, time.monotonic() + 2.0))
                 break
             if self.daemon.poll() is not None:
                 raise RuntimeError(f"the daemon exited early with code {self.daemon.returncode}:\n{tail(workdir / 'agent.log')}")
-        if self.synth.poll() is None:
+        if any(p.poll() is None for p in self.synths()):
             self.say(f"{self.stamp()} {s.dim('time is up: stopping the simulator')}")
-            stop_process(self.synth, 5.0)
+            for process in self.synths():
+                stop_process(process, 5.0)
         self.render(force_snapshot=True)
         self.clear_table()
 
@@ -665,8 +773,21 @@ class Demo:
         self.table_lines = 0
         return self.summary()
 
+    def machine_groups(self) -> list[MachineGroup]:
+        args = self.args
+        groups = []
+        for key in parse_machines(args.machines):
+            machine, bundle, temp, vibration = MACHINE_TYPES[key]
+            given = args.model if key == "pumps" else args.fan_model
+            devices = args.devices if key == "pumps" else args.fans
+            groups.append(MachineGroup(key, machine, devices, Path(given).resolve() if given else shipped_bundle(bundle), temp, vibration))
+        return groups
+
+    def group_of(self, device: str) -> MachineGroup | None:
+        return next((g for g in self.groups if g.owns(device)), None)
+
     def shutdown(self) -> None:
-        for process in (self.synth, self.daemon):
+        for process in (*self.synths(), self.daemon):
             stop_process(process, 5.0)
         if self.subscriber is not None:
             self.subscriber.disconnect()
@@ -688,21 +809,29 @@ class Demo:
         all_devices = sorted(st.devices)
         print(file=self.out)
         print(s.bold(f"{s.rule * 3} edgecast demo: summary {s.rule * 50}"), file=self.out)
-        print(f"Simulated {self.hours:.1f} h of {self.args.devices} pumps in {wall:.0f} s of wall time "
+        fleet = " and ".join(f"{g.devices} {g.key}" for g in self.groups)
+        noun = self.groups[0].machine if len(self.groups) == 1 else "machine"  # "no healthy pump alerted"
+        print(f"Simulated {self.hours:.1f} h of {fleet} in {wall:.0f} s of wall time "
               f"({self.args.speed:g}x), broker {self.broker.kind}, agent {AGENT_ID}.", file=self.out)
 
         print("\n" + s.bold("Faults injected"), file=self.out)
         detected_all = True
+        delays: dict[str, list[float | None]] = {g.key: [] for g in self.groups}  # simulated minutes; None: missed
         for fault in st.faults:
+            group = self.group_of(fault.device)
             onset = sim_clock(st.sim_elapsed(fault.start_ts))
             window = [a for a in st.alerts.values() if a.device == fault.device and self.during(fault, a)]
             head = f"  {fault.device:<8} {fault.kind:<13} onset {onset}, lasts {(fault.end_ts - fault.start_ts) / 3600:.1f} h"
             if not window:
                 detected_all = False
+                if group is not None:
+                    delays[group.key].append(None)
                 print(f"{head}  {s.red('NOT DETECTED')}", file=self.out)
                 continue
             first = min(window, key=lambda a: a.opened_ts)
             sim_min = (first.opened_ts - fault.start_ts) / 60.0
+            if group is not None:
+                delays[group.key].append(sim_min)
             seen = st.device(fault.device).first_sample_wall_after.get(fault.start_ts)
             wall_s = first.opened_wall - seen if seen is not None else sim_min * 60.0 / self.args.speed
             print(f"{head}  {s.green('detected')} after {sim_min:.0f} simulated min ({wall_s:.1f} s wall)", file=self.out)
@@ -720,15 +849,20 @@ class Demo:
             note = ""
             if a.device not in faulty:
                 false_alerts.append(a)
-                note = "  " + s.red("<- FALSE ALERT (healthy pump)")
+                note = "  " + s.red(f"<- FALSE ALERT (healthy {getattr(self.group_of(a.device), 'machine', 'device')})")
             elif not any(f.device == a.device and self.during(f, a) for f in st.faults):
                 note = "  " + s.dim("(outside the fault: not counted as its detection)")
             print(f"  {a.device:<8} {s.severity(a.severity, f'{a.severity:<8}')} {a.alert_id}  opened {sim_clock(st.sim_elapsed(a.opened_ts))}, "
                   f"{ended}, peak score {a.peak_score:.1f}{culprit}{note}", file=self.out)
-        healthy = [d for d in all_devices if d not in faulty]
-        quiet = [d for d in healthy if not any(a.device == d for a in false_alerts)]
-        print(f"\nFalse alerts on healthy pumps: {len(false_alerts)}"
-              + (f" ({', '.join(quiet)} stayed quiet)" if quiet else ""), file=self.out)
+        print(file=self.out)
+        for group in self.groups:
+            healthy = [d for d in all_devices if d not in faulty and group.owns(d)]
+            quiet = [d for d in healthy if not any(a.device == d for a in false_alerts)]
+            false_here = [a for a in false_alerts if group.owns(a.device)]
+            print(f"False alerts on healthy {group.key}: {len(false_here)}"
+                  + (f" ({', '.join(quiet)} stayed quiet)" if quiet else ""), file=self.out)
+        if len(self.groups) > 1:
+            self.print_per_type(delays, false_alerts)
         per_device = ", ".join(f"{d} {st.devices[d].forecasts}" for d in all_devices)
         print(f"Forecasts received: {st.forecasts} ({per_device}); alert events: {st.alert_events}", file=self.out)
         if st.bad_forecasts:
@@ -742,11 +876,26 @@ class Demo:
             print(s.red(f"The simulator exited with code {self.synth_exit}; see its lines above."), file=self.out)
         ok = detected_all and not false_alerts and bool(st.faults)
         problems = [text for bad, text in [(not st.faults, "no fault was injected"), (not detected_all, "a fault went undetected"),
-                                            (bool(false_alerts), "a healthy pump alerted")] if bad]
-        verdict = (s.green(s.bold("PASS: every injected fault was detected and no healthy pump alerted")) if ok
+                                            (bool(false_alerts), f"a healthy {noun} alerted")] if bad]
+        verdict = (s.green(s.bold(f"PASS: every injected fault was detected and no healthy {noun} alerted")) if ok
                    else s.red("FAIL: " + "; ".join(problems)))
         print("\n" + verdict, file=self.out, flush=True)
         return 0 if ok else 1
+
+
+    def print_per_type(self, delays: dict[str, list[float | None]], false_alerts: list[AlertRecord]) -> None:
+        """One line per machine type: its model, faults injected and detected, time to detect, false alerts."""
+        s = self.style
+        print("\n" + s.bold("Per machine type"), file=self.out)
+        for group in self.groups:
+            found = [d for d in delays[group.key] if d is not None]
+            injected = len(delays[group.key])
+            after = f" after {', '.join(f'{d:.0f}' for d in found)} simulated min" if found else ""
+            detected = f"{len(found)} detected{after}"
+            detected = s.green(detected) if len(found) == injected else s.red(detected)
+            false_here = sum(1 for a in false_alerts if group.owns(a.device))
+            print(f"  {group.key:<6} {group.model.name:<10} {group.devices} devices: {injected} fault(s) injected, {detected}; "
+                  f"{false_here} false alert(s) on healthy {group.key}", file=self.out)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -754,18 +903,31 @@ class Demo:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=110.0, help="wall seconds the demo runs (default 110)")
+    parser.add_argument("--machines", default="pumps",
+                        help="machine types to simulate, comma-separated: pumps (default), fans, or pumps,fans (one daemon with "
+                        "a [[models]] entry per type: pump-lstm for pump-*, fan-lstm for fan-*)")
     parser.add_argument("--devices", type=int, default=4, help="simulated pumps, at least 2 (default 4)")
+    parser.add_argument("--fans", type=int, default=3, help="simulated fans with --machines ...,fans, at least 2 (default 3)")
     parser.add_argument("--speed", type=float, default=360.0, help="simulated seconds per real second (default 360)")
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
                         help="auto: mosquitto when installed, else the embedded broker (amqtt: the demo extra)")
-    parser.add_argument("--model", help="model bundle folder (default: the shipped pump-lstm)")
+    parser.add_argument("--model", help="model bundle folder of the pumps (default: the shipped pump-lstm)")
+    parser.add_argument("--fan-model", metavar="DIR", help="model bundle folder of the fans (default: the shipped fan-lstm)")
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
     parser.add_argument("--workdir", help="keep the logs, broker config and fault schedule in this folder")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        machines = parse_machines(args.machines)
+    except ValueError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     if args.devices < 2:
         print("demo: --devices must be at least 2 (pump-01 is the faulty one)", file=sys.stderr)
+        return 2
+    if "fans" in machines and args.fans < 2:
+        print("demo: --fans must be at least 2 (fan-01 is the faulty one)", file=sys.stderr)
         return 2
     if args.duration < 20 or args.speed <= 0:
         print("demo: --duration must be at least 20 s and --speed positive", file=sys.stderr)

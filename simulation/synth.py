@@ -34,6 +34,10 @@ Faults (label = 1 and `fault` = kind from onset to end; the effect stops at the 
 Fault specs: `KIND:DEVICE@START_HOURS+DURATION_HOURS` (start relative to the first simulated sample);
 `auto` = about half the devices get one fault each (kinds cycle so that 4+ faulty devices cover all kinds);
 `none` = all healthy.
+
+Other machine types (`--machine fan`: simulation/fans.py, ventilation fans with other sensors and faults) are a
+MachineType each: their own physics and fault kinds, the same fleet assembly, CSV layout (the type's features in
+place of the pump's) and publishing as here.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +58,8 @@ import numpy as np
 FEATURES = ["bearing_temp", "vibration_rms", "motor_current", "outlet_pressure"]
 COLUMNS = ["ts", "device"] + FEATURES + ["label", "fault"]
 FAULT_KINDS = ("bearing_wear", "overheating", "stuck_sensor", "spikes")
+TYPICAL_HOURS = {"bearing_wear": (6.0, 18.0), "overheating": (1.0, 3.0), "stuck_sensor": (1.0, 4.0), "spikes": (1.0, 3.0)}
+MACHINES = ("pump", "fan")  # --machine choices; each a MachineType (machine_type(name))
 DEFAULT_START_TS = 1767571200  # 2026-01-05T00:00:00Z: a fixed clock keeps CSV output reproducible
 DAY_S = 86400.0
 
@@ -84,14 +91,45 @@ class Fleet:
     rows: dict[str, np.ndarray]  # column -> array, sorted by ts then device (dropouts removed)
     schedule: list[dict] = field(default_factory=list)  # [{"device", "kind", "start_ts", "end_ts"}]
     config: FleetConfig | None = None
+    features: list[str] = field(default_factory=lambda: list(FEATURES))  # the sensor columns, in CSV order
+
+
+@dataclass(frozen=True)
+class MachineType:
+    """A kind of simulated machine: device names, sensors, fault kinds and physics.
+
+    `simulate(cfg, index, t_abs, specs)` returns (values (N, F) in `features` order, label (N,), fault kind per
+    row (N,), observed mask (N,)) for one device, drawing only from generators seeded by (cfg.seed, index, ...),
+    so that every type keeps the fleet's determinism; generate_fleet assembles the devices the same way for all.
+    """
+
+    name: str  # the --machine value and the device-name prefix: pump-00, fan-00, ...
+    features: tuple[str, ...]
+    fault_kinds: tuple[str, ...]
+    typical_hours: dict[str, tuple[float, float]]  # kind -> shortest, longest duration of an `auto` fault
+    simulate: Callable
+
+    def device_name(self, index: int) -> str:
+        return f"{self.name}-{index:02d}"
 
 
 def device_name(index: int) -> str:
     return f"pump-{index:02d}"
 
 
-def parse_fault_specs(text: str) -> str | list[FaultSpec]:
-    """Parse the --faults value; raises ValueError naming the bad part."""
+def machine_type(name: str) -> MachineType:
+    """The MachineType for a --machine value; ValueError naming the choices."""
+    if name == "pump":
+        return PUMP
+    if name == "fan":
+        from simulation.fans import FAN  # imported here: fans imports this module
+
+        return FAN
+    raise ValueError(f"unknown machine type {name!r}: one of {', '.join(MACHINES)}")
+
+
+def parse_fault_specs(text: str, kinds: tuple[str, ...] = FAULT_KINDS) -> str | list[FaultSpec]:
+    """Parse the --faults value (fault kinds of one machine type); raises ValueError naming the bad part."""
     text = text.strip()
     if text in ("auto", "none"):
         return text
@@ -100,8 +138,8 @@ def parse_fault_specs(text: str) -> str | list[FaultSpec]:
         match = _SPEC_RE.match(part)
         if not match:
             raise ValueError(f"bad fault spec {part!r}: expected KIND:DEVICE@START_HOURS+DURATION_HOURS")
-        if match["kind"] not in FAULT_KINDS:
-            raise ValueError(f"bad fault kind {match['kind']!r} in {part!r}: one of {', '.join(FAULT_KINDS)}")
+        if match["kind"] not in kinds:
+            raise ValueError(f"bad fault kind {match['kind']!r} in {part!r}: one of {', '.join(kinds)}")
         duration = float(match["dur"])
         if duration <= 0:
             raise ValueError(f"fault duration must be > 0 in {part!r}")
@@ -109,20 +147,20 @@ def parse_fault_specs(text: str) -> str | list[FaultSpec]:
     return specs
 
 
-def _auto_faults(cfg: FleetConfig) -> list[FaultSpec]:
+def _auto_faults(cfg: FleetConfig, machine: MachineType | None = None) -> list[FaultSpec]:
+    machine = machine or PUMP
     rng = np.random.default_rng([cfg.seed, 9_999])
     n_faulty = max(1, round(cfg.devices / 2)) if cfg.devices >= 2 else 0
     faulty = rng.permutation(cfg.devices)[:n_faulty]
-    kinds = [str(k) for k in rng.permutation(FAULT_KINDS)]
-    typical_h = {"bearing_wear": (6.0, 18.0), "overheating": (1.0, 3.0), "stuck_sensor": (1.0, 4.0), "spikes": (1.0, 3.0)}
+    kinds = [str(k) for k in rng.permutation(machine.fault_kinds)]
     specs = []
     for n, index in enumerate(sorted(faulty)):
         kind = kinds[n % len(kinds)]
-        low, high = typical_h[kind]
+        low, high = machine.typical_hours[kind]
         duration = min(rng.uniform(low, high), cfg.hours * 0.3)
         # Onset after the first 10 % so every fault has healthy history before it.
         start = rng.uniform(cfg.hours * 0.1, max(cfg.hours * 0.1, cfg.hours - duration))
-        specs.append(FaultSpec(kind, device_name(int(index)), round(start, 3), round(duration, 3)))
+        specs.append(FaultSpec(kind, machine.device_name(int(index)), round(start, 3), round(duration, 3)))
     return specs
 
 
@@ -152,13 +190,33 @@ def _load_profile(rng: np.random.Generator, t_s: np.ndarray, period_s: int) -> n
     daily = 1.0 + 0.08 * np.sin(2 * np.pi * (t_s / DAY_S - 0.375))  # peak around 15:00
     setpoint = np.clip(np.where(on, high, low) * daily, 0.15, 1.05)
     # VFD: rate-limited ramp, then a short lag.
-    max_step = 0.03 * period_s / 60.0
-    ramped = np.empty(n)
+    ramped = _rate_limited(setpoint, 0.03 * period_s / 60.0)
+    return _first_order_lag(ramped, 2.0 * 60.0 / period_s)
+
+
+def _rate_limited(setpoint: np.ndarray, max_step: float) -> np.ndarray:
+    """A drive's ramp: follows the set-point by at most `max_step` per period."""
+    ramped = np.empty(setpoint.shape[0])
     level = setpoint[0]
-    for t in range(n):
+    for t in range(setpoint.shape[0]):
         level += np.clip(setpoint[t] - level, -max_step, max_step)
         ramped[t] = level
-    return _first_order_lag(ramped, 2.0 * 60.0 / period_s)
+    return ramped
+
+
+def _fault_rows(cfg: FleetConfig, spec: FaultSpec, n: int) -> tuple[int, int] | None:
+    """The rows [start, stop) a fault covers among the n simulated periods, or None when it falls outside them."""
+    start = int(round(spec.start_h * 3600.0 / cfg.period_s))
+    stop = min(n, int(round((spec.start_h + spec.duration_h) * 3600.0 / cfg.period_s)))
+    return None if start >= n or stop <= start else (start, stop)
+
+
+def _dropouts(rng: np.random.Generator, cfg: FleetConfig, n: int) -> np.ndarray:
+    """The observed mask: isolated missing rows at `dropout_rate`, plus bursts of 2-4 rows."""
+    observed = rng.random(n) >= cfg.dropout_rate
+    for burst_start in np.flatnonzero(rng.random(n) < cfg.dropout_burst_rate):
+        observed[burst_start : burst_start + int(rng.integers(2, 5))] = False
+    return observed
 
 
 def _simulate_device(cfg: FleetConfig, index: int, t_s: np.ndarray, faults: list[FaultSpec]):
@@ -191,10 +249,10 @@ def _simulate_device(cfg: FleetConfig, index: int, t_s: np.ndarray, faults: list
     kind_per_row = np.full(n, "", dtype=object)
     values = np.stack([temp, vibration, current, pressure], axis=1)  # (N, 4)
     for spec in faults:
-        start = int(round(spec.start_h * 3600.0 / cfg.period_s))
-        stop = min(n, int(round((spec.start_h + spec.duration_h) * 3600.0 / cfg.period_s)))
-        if start >= n or stop <= start:
+        rows = _fault_rows(cfg, spec, n)
+        if rows is None:
             continue
+        start, stop = rows
         seg = slice(start, stop)
         m = stop - start
         elapsed_min = np.arange(m) * cfg.period_s / 60.0
@@ -220,13 +278,15 @@ def _simulate_device(cfg: FleetConfig, index: int, t_s: np.ndarray, faults: list
         label[seg] = 1
         kind_per_row[seg] = spec.kind
 
-    observed = rng.random(n) >= cfg.dropout_rate
-    for burst_start in np.flatnonzero(rng.random(n) < cfg.dropout_burst_rate):
-        observed[burst_start : burst_start + int(rng.integers(2, 5))] = False
-    return values, label, kind_per_row, observed
+    return values, label, kind_per_row, _dropouts(rng, cfg, n)
 
 
-def generate_fleet(cfg: FleetConfig) -> Fleet:
+PUMP = MachineType("pump", tuple(FEATURES), FAULT_KINDS, TYPICAL_HOURS, _simulate_device)
+
+
+def generate_fleet(cfg: FleetConfig, machine: MachineType | None = None) -> Fleet:
+    """The fleet of `cfg.devices` machines of one type (default: pumps), rows sorted by ts then device."""
+    machine = machine or PUMP
     if cfg.devices < 1:
         raise ValueError("devices must be >= 1")
     if cfg.period_s <= 0:
@@ -234,8 +294,8 @@ def generate_fleet(cfg: FleetConfig) -> Fleet:
     n = int(cfg.hours * 3600.0 // cfg.period_s)
     if n < 2:
         raise ValueError("the simulated span must cover at least 2 periods")
-    specs = _auto_faults(cfg) if cfg.faults == "auto" else ([] if cfg.faults == "none" else list(cfg.faults))
-    names = [device_name(i) for i in range(cfg.devices)]
+    specs = _auto_faults(cfg, machine) if cfg.faults == "auto" else ([] if cfg.faults == "none" else list(cfg.faults))
+    names = [machine.device_name(i) for i in range(cfg.devices)]
     for spec in specs:
         if spec.device not in names:
             raise ValueError(f"fault on unknown device {spec.device!r}: devices are {names[0]}..{names[-1]}")
@@ -243,7 +303,7 @@ def generate_fleet(cfg: FleetConfig) -> Fleet:
     t_abs = cfg.start_ts + t_rel  # the daily rhythm follows wall-clock time of day
     per_device = []
     for index, name in enumerate(names):
-        values, label, kinds, observed = _simulate_device(cfg, index, t_abs, [s for s in specs if s.device == name])
+        values, label, kinds, observed = machine.simulate(cfg, index, t_abs, [s for s in specs if s.device == name])
         per_device.append((name, values[observed], label[observed], kinds[observed], np.flatnonzero(observed)))
     # Sort by ts then device: interleave by (row index, device index).
     ts = np.concatenate([cfg.start_ts + idx * cfg.period_s for *_, idx in per_device]).astype(np.int64)
@@ -251,7 +311,7 @@ def generate_fleet(cfg: FleetConfig) -> Fleet:
     order = np.lexsort((dev_index, ts))
     rows: dict[str, np.ndarray] = {"ts": ts[order], "device": np.array(names, dtype=object)[dev_index[order]]}
     all_values = np.concatenate([v for _, v, *_ in per_device])[order]
-    for j, feature in enumerate(FEATURES):
+    for j, feature in enumerate(machine.features):
         rows[feature] = np.round(all_values[:, j], 4)
     rows["label"] = np.concatenate([lab for _, _, lab, *_ in per_device])[order]
     rows["fault"] = np.concatenate([k for _, _, _, k, _ in per_device])[order]
@@ -265,23 +325,25 @@ def generate_fleet(cfg: FleetConfig) -> Fleet:
         for s in specs
         if round(s.start_h * 3600.0 / cfg.period_s) < n
     ]
-    return Fleet(rows=rows, schedule=schedule, config=cfg)
+    return Fleet(rows=rows, schedule=schedule, config=cfg, features=list(machine.features))
 
 
 def write_csv(fleet: Fleet, path: str | Path) -> None:
+    """ts, device, the fleet's features, label, fault (COLUMNS for pumps)."""
     rows = fleet.rows
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
-        columns = [rows["ts"], rows["device"]] + [[f"{v:.4f}" for v in rows[f]] for f in FEATURES] + [rows["label"], rows["fault"]]
+        writer.writerow(["ts", "device", *fleet.features, "label", "fault"])
+        columns = [rows["ts"], rows["device"]] + [[f"{v:.4f}" for v in rows[f]] for f in fleet.features] + [rows["label"], rows["fault"]]
         writer.writerows(zip(*columns))
 
 
-def read_csv(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a fleet CSV back into columns; raises ValueError naming a missing column or a bad row."""
+def read_csv(path: str | Path, features: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read a fleet CSV (default: pump features) back into columns; raises ValueError naming a missing column or a bad row."""
+    features = list(features or FEATURES)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in ("ts", "device", *FEATURES) if c not in (reader.fieldnames or [])]
+        missing = [c for c in ("ts", "device", *features) if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
         records = list(reader)
@@ -289,7 +351,7 @@ def read_csv(path: str | Path) -> dict[str, np.ndarray]:
     try:
         out["ts"] = np.array([int(float(r["ts"])) for r in records], dtype=np.int64)
         out["device"] = np.array([r["device"] for r in records], dtype=object)
-        for feature in FEATURES:
+        for feature in features:
             out[feature] = np.array([float(r[feature]) for r in records], dtype=np.float64)
         out["label"] = np.array([int(r.get("label") or 0) for r in records], dtype=np.int64)
         out["fault"] = np.array([r.get("fault") or "" for r in records], dtype=object)
@@ -399,9 +461,9 @@ def publish_fleet(fleet: Fleet, host: str, port: int, speed: float, warmup_rows:
             device = devices[i]
             stamp = int(ts[i])
             if form == "telemetry":
-                publish(f"{topic_prefix}/{device}/telemetry", {"ts": stamp, "values": {f: float(rows[f][i]) for f in FEATURES}})
+                publish(f"{topic_prefix}/{device}/telemetry", {"ts": stamp, "values": {f: float(rows[f][i]) for f in fleet.features}})
             else:
-                for f in FEATURES:
+                for f in fleet.features:
                     publish(f"{topic_prefix}/{device}/{f}", {"ts": stamp, "value": float(rows[f][i])})
 
         for i in np.flatnonzero(warm):
@@ -446,14 +508,18 @@ def publish_fleet(fleet: Fleet, host: str, port: int, speed: float, warmup_rows:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=4, help="number of pumps (pump-00, pump-01, ...)")
+    parser.add_argument("--machine", choices=MACHINES, default="pump",
+                        help="pump (default: bearing_temp, vibration_rms, motor_current, outlet_pressure) or fan (ventilation "
+                        "fans: motor_temp, fan_vibration, airflow, power_kw; simulation/fans.py)")
+    parser.add_argument("--devices", type=int, default=4, help="number of machines (pump-00, pump-01, ... or fan-00, ...)")
     span = parser.add_mutually_exclusive_group()
     span.add_argument("--days", type=float, help="simulated span in days (default 14)")
     span.add_argument("--hours", type=float, help="simulated span in hours")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--period-s", type=int, default=60, help="sampling period in seconds")
     parser.add_argument("--faults", default=None,
-                        help="auto | none | KIND:DEVICE@START_HOURS+DURATION_HOURS[,...] (default: auto for CSV, none for --publish)")
+                        help="auto | none | KIND:DEVICE@START_HOURS+DURATION_HOURS[,...] (default: auto for CSV, none for --publish); "
+                        f"kinds: {'; '.join(f'{m} ' + ', '.join(machine_type(m).fault_kinds) for m in MACHINES)}")
     parser.add_argument("--start-ts", type=int, default=None,
                         help="unix time of the first sample (default: fixed 2026-01-05 for CSV, now - span for --publish)")
     parser.add_argument("--out", help="CSV file to write")
@@ -476,7 +542,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     hours = args.hours if args.hours is not None else (args.days if args.days is not None else 14.0) * 24.0
     try:
-        faults = parse_fault_specs(args.faults or ("none" if args.publish else "auto"))
+        machine = machine_type(getattr(args, "machine", "pump"))
+        faults = parse_fault_specs(args.faults or ("none" if args.publish else "auto"), machine.fault_kinds)
         if hours <= 0 or args.period_s <= 0 or args.devices < 1 or args.speed <= 0 or args.outage_timeout_s <= 0:
             raise ValueError("--days/--hours, --period-s, --devices, --speed and --outage-timeout-s must be positive")
         start_ts = args.start_ts
@@ -489,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
                 start_ts = DEFAULT_START_TS
         cfg = FleetConfig(devices=args.devices, hours=hours, seed=args.seed, period_s=args.period_s,
                           start_ts=start_ts, faults=faults)
-        fleet = generate_fleet(cfg)
+        fleet = generate_fleet(cfg, machine)
     except ValueError as exc:
         print(f"synth: {exc}", file=sys.stderr)
         return 2

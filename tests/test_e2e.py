@@ -128,6 +128,31 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(model_path, tmp_path):
     assert elapsed < 45
 
 
+@pytest.mark.amqtt
+def test_demo_runs_pumps_and_fans_through_one_daemon_with_two_models(model_path, tmp_path):
+    """`demo --machines pumps,fans`: one daemon, a [[models]] entry per type, both types' faults found, no healthy one alerts."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "demo", "--machines", "pumps,fans", "--broker", "embedded", "--duration", "30",
+         "--speed", "900", "--workdir", str(tmp_path / "demo")],
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    config = (tmp_path / "demo" / "agent.toml").read_text()
+    assert config.count("[[models]]") == 2 and 'devices = ["pump-*"]' in config and 'devices = ["fan-*"]' in config
+    assert len(re.findall(r"agent demo-gateway is online", output)) == 1  # one daemon
+    assert "models pumps: pump-lstm" in output and "fans: fan-lstm" in output
+    assert re.search(r"pump-01\s+overheating .*detected after \d+ simulated min", output), output
+    assert re.search(r"fan-01\s+imbalance .*detected after \d+ simulated min", output), output
+    assert re.search(r" fan-00\s+\d+\s+[\d.]+", output)  # the fans' rows in the live view, with forecasts
+    assert "False alerts on healthy pumps: 0" in output and "False alerts on healthy fans: 0" in output
+    assert re.search(r"pumps\s+pump-lstm\s+4 devices: \d fault\(s\) injected, \d detected", output)
+    assert re.search(r"fans\s+fan-lstm\s+3 devices: 1 fault\(s\) injected, 1 detected after \d+ simulated min", output)
+    assert "PASS: every injected fault was detected and no healthy machine alerted" in output
+    assert time.monotonic() - started < 50
+
+
 # `python -m training ...` with mosquitto hidden from the demo's lookup (PATH and /usr/sbin): what a machine without
 # mosquitto looks like to it.
 WITHOUT_MOSQUITTO = """

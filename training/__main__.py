@@ -49,9 +49,9 @@ def _build_shipped_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "synth": ("generate a synthetic pump fleet (CSV and/or MQTT)", _synth_args, _synth_run),
+    "synth": ("generate a synthetic pump or fan fleet (CSV and/or MQTT; --machine)", _synth_args, _synth_run),
     "train": ("train, export and calibrate a bundle from a fleet CSV", _train_args, _train_run),
-    "build-shipped": ("regenerate exported_models/pump-lstm from a fixed-seed synthetic fleet", _build_shipped_args, _build_shipped_run),
+    "build-shipped": ("regenerate exported_models/pump-lstm (--machine fan: fan-lstm) from a fixed-seed synthetic fleet", _build_shipped_args, _build_shipped_run),
     "fit": ("train on the first N rows (or a time range) of any CSV and export a bundle", lambda p: import_module("training.fit").add_arguments(p), lambda a: import_module("training.fit").run(a)),
     "evaluate-alerts": ("point-wise and event-level alert metrics of a replay against labels", lambda p: import_module("training.evaluate_alerts").add_arguments(p), lambda a: import_module("training.evaluate_alerts").run(a)),
     "detection-benchmark": ("held-out synthetic fleet -> replay -> evaluate-alerts, one table", lambda p: import_module("training.detection_benchmark").add_arguments(p), lambda a: import_module("training.detection_benchmark").run(a)),

@@ -22,6 +22,23 @@ SHIPPED_EVAL_FLEET = FleetConfig(
     faults=[FaultSpec("overheating", "pump-02", 30.0, 3.0), FaultSpec("bearing_wear", "pump-03", 30.0, 24.0),
             FaultSpec("spikes", "pump-04", 30.0, 2.0), FaultSpec("stuck_sensor", "pump-05", 30.0, 3.0)],
 )
+# The shipped fan bundle (`build-shipped --machine fan`, simulation/fans.py), the same way: a fixed-seed training
+# fleet, a later evaluation fleet with one fault of each kind and two healthy fans. A smaller fleet and model than
+# the pump's (2 x 32, 10 epochs): a second machine type should cost a few minutes on 2 cores, not a quarter hour.
+FAN_BUNDLE_NAME = "fan-lstm"
+FAN_SHIPPED_DIR = SHIPPED_DIR.parent / FAN_BUNDLE_NAME
+FAN_TRAIN_FLEET = FleetConfig(devices=6, hours=10 * 24.0, seed=0, faults="auto")
+FAN_EVAL_FLEET = FleetConfig(
+    devices=6, hours=72.0, seed=1, start_ts=FAN_TRAIN_FLEET.start_ts + 11 * 86400,
+    faults=[FaultSpec("imbalance", "fan-02", 30.0, 6.0), FaultSpec("belt_slip", "fan-03", 30.0, 6.0),
+            FaultSpec("overheating", "fan-04", 30.0, 3.0), FaultSpec("stuck_sensor", "fan-05", 30.0, 3.0)],
+)
+# --machine -> (bundle name, folder, training fleet, evaluation fleet, TrainConfig fields that differ from the default)
+SHIPPED = {
+    "pump": (BUNDLE_NAME, SHIPPED_DIR, SHIPPED_TRAIN_FLEET, SHIPPED_EVAL_FLEET, {}),
+    "fan": (FAN_BUNDLE_NAME, FAN_SHIPPED_DIR, FAN_TRAIN_FLEET, FAN_EVAL_FLEET,
+            {"hidden_size": 32, "num_layers": 2, "epochs": 10, "train_stride": 4}),
+}
 
 
 TOOLBOX_FIELDS = ("architecture", "strategy", "difference", "lookback", "horizon", "dropout", "weight_decay", "loss",
@@ -102,15 +119,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_build_shipped_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=str(SHIPPED_DIR), help=f"bundle folder (default {SHIPPED_DIR})")
+    parser.add_argument("--machine", choices=tuple(SHIPPED), default="pump",
+                        help=f"pump (default: {BUNDLE_NAME}) or fan ({FAN_BUNDLE_NAME}, simulation/fans.py)")
+    parser.add_argument("--out", help=f"bundle folder (default {SHIPPED_DIR}, or {FAN_SHIPPED_DIR} with --machine fan)")
     parser.add_argument("--quick", action="store_true", help="a fast, rough model (2 epochs, sparse windows)")
     _add_model_arguments(parser)
 
 
-def _train_config(args: argparse.Namespace, quick: bool = False):
+def _train_config(args: argparse.Namespace, quick: bool = False, recipe: dict | None = None):
+    """TrainConfig: the defaults, then `recipe` (a shipped bundle's own fields), then --quick, then the options."""
     from training.train import TrainConfig
 
-    cfg = TrainConfig(epochs=2, train_stride=8) if quick else TrainConfig()
+    cfg = TrainConfig(**(recipe or {}))
+    if quick:
+        cfg.epochs, cfg.train_stride = 2, 8
     for field in ("epochs", "hidden_size", "num_layers", "batch_size", "learning_rate", "train_stride", "seed", "threads",
                   *TOOLBOX_FIELDS, "max_batches"):  # max_batches: `train --max-batches` (memory and speed checks)
         value = getattr(args, field, None)
@@ -174,7 +196,7 @@ def build_bundle(rows, cfg, out_dir, name: str, version: str, command: str, data
         checks = {"healthy_test": calibrate.healthy_alert_check(prepared, predict, scorer, thresholds, "test")}
         log(f"healthy test split: {checks['healthy_test']['alerts']} alerts in {checks['healthy_test']['device_hours']} device-hours")
         if eval_rows is not None:
-            eval_series = to_device_series(eval_rows, prepared.period_s)
+            eval_series = to_device_series(eval_rows, prepared.period_s, features=prepared.features)
             checks["eval_fleet"] = calibrate.fault_detection_check(eval_series, eval_schedule or [], prepared, predict,
                                                                    scorer, thresholds)
             for f in checks["eval_fleet"]["faults"]:
@@ -307,15 +329,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_build_shipped(args: argparse.Namespace) -> int:
-    from simulation.synth import generate_fleet
+    from simulation.synth import generate_fleet, machine_type
 
-    cfg = _train_config(args, quick=args.quick)
-    train_fleet = generate_fleet(SHIPPED_TRAIN_FLEET)
-    eval_fleet = generate_fleet(SHIPPED_EVAL_FLEET)
-    data_info = {"synthetic": {k: v for k, v in asdict(SHIPPED_TRAIN_FLEET).items() if k != "faults"},
-                 "faults": train_fleet.schedule, "period_s": SHIPPED_TRAIN_FLEET.period_s, "features": FEATURES}
-    build_bundle(train_fleet.rows, cfg, args.out, BUNDLE_NAME, args.version, args.invocation, data_info,
-                 eval_fleet.rows, eval_fleet.schedule)
+    machine_name = getattr(args, "machine", "pump")
+    name, folder, train_config, eval_config, recipe = SHIPPED[machine_name]
+    machine = machine_type(machine_name)
+    cfg = _train_config(args, quick=args.quick, recipe=recipe)
+    train_fleet = generate_fleet(train_config, machine)
+    eval_fleet = generate_fleet(eval_config, machine)
+    data_info = {"synthetic": {k: v for k, v in asdict(train_config).items() if k != "faults"},
+                 "faults": train_fleet.schedule, "period_s": train_config.period_s, "features": list(machine.features)}
+    if machine_name != "pump":  # the pump bundle's manifest stays as it was
+        data_info["synthetic"]["machine"] = machine_name
+    build_bundle(train_fleet.rows, cfg, args.out or str(folder), name, args.version, args.invocation, data_info,
+                 eval_fleet.rows, eval_fleet.schedule, features=list(machine.features))
     return 0
 
 

@@ -5,6 +5,8 @@
    `healthy` pumps without faults, the others with two faults each of different kinds at random times;
 2. replay it through `python -m agent replay`'s code path (agent.tools.replay.replay) with the bundle;
 3. evaluate-alerts on the replay output and the fleet's labels; print the table (and write JSON).
+
+`--machine fan` runs the synthetic suite on ventilation fans (simulation/fans.py) with the shipped fan-lstm.
 """
 
 from __future__ import annotations
@@ -17,33 +19,36 @@ from pathlib import Path
 
 import numpy as np
 
-from simulation.synth import FAULT_KINDS, DEFAULT_START_TS, FaultSpec, FleetConfig, device_name, generate_fleet, write_csv
+from simulation.synth import DEFAULT_START_TS, MACHINES, FaultSpec, FleetConfig, MachineType, generate_fleet, machine_type, write_csv
 
 HELDOUT_SEED = 2027
 TUNING_SEEDS = (101, 102)
-TYPICAL_HOURS = {"bearing_wear": (6.0, 18.0), "overheating": (1.0, 3.0), "stuck_sensor": (1.0, 4.0), "spikes": (1.0, 3.0)}
 
 
-def benchmark_fleet(seed: int, devices: int = 20, healthy: int = 4, days: float = 8.0) -> FleetConfig:
-    """`healthy` fault-free pumps, then two faults of different kinds per pump, kinds cycling evenly."""
+def benchmark_fleet(seed: int, devices: int = 20, healthy: int = 4, days: float = 8.0,
+                    machine: MachineType | None = None) -> FleetConfig:
+    """`healthy` fault-free machines (default pumps), then two faults of different kinds per machine, kinds cycling evenly."""
+    machine = machine or machine_type("pump")
+    kinds_all = machine.fault_kinds
     rng = np.random.default_rng([seed, 77])
     hours = days * 24.0
     specs = []
     for n, index in enumerate(range(healthy, devices)):
-        kinds = (FAULT_KINDS[(2 * n) % 4], FAULT_KINDS[(2 * n + 1) % 4])
+        kinds = (kinds_all[(2 * n) % len(kinds_all)], kinds_all[(2 * n + 1) % len(kinds_all)])
         # One fault per half of the span (after a day of healthy history), so they never overlap.
         for half, kind in enumerate(kinds):
-            low, high = TYPICAL_HOURS[kind]
+            low, high = machine.typical_hours[kind]
             duration = float(rng.uniform(low, high))
             lo = 24.0 + half * (hours - 24.0) / 2
             hi = lo + (hours - 24.0) / 2 - duration - 6.0
-            specs.append(FaultSpec(kind, device_name(index), round(float(rng.uniform(lo, hi)), 3), round(duration, 3)))
+            specs.append(FaultSpec(kind, machine.device_name(index), round(float(rng.uniform(lo, hi)), 3), round(duration, 3)))
     # Later than the shipped training fleet's span (2026-01-05 + 14 days).
     return FleetConfig(devices=devices, hours=hours, seed=seed, faults=specs, start_ts=DEFAULT_START_TS + 40 * 86400)
 
 
 def run_benchmark(model_dir: str | Path, out_dir: str | Path, seed: int = HELDOUT_SEED, devices: int = 20, healthy: int = 4,
-                  days: float = 8.0, settings=None, grace_min: float = 30.0, recovery_min: float = 60.0, log=print) -> dict:
+                  days: float = 8.0, settings=None, grace_min: float = 30.0, recovery_min: float = 60.0, log=print,
+                  machine: MachineType | None = None) -> dict:
     from agent.config.settings import Settings
     from agent.tools.replay import replay
     from training import evaluate_alerts
@@ -51,11 +56,12 @@ def run_benchmark(model_dir: str | Path, out_dir: str | Path, seed: int = HELDOU
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    fleet = generate_fleet(benchmark_fleet(seed, devices, healthy, days))
+    machine = machine or machine_type("pump")
+    fleet = generate_fleet(benchmark_fleet(seed, devices, healthy, days, machine), machine)
     data = out / f"fleet-seed{seed}.csv"
     write_csv(fleet, data)
     (out / f"fleet-seed{seed}-schedule.json").write_text(json.dumps(fleet.schedule, indent=2) + "\n")
-    log(f"fleet: seed {seed}, {devices} pumps ({healthy} healthy), {days:g} days, {len(fleet.schedule)} faults -> {data} "
+    log(f"fleet: seed {seed}, {devices} {machine.name}s ({healthy} healthy), {days:g} days, {len(fleet.schedule)} faults -> {data} "
         f"({time.perf_counter() - began:.0f} s)")
     pred = out / f"replay-seed{seed}.csv"
     settings = settings or Settings(model={"path": Path(model_dir)})
@@ -110,12 +116,11 @@ def ablation_variants(model: Path, folder: Path, names=ABLATIONS):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from agent.config.settings import shipped_model_path
-
-    parser.add_argument("--model", default=str(shipped_model_path()), help="bundle folder (default: the shipped pump-lstm)")
+    parser.add_argument("--model", default=None, help="bundle folder (default: the shipped pump-lstm, or fan-lstm with --machine fan)")
+    parser.add_argument("--machine", choices=MACHINES, default="pump", help="the synthetic suite's machine type (default pump)")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help=f"fleet seed (default {HELDOUT_SEED}, held out; tuning used {TUNING_SEEDS})")
     parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--healthy", type=int, default=4, help="pumps without faults")
+    parser.add_argument("--healthy", type=int, default=4, help="machines without faults")
     parser.add_argument("--days", type=float, default=8.0)
     parser.add_argument("--threshold-mode", choices=["fixed", "dynamic"], default="fixed")
     parser.add_argument("--grace-min", type=float, default=30.0)
@@ -150,12 +155,17 @@ def run(args: argparse.Namespace) -> int:
         summary["tep"] = {"results": results, "new_user_timing": timing}
         print(tep_benchmark.format_tep(results, timing), flush=True)
     if args.suite in ("all", "synthetic"):
+        from agent.config.settings import shipped_model_path
+        from training.cli import SHIPPED
+
+        machine = machine_type(args.machine)
+        model = Path(args.model) if args.model else (shipped_model_path() if args.machine == "pump" else SHIPPED[args.machine][1])
         rows = []
-        for name, bundle in ablation_variants(Path(args.model), out / "variants", names):
+        for name, bundle in ablation_variants(model, out / "variants", names):
             settings = Settings(model={"path": bundle}, detect={"threshold_mode": args.threshold_mode})
             try:
                 result = run_benchmark(bundle, out / "synthetic" / name.replace(" ", "-"), args.seed, args.devices, args.healthy,
-                                       args.days, settings, args.grace_min, log=lambda *a: None)
+                                       args.days, settings, args.grace_min, log=lambda *a: None, machine=machine)
             except BundleError as exc:
                 print(f"detection-benchmark: model bundle {bundle} refused: {exc}", file=sys.stderr)
                 return 1
@@ -164,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 print(evaluate_alerts.format_report(result), flush=True)
             rows.append((name, result))
         summary["synthetic"] = {name: {k: r[k] for k in ("points", "events", "healthy_devices") if k in r} for name, r in rows}
-        print("\n| synthetic fleet, ablation | point F1 | precision | recall | event recall | alerts on healthy pumps |")
+        print(f"\n| synthetic fleet, ablation | point F1 | precision | recall | event recall | alerts on healthy {machine.name}s |")
         print("|---|---|---|---|---|---|")
         for name, r in rows:
             p, e = r["points"], r["events"]
