@@ -39,10 +39,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("scoring and alert state", ("detect.py", "state.py", "learning.py", "Pipeline.finish", "Pipeline._emit", "_past_forecasts",
                                  "_remember")),
     ("window", ("window.py", "arrays.py", "Pipeline.prepare", "Pipeline._device")),
-    ("receive/decode (paho, parse)", ("ingest.py", "_take_buffered_publishes", "loop_read", "_on_publishes", "_on_messages",
+    ("receive/decode (paho, parse)", ("ingest.py", "_take_buffered_publishes", "loop_read", "_on_publishes", "_on_messages", "on_messages",
                                       "_BufferedSocket", "recv")),
     ("thread hand-offs (queues, wake-ups)", ("queue.py", "threading.py", "get_many", "put_all_nowait", "wait_for_items")),
-    ("pipeline (batching, other)", ("pipeline.py", "app.py")),
+    ("pipeline (batching, other)", ("pipeline.py", "app.py", "engine.py", "publisher.py", "router.py")),
 ]
 
 
