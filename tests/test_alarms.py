@@ -109,7 +109,9 @@ def test_malformed_commands_are_refused_with_a_reason(body, reason):
 # -- the daemon ----------------------------------------------------------------------------------------------------
 
 
-def test_a_device_goes_through_alert_acknowledge_shelve_maintenance_service_and_feedback(start_agent, subscriber, agent_settings, tmp_path):
+@pytest.mark.training
+def test_a_device_goes_through_alert_acknowledge_shelve_maintenance_service_and_feedback(start_agent, subscriber, agent_settings, tmp_path,
+                                                                                        capsys):
     """The whole operator cycle against mosquitto: every state published as the contract says, and kept across a restart."""
     from agent.__main__ import main as agent_main
     from agent.app import Agent
@@ -203,6 +205,21 @@ def test_a_device_goes_through_alert_acknowledge_shelve_maintenance_service_and_
         ("pump-00", "true_fault", alert_id), ("pump-01", "false_alarm", announced["alert_id"])}
     assert all(r["start"] <= r["end"] for r in labelled)
     assert next(r for r in labelled if r["label"] == "true_fault")["comment"] == "spiky bearing"
+
+    # ... and a model is fitted with them as labels: the true fault stays out of training.
+    from training.__main__ import main as training_main
+
+    history = tmp_path / "pump-00.csv"
+    features = list(rows[0][2])
+    before = healthy_rows(devices=1, rows=450, seed=30, end_ts=rows[0][1] - 60)  # the weeks before, as a history export has
+    history.write_text("ts,device," + ",".join(features) + "\n"
+                       + "".join(f"{ts},{device}," + ",".join(str(v[f]) for f in features) + "\n" for device, ts, v in before + rows))
+    code = training_main(["fit", "--data", str(history), "--out", str(tmp_path / "refit"), "--features", ",".join(features),
+                          "--targets", "bearing_temp", "--lookback", "12", "--horizon", "3", "--feedback", str(out),
+                          "--epochs", "1", "--hidden-size", "8", "--num-layers", "1", "--min-steps", "10"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "1 true_fault range(s) ->" in summary and " 0 rows kept out" not in summary
 
 
 def test_the_broker_acl_keeps_clients_without_rights_from_commanding(tmp_path, agent_settings):

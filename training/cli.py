@@ -111,6 +111,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=BUNDLE_NAME)
     parser.add_argument("--eval-data", help="optional CSV with labeled faults to measure detection delay")
     parser.add_argument("--eval-schedule", help="fault schedule JSON of --eval-data (from synth --schedule-out)")
+    from training import feedback
+
+    feedback.add_arguments(parser)
     _add_model_arguments(parser)
     _add_data_arguments(parser)
     from training.stream import add_stream_arguments
@@ -308,10 +311,17 @@ def run_train(args: argparse.Namespace) -> int:
     if Path(args.data).is_dir():  # a Parquet dataset: streamed (training.stream), data-parallel under torchrun
         from training.stream import run_train as run_stream
 
+        if getattr(args, "feedback", None):
+            print("train: --feedback needs a CSV or Parquet file, not a streamed dataset folder", file=sys.stderr)
+            return 2
         return run_stream(args)
     cfg = _train_config(args)
     try:
         rows, features = load_table(args.data, args.ts_column, args.device_column, _names(args.features))
+        from training.feedback import from_args  # --feedback: operators' labels over the data's own
+
+        rows["label"] = from_args(args, rows["ts"], rows["device"], rows["label"],
+                                  single_series=set(rows["device"].tolist()) == {"series"})  # load_table's name for one series
         period = _period(args, rows)
         eval_rows = read_csv(args.eval_data) if args.eval_data else None
         schedule = json.loads(Path(args.eval_schedule).read_text()) if args.eval_schedule else []

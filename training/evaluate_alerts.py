@@ -91,7 +91,7 @@ class Joined:
 
 
 def join(pred_path: str, labels_path: str | None, label_column: str = "label", kind_column: str = "fault",
-         ts_column: str | None = None, device_column: str = "device") -> Joined:
+         ts_column: str | None = None, device_column: str = "device", labels_optional: bool = False) -> Joined:
     """Join the predictions and the labels on (device, timestamp text). Each file's timestamp column is found on
     its own: `ts_column` (--ts-column) names the labels file's, and the predictions' when they have it; otherwise
     the first column named ts, timestamp, time, datetime or date (replay writes `ts`, the data file may say `time`)."""
@@ -100,8 +100,10 @@ def join(pred_path: str, labels_path: str | None, label_column: str = "label", k
     pred_device = device_column if device_column in pred_header else "device"  # replay writes `device`, whatever the input's
     pred = read_columns(pred_path, [pred_ts, "alert"], [pred_device, label_column, kind_column])
     if labels_path is None:
+        if label_column not in pred and labels_optional:  # --feedback alone labels the rows
+            pred[label_column] = ["0"] * len(pred[pred_ts])
         if label_column not in pred:
-            raise EvaluationError(f"{pred_path} has no {label_column!r} column; give --labels FILE")
+            raise EvaluationError(f"{pred_path} has no {label_column!r} column; give --labels FILE (or --feedback FILE)")
         labels, lab_ts = pred, pred_ts
     else:
         lab_ts = find_ts(labels_path, ts_column)
@@ -283,11 +285,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the second point-wise line leaves out this many minutes after each fault's end (the forecaster's "
                              "window still holds the fault); the first line counts every row")
     parser.add_argument("--json", help="also write the full result (per-event delays included) to this file")
+    from training import feedback
+
+    feedback.add_arguments(parser, fault_effect="scored as faults; over the label column where both are given")
+
+
+def with_feedback(data: Joined, args: argparse.Namespace) -> Joined:
+    """`data` labeled by --feedback (training.feedback): true_fault rows are faults (kind "fault" unless the labels
+    named one), false_alarm rows normal; unchanged without it. Replay names a file without a device column's rows
+    "device": such data is one series."""
+    from agent.tools.replay import DEFAULT_DEVICE
+    from training.feedback import from_args
+
+    if not getattr(args, "feedback", None):
+        return data
+    label = from_args(args, data.ts, data.device, data.label, set(data.device.tolist()) == {DEFAULT_DEVICE},
+                      fault_effect="counted as faults")
+    kind = np.where(label, np.where(data.kind == "", "fault", data.kind), "").astype(object)
+    return Joined(data.device, data.ts, data.alert, label, kind)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        data = join(args.pred, args.labels, args.label_column, args.kind_column, args.ts_column, args.device_column)
+        data = join(args.pred, args.labels, args.label_column, args.kind_column, args.ts_column, args.device_column,
+                    labels_optional=bool(getattr(args, "feedback", None)))
+        data = with_feedback(data, args)
     except (OSError, ValueError, EvaluationError) as exc:
         print(f"evaluate-alerts: {exc}", file=sys.stderr)
         return 2

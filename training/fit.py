@@ -67,6 +67,9 @@ def load_rows(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], list[str
         rows[name] = table.values[keep, j]
     labels = table.labels[keep] if table.labels is not None else np.zeros(int(keep.sum()))
     rows["label"] = (np.nan_to_num(labels) > 0).astype(np.int64)
+    from training.feedback import from_args  # --feedback: operators' labels over the data's own
+
+    rows["label"] = from_args(args, ts, devices, rows["label"], single_series=args.device_column not in header)
     return rows, features, targets, period
 
 
@@ -113,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ts-format", default="auto", help="auto | unix | unix_ms | iso | a strptime format such as '%%Y-%%m-%%d %%H:%%M:%%S' (UTC)")
     parser.add_argument("--device-column", default="device", help="device column; without it the file is one device")
     parser.add_argument("--label-column", default="label", help="0/1 anomaly labels, if present: labeled rows are kept out of training windows")
+    from training import feedback
+
+    feedback.add_arguments(parser)
     parser.add_argument("--delimiter", default=",")
     parser.add_argument("--period-s", "--period", dest="period_s", type=int, metavar="S",
                         help="sampling period in whole seconds (default: the median step between rows)")
