@@ -207,3 +207,307 @@ def test_replay_writes_each_levels_band_beside_every_forecast(tmp_path, model_pa
             last = table[-1]
             for level in ("80", "95"):
                 assert float(last[f"forecast_{t}_3_lower_{level}"]) < float(last[f"forecast_{t}_3"]) < float(last[f"forecast_{t}_3_upper_{level}"])
+
+
+# -- normalized (locally weighted) split conformal: the band follows the input window's volatility --------------
+
+
+def _random_walk_windows(rng, n, lookback, horizon, vol):
+    """(n, L + H) random walks whose step size is `vol` (a scalar, or one per walk): calm and volatile periods."""
+    vol = np.broadcast_to(np.asarray(vol, dtype=np.float64), (n,))[:, None]
+    return 5.0 + np.cumsum(rng.standard_normal((n, lookback + horizon)) * vol, axis=1)
+
+
+def test_window_scale_is_the_rms_of_the_windows_lag_h_changes_floored():
+    """WindowScale (FFT and prefix sums) equals the direct root mean square of x[i + lag_h] - x[i] over the
+    window, lag_h = min(h, window // 2), and never goes below its floor (a flat window)."""
+    from agent.core.intervals import WindowScale, scale_lags
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 30, 2)).cumsum(axis=1) + 100.0  # (B, L, T)
+    for horizon, window in ((4, 30), (25, 20), (3, 3)):
+        lags = np.array(scale_lags(horizon, window))
+        assert lags.max() <= max(1, window // 2) and list(lags[: min(horizon, window // 2)]) == list(range(1, min(horizon, window // 2) + 1))
+        scale = WindowScale(window, lags, np.full((horizon, 2), 1e-9))
+        seg = x[:, -window:]
+        direct = np.stack([np.sqrt(((seg[:, u:] - seg[:, :-u]) ** 2).mean(axis=1)) for u in lags], axis=1)  # (B, H, T)
+        np.testing.assert_allclose(scale(x), direct, rtol=1e-9, atol=1e-12)
+    flat = WindowScale(30, np.array([1, 2]), np.array([[0.5, 0.25], [0.5, 0.25]]))(np.ones((1, 30, 2)))
+    np.testing.assert_array_equal(flat[0], [[0.5, 0.25], [0.5, 0.25]])
+
+
+def test_normalized_table_round_trips_through_the_manifest():
+    """interval_table with the input windows writes method "normalized": the fixed quantiles stay in lower/upper,
+    the normalized member holds the scale (kind, window, lags, floor) and the quantiles of residual / scale; after
+    a JSON round trip load_intervals rebuilds the same scale and bands (scaled quantile x scale x target spread)."""
+    from agent.core.intervals import NORMALIZED_VERSION
+    from training.intervals import fit_window_scale
+
+    rng = np.random.default_rng(5)
+    L, H, n = 12, 3, 800
+    walks = np.stack([_random_walk_windows(rng, n, L, H, rng.uniform(0.2, 2.0, n)) for _ in range(2)], axis=-1)  # (n, L+H, 2)
+    x, y = walks[:, :L], walks[:, L:]  # (n, L, 2), (n, H, 2)
+    resid = y - x[:, -1:, :]  # repeat-last forecast errors (n, H, 2)
+    table = interval_table(resid, (0.8, 0.95), inputs=x, exponent=1.0)
+    assert table["method"] == "normalized" and table["normalized"]["version"] == NORMALIZED_VERSION
+    np.testing.assert_allclose(table["lower"], interval_table(resid, (0.8, 0.95))["lower"])  # the fixed table, as before
+    spec = table["normalized"]["scale"]
+    assert spec["kind"] == "lag_diff_rms" and spec["window"] == L and spec["lags"] == [1, 2, 3] and spec["exponent"] == [1.0, 1.0]
+    manifest = _manifest(table["lower"], table["upper"])
+    manifest["lookback"] = L
+    manifest["calibration"]["intervals"] = json.loads(json.dumps(table))
+    loaded = load_intervals(manifest)
+    assert loaded.normalized and loaded.method == "normalized" and loaded.levels == (0.8, 0.95)
+    scale = fit_window_scale(x, H)
+    np.testing.assert_array_equal(loaded.scale.lags, scale.lags)
+    np.testing.assert_allclose(loaded.scale.floor, scale.floor, rtol=1e-6)
+    spread = np.array([2.0, 0.5])  # the manifest's target stds
+    yhat = (rng.standard_normal((5, H, 2)) * spread + [10.0, 0.0]).astype(np.float32)
+    sigma = loaded.physical_scale(x[:5], spread)  # (5, H, T) original units
+    np.testing.assert_allclose(sigma, scale(x[:5]) * spread, rtol=1e-6)
+    lo, hi = loaded.bounds(yhat, sigma)
+    np.testing.assert_allclose(lo, yhat[None] + np.asarray(table["normalized"]["lower"])[:, None] * sigma[None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hi, yhat[None] + np.asarray(table["normalized"]["upper"])[:, None] * sigma[None], rtol=1e-5, atol=1e-5)
+    fixed_lo, _ = loaded.bounds(yhat)  # without a scale: the fixed band
+    np.testing.assert_allclose(fixed_lo, yhat[None] + (np.asarray(table["lower"]) * spread)[:, None], rtol=1e-5, atol=1e-5)
+    assert interval_bounds(manifest, yhat, sigma)[0.95][1].shape == (5, H, 2)
+
+
+def test_normalized_bands_follow_volatility_and_cover_each_regime():
+    """Calibrated on a mix of calm and volatile windows, the normalized band is narrower for a calm window than
+    for a volatile one and covers each regime near the nominal rate; the fixed band over-covers the calm regime
+    and under-covers the volatile one (the ETTh1 failure: a calmer test period)."""
+    rng = np.random.default_rng(6)
+    L, H = 24, 4
+    vol = np.where(np.arange(6000) // 750 % 2 == 0, 0.3, 3.0)  # calm and volatile periods of 750 windows in turn
+    walks = _random_walk_windows(rng, 6000, L, H, vol)[..., None]  # (n, L+H, 1)
+    table = interval_table(walks[:, L:] - walks[:, L - 1 : L], (0.8, 0.95), inputs=walks[:, :L])
+    assert table["normalized"]["scale"]["exponent"] == [1.0]  # chosen on held-out blocks of these windows
+    manifest = {"targets": ["v"], "features": ["v"], "horizon": H, "lookback": L,
+                "scaler": {"type": "standard", "params": {"v": {"mean": 0.0, "std": 1.0}}},
+                "calibration": {"intervals": table}}
+    loaded = load_intervals(manifest)
+    for regime_vol in (0.3, 3.0):
+        fresh = _random_walk_windows(rng, 20000, L, H, regime_vol)[..., None]
+        x, obs = fresh[:, :L], fresh[:, L:]
+        yhat = np.repeat(x[:, -1:], H, axis=1)
+        sigma = loaded.physical_scale(x, [1.0])
+        for k, nominal in enumerate(loaded.levels):
+            lo, hi = loaded.bounds(yhat, sigma)
+            per_step = ((obs >= lo[k]) & (obs <= hi[k])).mean(axis=(0, 2))
+            assert np.all(np.abs(per_step - nominal) < 0.03), (regime_vol, nominal, per_step)
+            flo, fhi = loaded.bounds(yhat)
+            fixed = ((obs >= flo[k]) & (obs <= fhi[k])).mean()
+            assert (fixed > nominal + 0.03) if regime_vol < 1 else (fixed < nominal - 0.03), (regime_vol, nominal, fixed)
+    calm = _random_walk_windows(rng, 1, L, H, 0.3)[:, :L, None]
+    rough = _random_walk_windows(rng, 1, L, H, 3.0)[:, :L, None]
+    widths = [np.diff(loaded.bounds(np.zeros((1, H, 1)), loaded.physical_scale(w, [1.0])), axis=0)[0] for w in (calm, rough)]
+    assert np.all(widths[0] < widths[1])
+
+
+def test_the_exponent_is_chosen_on_held_out_validation_blocks():
+    """select_exponent picks, per target, how far the band follows the window's scale from held-out blocks of the
+    calibration windows: 1 for a target whose errors scale with the window's volatility, 0 (the fixed band) for one
+    whose errors do not; with every exponent 0 the table keeps the fixed method (the normalized member a record),
+    and too few windows select nothing (the fixed band)."""
+    from training.intervals import select_exponent
+
+    rng = np.random.default_rng(8)
+    L, H, n = 16, 3, 4000
+    walks = _random_walk_windows(rng, n, L, H, np.where(np.arange(n) // 500 % 2 == 0, 0.3, 3.0))  # regimes in turn
+    x = np.stack([walks[:, :L], walks[:, :L]], axis=-1)  # (n, L, 2): the same volatile input for both targets
+    resid = np.stack([walks[:, L:] - walks[:, L - 1 : L], rng.standard_normal((n, H))], axis=-1)  # target 1: noise
+    chosen = select_exponent(resid, x, (0.8, 0.95))
+    assert chosen["exponent"] == [1.0, 0.0], chosen
+    assert np.asarray(chosen["coverage_error"]).shape == (5, 2)
+    table = interval_table(resid, (0.8, 0.95), inputs=x)
+    assert table["method"] == "normalized" and table["normalized"]["scale"]["exponent"] == [1.0, 0.0]
+    noise_only = interval_table(resid[..., 1:], (0.8, 0.95), inputs=x[..., 1:])
+    assert noise_only["method"] == "split_conformal" and noise_only["normalized"]["scale"]["exponent"] == [0.0]
+    np.testing.assert_allclose(noise_only["normalized"]["lower"], noise_only["lower"], atol=1e-6)  # exponent 0 = fixed
+    few = interval_table(resid[:100], (0.8, 0.95), inputs=x[:100])
+    assert few["method"] == "split_conformal" and "not selected" in few["normalized"]["selection"]
+
+
+def test_malformed_normalized_tables_are_refused_naming_the_field():
+    """method "normalized" needs its member, a supported version, the lag_diff_rms scale with lags in [1, window),
+    a window within the lookback and a positive floor per step and target."""
+    lo, hi = [[[-1, -1]] * 3] * 2, [[[1, 1]] * 3] * 2
+    good = {"version": 1, "scale": {"kind": "lag_diff_rms", "window": 8, "lags": [1, 2, 3], "floor": [[0.1, 0.1]] * 3},
+            "lower": lo, "upper": hi}
+
+    def manifest_with(norm, method="normalized"):
+        m = _manifest(lo, hi)
+        m["lookback"] = 8
+        m["calibration"]["intervals"]["method"] = method
+        if norm is not None:
+            m["calibration"]["intervals"]["normalized"] = norm
+        return m
+
+    assert load_intervals(manifest_with(good)).normalized
+    assert not load_intervals(manifest_with(good, method="split_conformal")).normalized  # recorded, not used
+    bad = [(None, "member is missing"), ({**good, "version": 2}, "version"),
+           ({**good, "scale": {**good["scale"], "kind": "std"}}, "kind"),
+           ({**good, "scale": {**good["scale"], "window": 9}}, "window"),
+           ({**good, "scale": {**good["scale"], "lags": [1, 2, 8]}}, "lags"),
+           ({**good, "scale": {**good["scale"], "floor": [[0.1, 0.0]] * 3}}, "floor"),
+           ({**good, "scale": {**good["scale"], "exponent": [0.5, 1.5]}}, "exponent"),
+           ({**good, "lower": hi, "upper": lo}, "lower > upper")]
+    for norm, field in bad:
+        with pytest.raises(IntervalError, match=field):
+            load_intervals(manifest_with(norm))
+
+
+def test_coverage_reports_both_methods_side_by_side():
+    """With a normalized table the printed and markdown coverage show both methods, the normalized one named as the
+    one published, with its width relative to the fixed band."""
+    from training.intervals import coverage_arrays
+
+    rng = np.random.default_rng(7)
+    L, H = 16, 2
+    walks = _random_walk_windows(rng, 3000, L, H, np.where(rng.random(3000) < 0.5, 0.5, 2.0))[..., None]
+    manifest = {"targets": ["v"], "features": ["v"], "horizon": H, "lookback": L,
+                "scaler": {"type": "standard", "params": {"v": {"mean": 0.0, "std": 1.0}}},
+                "calibration": {"intervals": interval_table(walks[:1500, L:] - walks[:1500, L - 1 : L], inputs=walks[:1500, :L], exponent=1.0)}}
+    x, obs = walks[1500:, :L], walks[1500:, L:]
+    cov = coverage_arrays(manifest, x, np.repeat(x[:, -1:], H, axis=1), obs, ["v"])
+    assert cov["method"] == "normalized" and set(cov["by_method"]) == {"split_conformal", "normalized"}
+    assert cov["levels"] == cov["by_method"]["normalized"]
+    text = format_coverage(cov)
+    assert "normalized (published)" in text and "split_conformal:" in text and "of fixed" in text
+    md = "\n".join(coverage_markdown(cov))
+    assert "split_conformal 80 % coverage" in md and "normalized 95 % coverage" in md
+
+
+def _bundle_with_normalized_intervals(tmp_path, model_path, rows):
+    """The shipped bundle with a normalized table: fitted on its own repeat-last errors of `rows` (windows of each
+    device), normalized quantiles from the input windows' scale."""
+    import shutil
+
+    from agent.core.model import load_bundle
+
+    folder = tmp_path / "with-normalized"
+    shutil.copytree(model_path, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    bundle = load_bundle(model_path)
+    L, H = manifest["lookback"], manifest["horizon"]
+    xs, rs = [], []
+    for device in sorted({r[0] for r in rows}):
+        raw = np.array([[v[f] for f in bundle.features] for d, _, v in rows if d == device])  # (N, F)
+        scaled = (raw - bundle.offset) / bundle.scale
+        for s in range(0, len(scaled) - L - H + 1, 3):
+            xs.append(scaled[s : s + L][:, bundle.target_index])
+            rs.append(scaled[s + L : s + L + H][:, bundle.target_index] - scaled[s + L - 1, bundle.target_index])
+    manifest["calibration"]["intervals"] = interval_table(np.array(rs), (0.8, 0.95), inputs=np.array(xs), exponent=1.0)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, manifest
+
+
+def test_daemon_replay_and_training_give_the_same_normalized_bands(tmp_path, model_path):
+    """For the same windows, the daemon's pipeline (Forecast.interval_scale -> payload), `agent replay`'s band
+    columns and training's bands (training.intervals.interval_bands on the windows scaled as training scales them)
+    are the same numbers; the fast payload encoder writes the reference encoder's bytes, valid against the schema;
+    the normalized band differs from the fixed one."""
+    from pathlib import Path
+
+    import jsonschema
+    from conftest import healthy_rows
+
+    from agent.config.settings import Settings
+    from agent.core.events import Forecast, Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
+    from agent.tools.replay import replay
+    from agent.transport import payloads
+    from training.intervals import interval_bands
+
+    calib_rows = healthy_rows(devices=2, rows=400, seed=11, end_ts=T0 - 10 * 86400)
+    rows = healthy_rows(devices=2, rows=90, seed=12, end_ts=T0)
+    folder, manifest = _bundle_with_normalized_intervals(tmp_path, model_path, calib_rows)
+    bundle = load_bundle(folder)
+    assert bundle.intervals.normalized
+    L, H, targets, features = bundle.lookback, bundle.horizon, bundle.targets, bundle.features
+
+    # the daemon: pipeline -> Forecast events (with the window's scale) -> payloads
+    pipeline = Pipeline(bundle, Settings(model={"path": folder}))
+    samples = [Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows]
+    events = [e for e in pipeline.process(samples, now=float(rows[-1][1])) if isinstance(e, Forecast)]
+    assert events and all(e.interval_scale is not None and e.interval_scale.shape == (H, len(targets)) for e in events)
+    schema = json.loads((Path(payloads.__file__).parents[1] / "schemas" / "forecast.json").read_text())
+    bodies = payloads.forecasts(events, "m", "1", bundle.intervals)
+    assert bodies == [payloads._forecast_reference(fc, "m", "1", bundle.intervals) for fc in events]
+    daemon, forecast = {}, {}
+    for fc, body in zip(events, bodies):
+        data = json.loads(body)
+        jsonschema.validate(data, schema)
+        daemon[(fc.device, int(fc.ts))] = data
+        forecast[(fc.device, int(fc.ts))] = np.array([fc.values[t] for t in targets]).T  # (H, T) unrounded
+
+    # replay of the same rows
+    data_csv, out_csv = tmp_path / "rows.csv", tmp_path / "scored.csv"
+    with open(data_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ts", "device", *features])
+        w.writerows([[ts, d, *(v[x] for x in features)] for d, ts, v in rows])
+    replay(folder, data_csv, out_csv)
+    with open(out_csv) as f:
+        replayed = {(r["device"], int(float(r["ts"]))): r for r in csv.DictReader(f) if r[f"forecast_{targets[0]}_1"]}
+    assert set(replayed) == set(daemon)
+
+    # training: the same windows, scaled as training.data scales them, through interval_bands
+    by_device = {}
+    for d, ts, v in rows:
+        by_device.setdefault(d, []).append((ts, [v[x] for x in features]))
+    keys, windows, yhat = [], [], []
+    for (device, ts), data in daemon.items():
+        series = by_device[device]
+        end = next(i for i, (t, _) in enumerate(series) if t == ts) + 1
+        raw = np.array([vals for _, vals in series[end - L : end]])  # (L, F)
+        windows.append(((raw - bundle.offset) / bundle.scale)[:, bundle.target_index])
+        yhat.append(forecast[(device, ts)])  # (H, T)
+        keys.append((device, ts))
+    bands = interval_bands(manifest, np.array(windows), np.array(yhat))
+    lo_n, hi_n = bands["normalized"]
+    lo_f, _ = bands["split_conformal"]
+    for w, key in enumerate(keys):
+        for k, level in enumerate(bundle.intervals.level_names()):
+            for j, t in enumerate(targets):
+                from_daemon = np.array(daemon[key]["interval"][level]["lower"][t])
+                from_replay = np.array([float(replayed[key][f"forecast_{t}_{h}_lower_{level}"]) for h in range(1, H + 1)])
+                np.testing.assert_allclose(from_daemon, lo_n[k, w, :, j], rtol=2e-4, atol=1e-4)
+                np.testing.assert_allclose(from_replay, lo_n[k, w, :, j], rtol=2e-4, atol=1e-4)
+                np.testing.assert_allclose(np.array(daemon[key]["interval"][level]["upper"][t]), hi_n[k, w, :, j], rtol=2e-4, atol=1e-4)
+                np.testing.assert_allclose([float(replayed[key][f"forecast_{t}_{h}_upper_{level}"]) for h in range(1, H + 1)],
+                                           hi_n[k, w, :, j], rtol=2e-4, atol=1e-4)
+    assert np.abs(lo_n - lo_f).max() > 1e-3  # the published band is the normalized one, not the fixed
+
+
+def test_bundles_without_the_normalized_method_publish_as_before(tmp_path, model_path):
+    """A fixed table (method split_conformal) or none: the pipeline computes no window scale, forecasts carry
+    none, and the payloads are those of the fixed band or none; a scale handed to a fixed table is ignored."""
+    from conftest import healthy_rows
+
+    from agent.config.settings import Settings
+    from agent.core.events import Forecast, Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
+    from agent.transport import payloads
+
+    rows = healthy_rows(devices=1, rows=70, seed=3, end_ts=T0)
+    samples = [Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows]
+    fixed_folder, _ = _bundle_with_intervals(tmp_path, model_path)
+    for folder in (model_path, fixed_folder):
+        bundle = load_bundle(folder)
+        pipeline = Pipeline(bundle, Settings(model={"path": folder}))
+        prepared = pipeline.prepare(samples)
+        assert prepared.interval_scale is None
+        events = [e for e in pipeline.finish(prepared, pipeline.infer(prepared), float(rows[-1][1])) if isinstance(e, Forecast)]
+        assert events and all(e.interval_scale is None for e in events)
+        body = payloads.forecast(events[0], "m", "1", bundle.intervals)
+        assert body == payloads._forecast_reference(events[0], "m", "1", bundle.intervals)
+        assert (b'"interval"' in body) == (bundle.intervals is not None)
+        if bundle.intervals is not None:
+            yhat = np.zeros((bundle.horizon, bundle.n_targets), np.float32)
+            np.testing.assert_array_equal(bundle.intervals.bounds(yhat, np.ones_like(yhat))[0], bundle.intervals.bounds(yhat)[0])
+    shipped = json.loads((model_path / "manifest.json").read_text())
+    assert "intervals" not in shipped["calibration"]  # the shipped pump-lstm stays without a table

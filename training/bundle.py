@@ -38,12 +38,12 @@ def torch_predictor(model: torch.nn.Module, chunk: int = 1024):
 
 
 def residual_calibration(prepared: Prepared, predict) -> dict:
-    from training.intervals import interval_table, validation_residuals
+    from training.intervals import fit_intervals, validation_residuals
 
     resid = validation_residuals(prepared, predict).astype(np.float32)  # (W, H, T) observed - forecast, scaled
     return {"residual_mean": resid.mean(axis=0).tolist(), "residual_std": np.maximum(resid.std(axis=0), 1e-6).tolist(),
             "ewma_alpha": EWMA_ALPHA, "thresholds": dict(DEFAULT_THRESHOLDS), "source": "residual statistics only, default thresholds",
-            "intervals": interval_table(resid)}
+            "intervals": fit_intervals(prepared, resid)}
 
 
 def architecture_section(model: torch.nn.Module, cfg) -> dict:

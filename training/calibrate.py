@@ -26,7 +26,7 @@ from agent.config.settings import Settings
 from agent.core.events import AlertEvent, Sample
 from agent.core.pipeline import Pipeline
 from agent.core.state import NormalState
-from training.intervals import DEFAULT_LEVELS as DEFAULT_INTERVAL_LEVELS, interval_table, validation_residuals
+from training.intervals import DEFAULT_LEVELS as DEFAULT_INTERVAL_LEVELS, fit_intervals, validation_residuals
 from training.data import DeviceSeries, Prepared
 
 EWMA_ALPHA = 0.4  # fast channels: ~2-sample memory; a longer one only lengthens the alert after a fault's end
@@ -401,7 +401,7 @@ def calibrate(prepared: Prepared, predict, false_alarm_rate: float = FALSE_ALARM
         "validation_scored_samples": int(scores.size),
     })
     if interval_levels:
-        calibration["intervals"] = interval_table(resid, interval_levels)  # prediction intervals, same residuals
+        calibration["intervals"] = fit_intervals(prepared, resid, interval_levels)  # prediction intervals, same residuals
     return calibration, calibrator, runs
 
 

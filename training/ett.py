@@ -508,13 +508,57 @@ def write_ett_bundle(model, cfg: EttConfig, splits: EttSplits, out_dir: str | Pa
             "calibration": {"residual_mean": residual.mean(axis=0)[:, None].tolist(),
                             "residual_std": np.maximum(residual.std(axis=0), 1e-6)[:, None].tolist(),
                             "ewma_alpha": EWMA_ALPHA, "thresholds": dict(DEFAULT_THRESHOLDS),
-                            "source": "validation residual statistics, default thresholds"},
+                            "source": "validation residual statistics, default thresholds",
+                            # prediction intervals from the same validation residuals (training/intervals.py)
+                            "intervals": ett_interval_table(residual, x_val)},
         }
         staged = Path(tmp) / "bundle"
         write_bundle(staged, onnx_path, manifest)
         metrics = evaluate_bundle(staged, splits, threads=cfg.threads)
+        metrics["test"]["interval_coverage"] = interval_coverage(staged, splits, threads=cfg.threads)
         manifest["metrics"] = {**metrics, **extra}
         write_bundle(out_dir, onnx_path, manifest)
+    return manifest
+
+
+def ett_interval_table(residual: np.ndarray, x_val: np.ndarray) -> dict:
+    """`calibration.intervals` from the validation residuals (W, H) and their input windows (W, L), z-scored:
+    split-conformal, and normalized by the window's scale where the validation blocks choose it
+    (training.intervals.interval_table)."""
+    from training.intervals import interval_table
+
+    return interval_table(np.asarray(residual, np.float64)[..., None], inputs=np.asarray(x_val, np.float64)[..., None])
+
+
+def interval_coverage(folder: str | Path, splits: EttSplits, split: str = "test", threads: int = 2) -> dict | None:
+    """The bundle's interval coverage on the windows of `split` (both methods; training.intervals.coverage_arrays),
+    forecasts through the daemon's loader in original units."""
+    from agent.core.model import load_bundle
+    from training.intervals import coverage_arrays
+
+    bundle = load_bundle(folder, intra_op_threads=threads)
+    x_raw, y_raw = splits.windows(split, bundle.horizon, scaled=False)
+    x_scaled, _ = splits.windows(split, bundle.horizon)
+    forecast = np.concatenate([bundle.predict(x_raw[i : i + 512, :, None]) for i in range(0, len(x_raw), 512)])  # (W, H, 1)
+    return coverage_arrays(bundle.manifest, x_scaled[..., None], forecast.astype(np.float64),
+                           y_raw[..., None].astype(np.float64), bundle.targets, split)
+
+
+def add_intervals(folder: str | Path, splits: EttSplits, threads: int = 2) -> dict:
+    """Fit the interval table of an existing bundle (model, forecasts and their metrics unchanged) from its validation
+    residuals, as write_ett_bundle does for a new one, and add it and its test coverage to the manifest."""
+    from agent.core.model import load_bundle
+
+    folder = Path(folder)
+    bundle = load_bundle(folder, intra_op_threads=threads)
+    x_val, y_val = splits.windows("val", bundle.horizon)  # (W, L), (W, H) z-scored
+    forecast = np.concatenate([bundle.run_scaled(np.ascontiguousarray(x_val[i : i + 512, :, None]))
+                               for i in range(0, len(x_val), 512)])[..., 0]  # (W, H) the ONNX on z-scored inputs
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["calibration"]["intervals"] = ett_interval_table(y_val - forecast, x_val)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest["metrics"]["test"]["interval_coverage"] = interval_coverage(folder, splits, threads=threads)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -777,6 +821,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=EttConfig.epochs)
     parser.add_argument("--members", type=int, default=EttConfig.members, help="LSTM branches averaged per model")
     parser.add_argument("--threads", type=int, default=EttConfig.threads)
+    parser.add_argument("--intervals-only", action="store_true",
+                        help="train nothing: fit the prediction-interval tables of the existing <dataset>-h<H> bundles in "
+                             "--models-dir from their validation residuals (models and forecasts unchanged) and print "
+                             "their test coverage")
+
+
+def run_intervals_only(args: argparse.Namespace, splits: EttSplits, data: EttData) -> int:
+    """`--intervals-only`: add_intervals on each existing bundle, its coverage printed (both methods)."""
+    from training.intervals import format_coverage
+
+    done = 0
+    for horizon in args.horizons:
+        folder = Path(args.models_dir) / f"{data.slug}-h{horizon}"
+        if not (folder / "manifest.json").is_file():
+            print(f"H={horizon}: no bundle at {folder}; skipped")
+            continue
+        manifest = add_intervals(folder, splits, threads=args.threads)
+        print(f"H={horizon} ({folder}): " + format_coverage(manifest["metrics"]["test"]["interval_coverage"]))
+        done += 1
+    return 0 if done else 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -802,6 +866,8 @@ def run(args: argparse.Namespace) -> int:
               f"protocol's (4 x the rows)", file=sys.stderr)
     splits = EttSplits.from_series(raw)
     print(f"{data.name} {args.data}: {len(raw)} rows; train z-score mean {splits.mean:.6f} std {splits.std:.6f}")
+    if getattr(args, "intervals_only", False):
+        return run_intervals_only(args, splits, data)
     command = "python -m training benchmark " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:])
     models_dir = Path(args.models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,9 @@ class Forecast:
     values: Mapping[str, list[float]]  # target -> H forecasts in original units (a dict or ForecastValues)
     completeness: float  # share of window slots that were observed, not imputed
     staleness_s: float
+    # (H, T) the input window's scale in original units, for a bundle with normalized prediction intervals
+    # (agent/core/intervals.py: band = forecast + quantile x scale); None: fixed bands, or no intervals.
+    interval_scale: object = None
 
 
 @dataclass(slots=True)

@@ -59,6 +59,9 @@ class Prepared:
     # ((N, T) each), when devices have learned their own normal; None: the bundle's for every row.
     target_offset: np.ndarray | None = None
     target_scale: np.ndarray | None = None
+    # (N, H, T) float32 per batch row, the window's scale in original units for normalized prediction intervals
+    # (agent/core/intervals.py); None: the bundle has none (no cost then).
+    interval_scale: np.ndarray | None = None
 
 
 class Trace(Protocol):
@@ -106,6 +109,8 @@ class Pipeline:
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise BundleError(f"manifest.calibration: {exc}") from None
         self._state_on = scorer.state is not None
+        intervals = getattr(bundle, "intervals", None)
+        self._interval_table = intervals if intervals is not None and intervals.normalized else None  # bands per window
         normal = calibration.get("normal") or {}
         detect = settings.detect
         self.learning = DeviceLearning(bundle.features, bundle.offset, bundle.scale, bundle.period_s, detect.learning_hours,
@@ -306,7 +311,13 @@ class Pipeline:
             target_offset, target_scale = offset[:, self.target_index], scale[:, self.target_index]  # (N, T) each
         elif self._n_batch:
             self.bundle.scale_inputs(self._batch[: self._n_batch])  # here, so that the model thread only runs the model
-        return Prepared(log, self._call_forecasts, self._batch, self._n_batch, target_offset, target_scale)
+        interval_scale = None
+        if self._interval_table is not None and self._n_batch:
+            # Normalized intervals: each window's scale, from the model's inputs (the window's last rows, targets).
+            table = self._interval_table
+            x = self._batch[: self._n_batch, self.lookback - table.scale.window :, self.target_index]  # (N, W, T)
+            interval_scale = table.physical_scale(x, self.bundle.target_scale if target_scale is None else target_scale)  # (N, H, T)
+        return Prepared(log, self._call_forecasts, self._batch, self._n_batch, target_offset, target_scale, interval_scale)
 
     def _batch_for(self, rows: int) -> np.ndarray:
         """A batch array of at least `rows` windows: one that infer handed back, or a new one. A new array per call
@@ -351,7 +362,7 @@ class Pipeline:
     def finish(self, prepared: Prepared, forecasts: np.ndarray | None, now: float, trace: Trace | None = None) -> list[Event]:
         """Phase 3: scores, alert state, events (in the order of the call's samples)."""
         with self._state_lock:
-            return self._emit(prepared.log, prepared.call_forecasts, forecasts, now, trace)
+            return self._emit(prepared.log, prepared.call_forecasts, forecasts, now, trace, prepared.interval_scale)
 
     def _past_forecasts(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None):
         """For every commit of the call: the forecasts made 1..k periods earlier for its slot.
@@ -422,7 +433,7 @@ class Pipeline:
         return expected, usable
 
     def _emit(self, log: list[tuple], call_forecasts: list[tuple], forecasts: np.ndarray | None, now: float,
-              trace: Trace | None) -> list[Event]:
+              trace: Trace | None, interval_scale: np.ndarray | None = None) -> list[Event]:
         events: list[Event] = []
         names = self.windows.names
         detector = self.detector
@@ -467,6 +478,8 @@ class Pipeline:
         targets = tuple(self.targets)
         steps = self._horizon_steps.tolist()
         horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
+        # Normalized intervals: a trace that wants each forecast's window scale (replay) is told it.
+        on_scale = getattr(trace, "on_interval_scale", None) if interval_scale is not None else None
         k = 0  # next commit row
         scored = 0
         for entry in log:
@@ -503,8 +516,12 @@ class Pipeline:
                             staleness_s=now - ts,
                         )
                     )
+                    if interval_scale is not None:  # normalized intervals: the window's scale (H, T)
+                        events[-1].interval_scale = interval_scale[n]
                 if trace is not None:
                     trace.on_forecast(i, d, forecasts[n])
+                    if on_scale is not None:
+                        on_scale(i, d, interval_scale[n])
             else:
                 events.append(entry[2])
         if call_forecasts:

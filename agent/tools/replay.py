@@ -206,6 +206,10 @@ class _RowTrace:
         self.forecast = np.full((n_rows, H, T), np.nan, dtype=np.float32)  # (N, H, T)
         self.rows: np.ndarray = np.empty(0, dtype=np.int64)
         self.detector = pipeline.detector
+        intervals = getattr(pipeline.bundle, "intervals", None)
+        # Normalized prediction intervals: each forecast's window scale (H, T), as the daemon's payload uses it.
+        self.interval_scale = (np.full((n_rows, H, T), np.nan, dtype=np.float32)  # (N, H, T)
+                               if intervals is not None and intervals.normalized else None)
 
     def on_slot(self, i, d, expected, alert_open):
         row = self.rows[i]
@@ -217,6 +221,9 @@ class _RowTrace:
 
     def on_forecast(self, i, d, forecast):
         self.forecast[self.rows[i]] = forecast
+
+    def on_interval_scale(self, i, d, scale):
+        self.interval_scale[self.rows[i]] = scale
 
 
 def _forward_fill(order: np.ndarray, device_codes: np.ndarray, anomaly: np.ndarray, alert: np.ndarray) -> None:
@@ -277,7 +284,7 @@ def write_output(path: str | Path, table: Table, bundle: Bundle, trace: _RowTrac
     ]
     intervals = getattr(bundle, "intervals", None)
     if intervals is not None:  # each level's band around every forecast value, named after it
-        lower, upper = intervals.bounds(trace.forecast)  # (K, N, H, T) each
+        lower, upper = intervals.bounds(trace.forecast, trace.interval_scale)  # (K, N, H, T) each; normalized: per window
         for k, level in enumerate(intervals.level_names()):
             for side, bound in (("lower", lower[k]), ("upper", upper[k])):
                 header += [f"forecast_{t}_{h}_{side}_{level}" for t in targets for h in range(1, H + 1)]
