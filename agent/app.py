@@ -17,7 +17,6 @@ and the StatusReporter (agent/ops/status.py). Optional parts, each off by defaul
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -29,12 +28,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.config.models import model_plans
-from agent.core.alarms import AlarmBook, Outcome
+from agent.core.alarms import AlarmBook
 from agent.core.engine import Counters, Engine, SampleQueue  # noqa: F401  (SampleQueue: tests and tools import it here)
 from agent.core.events import Sample
 from agent.core.runtime import ModelRuntime
 from agent.ops import affinity
 from agent.ops.notify import Notifier
+from agent.ops.operators import OperatorDesk
 from agent.ops.releases import ReleaseLedger
 from agent.ops.status import StatusReporter
 from agent.ops.watcher import ModelWatcher
@@ -63,9 +63,6 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 # throughput (docs/benchmarks.md). Its mmap threshold stays dynamic: fixed at 128-512 KiB, the scoring temporaries
 # of each call were mapped and faulted in anew (-1 to -5 MiB, but ~5% fewer readings/s).
 MALLOC_ARENAS = 2
-
-
-_REFUSED = Outcome(False)
 
 
 class Agent:
@@ -98,6 +95,7 @@ class Agent:
         self._stop_jobs = threading.Event()
         self._stop_forwarder = threading.Event()
         self.watcher = ModelWatcher(self.runtimes, self._stop_jobs)
+        self.operators = OperatorDesk(self)  # operator commands (alarms.enabled)
         self._job_threads: list[threading.Thread] = []
         self._placement: affinity.Placement | None = None  # CPUs of the model thread and of the others (inference.model_cpu)
         self._ended_at_start: list[tuple[ModelRuntime, list]] = []
@@ -208,9 +206,9 @@ class Agent:
 
     def _start_outbox(self) -> None:
         settings = self.settings
-        self.errors.set_sink(lambda body: self._publish(self.errors_topic, body, qos=0))
+        self.errors.set_sink(lambda body: self.publish(self.errors_topic, body, qos=0))
         if not settings.outbox.enabled:
-            self.errors.set_fault_sink(lambda body: self._publish(self.errors_topic, body, qos=1))
+            self.errors.set_fault_sink(lambda body: self.publish(self.errors_topic, body, qos=1))
             return
         box = settings.outbox
         self.outbox = Outbox(settings.state.directory, box.max_messages, box.max_bytes, box.max_age_s, box.synchronous, clock=self.clock)
@@ -396,119 +394,12 @@ class Agent:
             self.hass.on_birth(payload)
             return
         if self.alarms is not None and commands.device_of(topic, self.settings.topics.output_prefix) is not None:
-            self._on_command(topic, payload)
+            self.operators.on_command(topic, payload)
             return
         for runtime in self.runtimes:
             if runtime.rollout is not None and runtime.rollout.handles(topic):
                 runtime.rollout.on_message(topic, payload)
                 return
-
-    # -- operator commands (agent/core/alarms.py) -------------------------------------------------------------------
-
-    def _on_command(self, topic: str, payload: bytes) -> None:
-        """paho's thread: check the command, then run it on the worker between two batches (it changes alert state)."""
-        prefix = self.settings.topics.output_prefix
-        try:
-            command = commands.parse(topic, payload, prefix)
-        except commands.CommandError as error:
-            device = commands.device_of(topic, prefix) or ""
-            self._command_result(device, None, False, error.reason, error.detail, error.by, error.request_id)
-            return
-        partition = self.runtimes[0].ingest.partition
-        if partition.active and not partition.owns(command.device):
-            return  # another partition's device: that process answers
-        runtime = next((r for r in self.runtimes if r.plan.serves(command.device)), None)
-        if runtime is None:
-            self._command_result(command.device, command, False, "no_model", f"no model of this agent serves {command.device}")
-            return
-        self.engine.call_between_batches(lambda: self._execute(command, runtime))
-
-    def _execute(self, command: commands.Command, runtime: ModelRuntime) -> None:
-        """Worker thread, pipeline idle: apply one command, publish what it changed, answer it."""
-        book, now, device = self.alarms, self.clock(), command.device
-        open_alerts = runtime.open_alerts.get(device, {})
-        events: list = []
-        if command.alert_id is not None and command.command in ("acknowledge", "shelve") and command.alert_id not in open_alerts:
-            outcome = dataclasses.replace(_REFUSED, reason="not_open", detail=f"alert {command.alert_id} is not open on {device}")
-        elif command.command == "acknowledge":
-            ids = [command.alert_id] if command.alert_id is not None else list(open_alerts)
-            if not ids:
-                outcome = dataclasses.replace(_REFUSED, reason="not_open", detail=f"{device} has no open alert")
-            else:
-                outcome = book.acknowledge(device, ids, command.by, command.reason, now)
-                events = [dataclasses.replace(open_alerts[i], state="update", ts=now) for i in ids]
-        elif command.command == "shelve":
-            outcome = book.shelve(device, command.alert_id, command.duration_s, command.by, command.reason, now)
-        elif command.command == "unshelve":
-            outcome = book.unshelve(device, command.alert_id)
-            if outcome.ok:
-                events = self._reannounce(runtime, device, now)
-        elif command.command == "maintenance":
-            until = command.until if command.until is not None else (now + command.duration_s if command.duration_s else None)
-            outcome = book.check_maintenance(until, now)
-            if outcome.ok:
-                self.publisher.publish(runtime.pipeline.restart_device(device, now, relearn=False), runtime)  # open alerts end
-                outcome = book.start_maintenance(device, until, command.by, command.reason, now)
-        elif command.command == "end_maintenance":
-            outcome = book.end_maintenance(device)
-            if outcome.ok:
-                self._back_in_service(runtime, device, now)
-        else:
-            outcome = book.give_feedback(device, command.alert_id, command.label, command.comment, command.by, now)
-        if outcome.ok:
-            log.info("operator command %s on %s by %s: %s (%s)", command.command, device, command.by, outcome.detail, command.reason)
-            self.publisher.device_changed(runtime, device, now, events)
-            self.status.publish()
-        self._command_result(device, command, outcome.ok, outcome.reason, outcome.detail)
-
-    def _reannounce(self, runtime: ModelRuntime, device: str, now: float) -> list:
-        """Open alerts of a device that were kept off the outputs: announced again (`new` when they never were)."""
-        events = []
-        for alert_id, event in runtime.open_alerts.get(device, {}).items():
-            known = self.alarms.alerts.get(alert_id, {})
-            if not known.get("announced", True):
-                events.append(dataclasses.replace(event, state="new", ts=now))
-        return events
-
-    def _back_in_service(self, runtime: ModelRuntime, device: str, now: float) -> None:
-        """The machine may have changed: its window and detector start over, and it learns its normal again."""
-        ended = runtime.pipeline.restart_device(device, now, relearn=True)
-        for event in ended:  # opened during maintenance, never published: the publisher keeps it quiet
-            self.alarms.admit(event)
-
-    def expire_alarms(self) -> None:
-        """Periodic: shelves and maintenance periods whose time ran out end on the worker, between batches."""
-        shelves, services = self.alarms.expired(self.clock())
-        if shelves or services:
-            self.engine.call_between_batches(self._apply_expiry)
-
-    def _apply_expiry(self) -> None:
-        now = self.clock()
-        shelves, services = self.alarms.expired(now)  # again: an earlier call may have done it already
-        for device, alert_id in shelves:
-            runtime = next((r for r in self.runtimes if r.plan.serves(device)), self.runtimes[0])
-            self.alarms.drop_shelf(device, alert_id)
-            log.info("shelf of %s ran out", alert_id or device)
-            self.publisher.device_changed(runtime, device, now, self._reannounce(runtime, device, now))
-        for device in services:
-            runtime = next((r for r in self.runtimes if r.plan.serves(device)), self.runtimes[0])
-            self.alarms.end_maintenance(device)
-            log.info("maintenance of %s ran out: back in service", device)
-            self._back_in_service(runtime, device, now)
-            self.publisher.device_changed(runtime, device, now)
-        self.status.publish()
-
-    def _command_result(self, device: str, command, ok: bool, reason: str | None, detail: str,
-                        by: str | None = None, request_id: str | None = None) -> None:
-        if self.alarms is not None:
-            self.alarms.count_command(command.command if command is not None else "invalid", ok)
-        if not ok:
-            log.warning("operator command refused on %s: %s: %s", device or "?", reason, detail)
-        if command is not None:
-            by, request_id = command.by, command.request_id
-        body = commands.result(device, command.command if command is not None else None, ok, reason, detail, self.clock(),
-                               by, request_id)
-        self._publish(f"{self.settings.topics.output_prefix}/{device or '_'}/command/result", body, qos=1)
 
     def _on_connected(self) -> None:
         if self.forwarder is not None:
@@ -533,7 +424,7 @@ class Agent:
         if mids and self.link is not None:
             self.link.ack_many(mids)
 
-    def _publish(self, topic: str, body: bytes, qos: int, retain: bool = False) -> None:
+    def publish(self, topic: str, body: bytes, qos: int, retain: bool = False) -> None:
         link = self.link
         if link is not None:
             link.publish(topic, body, qos=qos, retain=retain)

@@ -92,7 +92,7 @@ class StatusReporter:
                 if runtime.rollout is not None:
                     runtime.rollout.check_timeout()
             if agent.alarms is not None and agent.engine is not None:
-                agent.expire_alarms()
+                agent.operators.expire()
             if time.monotonic() >= next_log:
                 next_log = time.monotonic() + STATS_LOG_EVERY_S
                 c = agent.counters
