@@ -141,6 +141,8 @@ class Agent:
         self._stop_jobs.set()
         for runtime in self.runtimes:
             runtime.save()
+        if self.alarms is not None:
+            self.alarms.save()
         self.watcher.wake()  # it then sees the stop
         self.errors.flush(force=True)
         if self.forwarder is not None and link.connected.is_set():

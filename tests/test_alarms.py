@@ -90,6 +90,21 @@ def test_the_operator_state_survives_a_restart_and_a_corrupt_file_is_set_aside(t
     assert broken.summary()["feedback"] == 0 and (tmp_path / "alarms.unreadable").exists()
 
 
+def test_alerts_seen_are_kept_for_feedback_after_a_restart_and_an_end_clears_the_acknowledgement(tmp_path):
+    """An alert the book only saw (no command yet) still takes feedback after a restart; an ended alert is no longer acknowledged."""
+    book = AlarmBook(tmp_path, 3600, 86400)
+    book.admit(event("a", "new"))
+    book.acknowledge("pump-00", ["a"], "alice", "seen", now=1.0)
+    book.admit(event("a", "end"))
+    assert book.summary()["acknowledged"] == 0
+    book.admit(event("b", "new"))
+    book.save_if_changed()
+    again = AlarmBook(tmp_path, 3600, 86400)
+    again.load()
+    assert again.give_feedback("pump-00", "b", "true_fault", "", "bob", now=2.0).ok
+    assert not again.give_feedback("pump-01", "b", "true_fault", "", "bob", now=2.0).ok, "feedback names the alert's own device"
+
+
 @pytest.mark.parametrize("body, reason", [
     (b"{nope", "malformed_json"),
     (json.dumps({"command": "shelve", "by": "a", "reason": "r"}).encode(), "invalid_command"),

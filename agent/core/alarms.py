@@ -57,6 +57,7 @@ class AlarmBook:
         self.feedback: dict[str, dict] = {}  # alert id -> {"label", "comment", "by", "at", "device", "started_at", "ended_at"}
         self.alerts: dict[str, dict] = {}  # alert id -> {"device", "started_at", "ended_at", "announced"}
         self.counts = {"commands": {}, "suppressed": 0}
+        self.dirty = False  # alerts seen since the last save (saved by the periodic job and at stop)
 
     # -- what the publisher asks, per event -------------------------------------------------------------------
 
@@ -76,9 +77,11 @@ class AlarmBook:
                 known = self.alerts[event.alert_id] = {"device": event.device, "started_at": event.started_at, "ended_at": None,
                                                        "announced": False}
                 self._forget_old()
+            self.dirty = True
             if event.state == "end":
                 known["ended_at"] = event.ended_at
                 self.shelved_alerts.pop(event.alert_id, None)
+                self.acks.pop(event.alert_id, None)  # a cleared alarm is back to normal: nothing left to acknowledge
                 publish = known["announced"] and event.device not in self.maintenance
                 known["announced"] = False
             else:
@@ -232,6 +235,7 @@ class AlarmBook:
             data = {"acks": self.acks, "shelved_alerts": self.shelved_alerts, "shelved_devices": self.shelved_devices,
                     "maintenance": self.maintenance, "feedback": self.feedback, "alerts": self.alerts}
             text = json.dumps(data)
+            self.dirty = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
@@ -242,6 +246,11 @@ class AlarmBook:
 
     def save(self) -> None:
         self._save()
+
+    def save_if_changed(self) -> None:
+        """The periodic job: alerts seen since the last save, so that feedback on them is taken after a restart."""
+        if self.dirty:
+            self._save()
 
     def _forget_old(self) -> None:
         """Keep the alert index bounded: the oldest ended alerts without feedback go first."""

@@ -93,6 +93,7 @@ class StatusReporter:
                     runtime.rollout.check_timeout()
             if agent.alarms is not None and agent.engine is not None:
                 agent.operators.expire()
+                agent.alarms.save_if_changed()
             if time.monotonic() >= next_log:
                 next_log = time.monotonic() + STATS_LOG_EVERY_S
                 c = agent.counters

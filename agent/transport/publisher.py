@@ -71,9 +71,9 @@ class Publisher:
                 else:
                     published.append((topic, body))
             elif isinstance(event, AlertEvent):
-                shown = alarms is None or alarms.admit(event)  # shelved or out of service: kept, not published
+                operator = alarms.annotation(event.alert_id, event.device) if alarms is not None else None  # before admit:
+                shown = alarms is None or alarms.admit(event)  # an end still says who acknowledged; shelved/out of service: kept back
                 try:
-                    operator = alarms.annotation(event.alert_id, event.device) if alarms is not None else None
                     topic, body = f"{prefix}/{event.device}/alert", payloads.alert(event, name, version, operator)
                 except (ValueError, TypeError, OverflowError):
                     self.counters.add("encode_errors")
