@@ -226,3 +226,32 @@ def test_models_verify_checks_every_configured_bundle(tmp_path, capsys):
     (broken / "model.onnx").write_bytes(b"not a model")
     config.write_text(config.read_text().replace(str(univariate_bundle()), str(broken)))
     assert agent_main(["models", "verify", "--config", str(config)]) == 1
+
+
+@pytest.mark.mqtt
+@pytest.mark.training
+def test_a_rollout_reaches_only_the_model_whose_topic_it_was_published_on(start_agent, subscriber, mosquitto, two_models, model_path, tmp_path):
+    """Each model has its own rollout topic: a bundle published for the pumps replaces the pump model only, and is kept
+    in that model's own folder of state/models."""
+    from agent.core import signing
+    from training.publish_model import publish_bundle
+
+    secret = signing.generate_secret()
+    (tmp_path / "key").write_text(secret.hex())
+    key = signing.public_key(secret).hex()
+    models = [{**entry, "public_key": key} for entry in two_models]
+    agent = start_agent(models=models, rollout={"enabled": True, "topic": "edgecast/models/site"})
+    subscriber.expect(STATUS, lambda m: m.json()["state"] == "online", timeout=10)
+    new = tmp_path / "pumps-v2"
+    shutil.copytree(model_path, new)
+    manifest = json.loads((new / "manifest.json").read_text())
+    manifest["version"] = "2.0.0-rolled"
+    (new / "manifest.json").write_text(json.dumps(manifest))
+    publish_bundle(new, "edgecast/models/site/pumps", mosquitto.host, mosquitto.port, key_file=tmp_path / "key", release=1,
+                   expires="2999-01-01T00:00:00Z")
+    status = subscriber.expect(STATUS, lambda m: [x["version"] for x in m.json().get("models", [])][:1] == ["2.0.0-rolled"],
+                               timeout=30).json()
+    assert status["models"][0]["reload"]["state"] == "ok" and "reload" not in status["models"][1]
+    assert agent.runtime("pumps").bundle.version == "2.0.0-rolled" and agent.runtime("meters").swaps == 0
+    state = Path(agent.settings.state.directory)
+    assert (state / "models" / "pumps" / "active").is_file() and not (state / "models" / "meters").exists()
