@@ -255,3 +255,34 @@ def test_a_rollout_reaches_only_the_model_whose_topic_it_was_published_on(start_
     assert agent.runtime("pumps").bundle.version == "2.0.0-rolled" and agent.runtime("meters").swaps == 0
     state = Path(agent.settings.state.directory)
     assert (state / "models" / "pumps" / "active").is_file() and not (state / "models" / "meters").exists()
+
+
+@pytest.mark.training
+def test_the_router_sends_each_device_to_its_model_and_refuses_what_no_model_reads(tmp_path, model_path):
+    """Readings go to the model whose patterns name their device; other devices are no_model, other topics unknown_topic."""
+    import time
+
+    from agent.app import Agent
+    from agent.core.events import Rejected
+    from agent.transport.router import Router
+
+    settings = Settings(state={"directory": str(tmp_path)}, models=[
+        {"name": "pumps", "path": str(model_path), "devices": ["pump-*"]},
+        {"name": "meters", "path": str(univariate_bundle()), "devices": ["meter-*"]},
+    ])
+    agent = Agent(settings)
+    for runtime in agent.runtimes:
+        runtime.load()
+    router = Router(agent.runtimes, agent.errors)
+    now = time.time()
+    meter = router.parse("sensors/meter-01/telemetry", json.dumps({"ts": now, "values": {"value": 10.0}}).encode(), now)
+    pump_values = {name: 50.0 for name in agent.runtime("pumps").bundle.features}
+    pump = router.parse("sensors/pump-01/telemetry", json.dumps({"ts": now, "values": pump_values}).encode(), now)
+    assert [s.model for s in meter] == [1] and [s.model for s in pump] == [0]
+    for _ in range(3):
+        assert router.parse("sensors/fan-01/telemetry", b'{"ts": 1, "values": {}}', now) == []
+    assert agent.errors.snapshot()["no_model"] == 3
+    with pytest.raises(Rejected, match="matches none of"):
+        router.parse("elsewhere/pump-01/telemetry", b"{}", now)
+    with pytest.raises(Rejected, match="not allowed"):
+        router.parse("sensors/pump 01!/telemetry", b"{}", now)

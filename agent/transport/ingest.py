@@ -126,6 +126,13 @@ class Ingest:
 
     def match(self, topic: str) -> tuple[Route, str, str | None]:
         """(route, device, sensor) of a topic; Rejected('unknown_topic') when no template fits."""
+        found = self.try_match(topic)
+        if found is None:
+            raise Rejected("unknown_topic", f"topic {topic[:200]!r} matches none of {[r.template for r in self.routes]}")
+        return found
+
+    def try_match(self, topic: str) -> tuple[Route, str, str | None] | None:
+        """`match`, with None when no template fits (the router asks each model's ingest in turn)."""
         for route in self.routes:
             m = route.pattern.fullmatch(topic)
             if m is None:
@@ -135,7 +142,7 @@ class Ingest:
                 raise Rejected("unknown_topic", f"device name {device[:80]!r} in topic is not allowed (letters, digits, _.:- ; at most 128)")
             sensor = m.group("sensor") if route.kind == "sensor" else None
             return route, device, sensor
-        raise Rejected("unknown_topic", f"topic {topic[:200]!r} matches none of {[r.template for r in self.routes]}")
+        return None
 
     def parse(self, topic: str, payload: bytes, now: float) -> list[Sample]:
         """Samples of one message; [] for a device another partition owns (dropped before decoding)."""

@@ -68,12 +68,10 @@ class Router:
     def _find_owner(self, topic: str) -> tuple[int, str]:
         device = None
         for index, runtime in enumerate(self.runtimes):
-            try:
-                _, name, _ = runtime.ingest.match(topic)
-            except Rejected as error:
-                if error.reason == "unknown_topic" and error.device is None and "matches none" in error.detail:
-                    continue
-                raise
+            found = runtime.ingest.try_match(topic)  # Rejected for a device name no topic may carry
+            if found is None:
+                continue
+            name = found[1]
             if runtime.plan.serves(name):
                 return index, name
             device = name
