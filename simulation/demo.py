@@ -641,8 +641,11 @@ class Demo:
         args = self.args
         live_s = max(10.0, args.duration - self.wall() - TAIL_BUDGET_S - SIM_START_BUDGET_S)
         self.hours = round(WARMUP_ROWS / 60.0 + live_s * args.speed / 3600.0, 2)
-        # The simulated clock ends at about now (the daemon's timestamp bounds accept every row), the same for each type.
-        start_ts = int(time.time() // 60 * 60) - (int(self.hours * 3600.0 // 60) - 1) * 60
+        # The simulated clock starts at 00:00 UTC of the day that lets it end by now (the daemon accepts rows up to
+        # ingest.max_age_s old, and none from the future), the same for each type. A start that followed the wall
+        # clock put the fleet's daily rhythms at a different phase in every run: the same seed, another fleet.
+        latest = int(time.time() // 60 * 60) - (int(self.hours * 3600.0 // 60) - 1) * 60
+        start_ts = latest - latest % 86400
         several = len(self.groups) > 1
         for group in self.groups:
             faults = plan_faults(group.devices, self.hours) if group.key == "pumps" else plan_fan_faults(self.hours)
