@@ -374,6 +374,10 @@ class Agent:
                 return runtime
         raise KeyError(f"no model {name!r}; the models are {[r.name for r in self.runtimes]}")
 
+    def runtime_for(self, device: str) -> ModelRuntime | None:
+        """The model that serves `device` (its patterns name it; the settings allow at most one), or None."""
+        return next((runtime for runtime in self.runtimes if runtime.plan.serves(device)), None)
+
     # The first (with one model: the only) model's parts, as the daemon had them before there were several.
     bundle = property(lambda self: self.runtimes[0].bundle)
     pipeline = property(lambda self: self.runtimes[0].pipeline)

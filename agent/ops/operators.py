@@ -42,7 +42,7 @@ class OperatorDesk:
         partition = self.agent.runtimes[0].ingest.partition
         if partition.active and not partition.owns(command.device):
             return  # another partition's device: that process answers
-        runtime = next((r for r in self.agent.runtimes if r.plan.serves(command.device)), None)
+        runtime = self.agent.runtime_for(command.device)
         if runtime is None:
             self._command_result(command.device, command, False, "no_model", f"no model of this agent serves {command.device}")
             return
@@ -111,12 +111,12 @@ class OperatorDesk:
         now = self.agent.clock()
         shelves, services = self.agent.alarms.expired(now)  # again: an earlier call may have done it already
         for device, alert_id in shelves:
-            runtime = next((r for r in self.agent.runtimes if r.plan.serves(device)), self.agent.runtimes[0])
+            runtime = self.agent.runtime_for(device) or self.agent.runtimes[0]
             self.agent.alarms.drop_shelf(device, alert_id)
             log.info("shelf of %s ran out", alert_id or device)
             self.agent.publisher.device_changed(runtime, device, now, self._reannounce(runtime, device, now))
         for device in services:
-            runtime = next((r for r in self.agent.runtimes if r.plan.serves(device)), self.agent.runtimes[0])
+            runtime = self.agent.runtime_for(device) or self.agent.runtimes[0]
             self.agent.alarms.end_maintenance(device)
             log.info("maintenance of %s ran out: back in service", device)
             self._back_in_service(runtime, device, now)
