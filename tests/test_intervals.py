@@ -132,8 +132,9 @@ def test_fit_writes_intervals_and_prints_their_test_coverage(tmp_path, capsys):
     assert (lo[0] < hi[0]).all() and (lo[1] <= lo[0]).all()
 
 
-def _bundle_with_intervals(tmp_path, model_path):
-    """The shipped bundle with an interval table added to its manifest: bands 1 and 2 target-stds wide below and above."""
+def _bundle_with_intervals(tmp_path, model_path, adaptive=False):
+    """The shipped bundle with an interval table added to its manifest: bands 1 and 2 target-stds wide below and
+    above (with `adaptive`, tracked online per device)."""
     import shutil
 
     folder = tmp_path / "with-intervals"
@@ -142,6 +143,8 @@ def _bundle_with_intervals(tmp_path, model_path):
     H, T = manifest["horizon"], len(manifest["targets"])
     manifest["calibration"]["intervals"] = {"method": "split_conformal", "units": "scaled", "levels": [0.8, 0.95],
                                             "lower": [[[-1.0] * T] * H, [[-2.0] * T] * H], "upper": [[[1.0] * T] * H, [[2.0] * T] * H]}
+    if adaptive:
+        manifest["calibration"]["intervals"]["adaptive"] = {"method": "quantile_tracking", "version": 1, "eta": 0.05}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder, manifest
 
@@ -359,8 +362,8 @@ def test_malformed_normalized_tables_are_refused_naming_the_field():
 
 
 def test_coverage_reports_both_methods_side_by_side():
-    """With a normalized table the printed and markdown coverage show both methods, the normalized one named as the
-    one published, with its width relative to the fixed band."""
+    """With a normalized adaptive table the printed and markdown coverage show every method, the adaptive one on the
+    normalized band named as the one published, with its width relative to the fixed band."""
     from training.intervals import coverage_arrays
 
     rng = np.random.default_rng(7)
@@ -371,12 +374,14 @@ def test_coverage_reports_both_methods_side_by_side():
                 "calibration": {"intervals": interval_table(walks[:1500, L:] - walks[:1500, L - 1 : L], inputs=walks[:1500, :L], exponent=1.0)}}
     x, obs = walks[1500:, :L], walks[1500:, L:]
     cov = coverage_arrays(manifest, x, np.repeat(x[:, -1:], H, axis=1), obs, ["v"])
-    assert cov["method"] == "normalized" and set(cov["by_method"]) == {"split_conformal", "normalized"}
-    assert cov["levels"] == cov["by_method"]["normalized"]
+    assert cov["method"] == "normalized+adaptive"
+    assert set(cov["by_method"]) == {"split_conformal", "normalized", "normalized+adaptive"}
+    assert cov["levels"] == cov["by_method"]["normalized+adaptive"]
     text = format_coverage(cov)
-    assert "normalized (published)" in text and "split_conformal:" in text and "of fixed" in text
+    assert "normalized+adaptive (published)" in text and "split_conformal:" in text and "of fixed" in text
+    assert "tracks its own coverage online" in text
     md = "\n".join(coverage_markdown(cov))
-    assert "split_conformal 80 % coverage" in md and "normalized 95 % coverage" in md
+    assert "split_conformal 80 % coverage" in md and "normalized 95 % coverage" in md and "normalized+adaptive 80 % coverage" in md
 
 
 def _bundle_with_normalized_intervals(tmp_path, model_path, rows):
@@ -403,11 +408,11 @@ def _bundle_with_normalized_intervals(tmp_path, model_path, rows):
     return folder, manifest
 
 
-def test_daemon_replay_and_training_give_the_same_normalized_bands(tmp_path, model_path):
-    """For the same windows, the daemon's pipeline (Forecast.interval_scale -> payload), `agent replay`'s band
-    columns and training's bands (training.intervals.interval_bands on the windows scaled as training scales them)
-    are the same numbers; the fast payload encoder writes the reference encoder's bytes, valid against the schema;
-    the normalized band differs from the fixed one."""
+def test_daemon_replay_and_training_give_the_same_adaptive_normalized_bands(tmp_path, model_path):
+    """For the same windows, the daemon's pipeline (Forecast.interval_scale and interval_multiplier -> payload),
+    `agent replay`'s band columns and training's test-coverage bands (interval_bands and adaptive_multipliers on
+    the windows scaled as training scales them) are the same numbers; the fast payload encoder writes the
+    reference encoder's bytes, valid against the schema; the published band differs from the static ones."""
     from pathlib import Path
 
     import jsonschema
@@ -419,7 +424,7 @@ def test_daemon_replay_and_training_give_the_same_normalized_bands(tmp_path, mod
     from agent.core.pipeline import Pipeline
     from agent.tools.replay import replay
     from agent.transport import payloads
-    from training.intervals import interval_bands
+    from training.intervals import adaptive_multipliers, interval_bands
 
     calib_rows = healthy_rows(devices=2, rows=400, seed=11, end_ts=T0 - 10 * 86400)
     rows = healthy_rows(devices=2, rows=90, seed=12, end_ts=T0)
@@ -433,6 +438,8 @@ def test_daemon_replay_and_training_give_the_same_normalized_bands(tmp_path, mod
     samples = [Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows]
     events = [e for e in pipeline.process(samples, now=float(rows[-1][1])) if isinstance(e, Forecast)]
     assert events and all(e.interval_scale is not None and e.interval_scale.shape == (H, len(targets)) for e in events)
+    K = len(bundle.intervals.levels)
+    assert all(e.interval_multiplier is not None and e.interval_multiplier.shape == (K, H, len(targets)) for e in events)
     schema = json.loads((Path(payloads.__file__).parents[1] / "schemas" / "forecast.json").read_text())
     bodies = payloads.forecasts(events, "m", "1", bundle.intervals)
     assert bodies == [payloads._forecast_reference(fc, "m", "1", bundle.intervals) for fc in events]
@@ -458,16 +465,28 @@ def test_daemon_replay_and_training_give_the_same_normalized_bands(tmp_path, mod
     by_device = {}
     for d, ts, v in rows:
         by_device.setdefault(d, []).append((ts, [v[x] for x in features]))
-    keys, windows, yhat = [], [], []
+    keys, windows, yhat, obs, devices, origins = [], [], [], [], [], []
+    period = bundle.period_s
     for (device, ts), data in daemon.items():
         series = by_device[device]
         end = next(i for i, (t, _) in enumerate(series) if t == ts) + 1
         raw = np.array([vals for _, vals in series[end - L : end]])  # (L, F)
         windows.append(((raw - bundle.offset) / bundle.scale)[:, bundle.target_index])
         yhat.append(forecast[(device, ts)])  # (H, T)
+        later = {int(t): vals for t, vals in series[end : end + H]}
+        obs.append([[later[ts + h * period][j] if ts + h * period in later else np.nan for j in bundle.target_index]
+                    for h in range(1, H + 1)])  # (H, T) what the daemon read afterwards
         keys.append((device, ts))
-    bands = interval_bands(manifest, np.array(windows), np.array(yhat))
-    lo_n, hi_n = bands["normalized"]
+        devices.append(device)
+        origins.append(int(ts // period))
+    windows, yhat = np.array(windows), np.array(yhat)
+    bands = interval_bands(manifest, windows, yhat)
+    table = bundle.intervals
+    sigma = table.physical_scale(windows, bundle.target_scale)
+    multiplier = adaptive_multipliers(table, yhat, sigma, np.array(obs), np.array(devices), np.array(origins))
+    lo_n, hi_n = table.bounds(yhat, sigma, multiplier)  # what training's coverage counts as published
+    assert np.abs(multiplier - 1).max() > 1e-3  # the bands moved with the coverage they had
+    assert np.abs(lo_n - bands["normalized"][0]).max() > 1e-4  # so the published band is not the static one
     lo_f, _ = bands["split_conformal"]
     for w, key in enumerate(keys):
         for k, level in enumerate(bundle.intervals.level_names()):
@@ -511,3 +530,141 @@ def test_bundles_without_the_normalized_method_publish_as_before(tmp_path, model
             np.testing.assert_array_equal(bundle.intervals.bounds(yhat, np.ones_like(yhat))[0], bundle.intervals.bounds(yhat)[0])
     shipped = json.loads((model_path / "manifest.json").read_text())
     assert "intervals" not in shipped["calibration"]  # the shipped pump-lstm stays without a table
+
+
+# ---------------------------------------------------------------------------------------------- adaptive bands
+
+
+def _adaptive_manifest(eta=0.02):
+    lower, upper = [[[-1.0, -1.0]] * 3] * 2, [[[1.0, 1.0]] * 3] * 2
+    manifest = _manifest(lower, upper)
+    manifest["calibration"]["intervals"]["adaptive"] = {"method": "quantile_tracking", "version": 1, "eta": eta}
+    return manifest
+
+
+def test_adaptive_band_widens_after_misses_and_narrows_after_hits_one_step_at_a_time():
+    """Each reading settles the bands issued 1..H slots before it, once: a miss widens step h's band by
+    exp(eta / sqrt(h) (1 - miss_rate)), a hit narrows it by exp(-eta / sqrt(h) miss_rate); other steps and devices
+    are untouched."""
+    from agent.core.intervals import AdaptiveBands
+
+    table = load_intervals(_adaptive_manifest(eta=0.1))
+    assert table.adaptive and table.adaptive_eta == 0.1
+    bands = AdaptiveBands(table, spacing=1)
+    bands.grow(2)
+    yhat = np.zeros((3, 2), np.float32)
+    m0 = bands.issue(0, 10, yhat, None)
+    np.testing.assert_array_equal(m0, np.ones((2, 3, 2)))
+    bands.observe(0, 11, [100.0, 0.0])  # step 1 of the band issued at 10: target a far outside, b inside
+    m1 = bands.issue(0, 11, yhat, None)
+    miss_rate = np.array([0.2, 0.05])
+    np.testing.assert_allclose(m1[:, 0, 0], np.exp(0.1 * (1 - miss_rate)), rtol=1e-6)  # a: a miss at every level
+    np.testing.assert_allclose(m1[:, 0, 1], np.exp(-0.1 * miss_rate), rtol=1e-6)  # b: a hit
+    np.testing.assert_array_equal(m1[:, 1:], 1.0)  # steps 2 and 3 not settled yet
+    bands.observe(0, 12, [0.0, 0.0])  # step 2 of the band of 10, step 1 of the band of 11
+    m2 = bands.issue(0, 12, yhat, None)
+    np.testing.assert_allclose(m2[:, 1, 0], np.exp(-0.1 / np.sqrt(2) * miss_rate), rtol=1e-6)  # step 2 (rate eta / sqrt 2): a hit
+    np.testing.assert_allclose(m2[:, 0, 0], np.exp(0.1 * (1 - miss_rate) - 0.1 * miss_rate), rtol=1e-6)  # then a hit at step 1
+    np.testing.assert_array_equal(bands.issue(1, 12, yhat, None), 1.0)  # another device: its own state
+    lo, hi = table.bounds(yhat, None, m1)
+    np.testing.assert_allclose(hi - lo, 2 * (table.upper - table.lower) / 2 * m1, rtol=1e-6)  # half-width x m, same centre
+    bands.reset(0)
+    np.testing.assert_array_equal(bands.issue(0, 13, yhat, None), 1.0)
+    bands.observe(0, 14, [100.0, 100.0])  # the bands issued before the reset are gone; the one of 13 is checked
+    assert (bands.issue(0, 14, yhat, None)[:, 0] > 1).all()
+
+
+def test_adaptive_bands_cover_at_the_nominal_rate_when_the_test_months_are_calmer(tmp_path):
+    """Calibrated on a volatile stretch, checked on a calm one: the static band covers far above nominal, the
+    adaptive one (the published method in the coverage report) within 3 points at every level and step."""
+    from training.intervals import coverage_arrays
+
+    rng = np.random.default_rng(5)
+    L, H = 16, 4
+    calib = _random_walk_windows(rng, 1500, L, H, np.full(1500, 2.0))[..., None]
+    table = interval_table(calib[:, L:] - calib[:, L - 1 : L], (0.8, 0.95))  # repeat-last residuals, fixed band
+    assert table["method"] == "split_conformal" and table["adaptive"]["method"] == "quantile_tracking"
+    manifest = {"targets": ["v"], "features": ["v"], "horizon": H, "lookback": L,
+                "scaler": {"type": "standard", "params": {"v": {"mean": 0.0, "std": 1.0}}},
+                "calibration": {"intervals": table}}
+    walk = np.cumsum(rng.normal(0, 0.7, 6000))  # one calm device, every window in time order
+    starts = np.arange(len(walk) - L - H + 1)
+    x = np.stack([walk[s : s + L] for s in starts])[..., None]  # (W, L, 1)
+    obs = np.stack([walk[s + L : s + L + H] for s in starts])[..., None]  # (W, H, 1)
+    cov = coverage_arrays(manifest, x, np.repeat(x[:, -1:], H, axis=1), obs, ["v"], "test",
+                          np.zeros(len(starts), np.int64), starts + L - 1)
+    assert cov["method"] == "split_conformal+adaptive"
+    for name, level in cov["levels"].items():
+        static = cov["by_method"]["split_conformal"][name]
+        assert static["coverage"] > level["nominal"] + 0.04  # calibration drift: the static band over-covers
+        assert max(abs(c - level["nominal"]) for c in level["per_step"]) <= 0.03, (name, level["per_step"])
+        assert level["mean_width"] < static["mean_width"]
+
+
+def test_malformed_adaptive_members_are_refused_naming_the_field():
+    """An adaptive member with another method, a newer version or a step outside (0, 1] is refused by name."""
+    for member, field in (({"method": "aci", "eta": 0.02}, "quantile_tracking"),
+                          ({"method": "quantile_tracking", "version": 2, "eta": 0.02}, "version"),
+                          ({"method": "quantile_tracking", "eta": 0}, "eta"),
+                          ({"method": "quantile_tracking", "eta": "fast"}, "eta")):
+        manifest = _adaptive_manifest()
+        manifest["calibration"]["intervals"]["adaptive"] = member
+        with pytest.raises(IntervalError, match=field):
+            load_intervals(manifest)
+
+
+def test_adaptive_state_is_per_device_and_survives_growth_but_not_a_device_restart(model_path, tmp_path):
+    """In the pipeline each device has its own multipliers; growing the device table keeps them, a restarted
+    device (restart_device) starts again from the calibrated band."""
+    from conftest import healthy_rows
+
+    from agent.config.settings import Settings
+    from agent.core.events import Forecast, Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
+
+    folder, _ = _bundle_with_intervals(tmp_path, model_path, adaptive=True)
+    bundle = load_bundle(folder)
+    assert bundle.intervals.adaptive
+    pipeline = Pipeline(bundle, Settings(model={"path": folder}))
+    rows = healthy_rows(devices=1, rows=90, seed=4, end_ts=T0)
+    events = [e for e in pipeline.process([Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows], float(rows[-1][1]))
+              if isinstance(e, Forecast)]
+    moved = events[-1].interval_multiplier
+    assert np.abs(moved - 1).max() > 1e-3
+    d = pipeline.windows.index[rows[0][0]]
+    before = pipeline.adaptive_bands.log_multiplier[d].copy()
+    for i in range(40):  # new devices grow every per-device array
+        pipeline.process([Sample(f"other-{i:02d}", float(rows[-1][1]), dict(rows[-1][2]), float(rows[-1][1]))], float(rows[-1][1]))
+    np.testing.assert_array_equal(pipeline.adaptive_bands.log_multiplier[d], before)
+    pipeline.restart_device(rows[0][0], float(rows[-1][1]), relearn=False)
+    np.testing.assert_array_equal(pipeline.adaptive_bands.log_multiplier[d], 0.0)
+
+
+def test_adaptive_bands_resume_after_a_restart_with_the_same_bundle_only(model_path, tmp_path):
+    """The open-alerts state carries each device's adaptive multipliers: a pipeline on the same bundle resumes them,
+    one on another bundle (or a malformed entry) starts from the calibrated band."""
+    from conftest import healthy_rows
+
+    from agent.config.settings import Settings
+    from agent.core.events import Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
+
+    folder, _ = _bundle_with_intervals(tmp_path, model_path, adaptive=True)
+    bundle = load_bundle(folder)
+    pipeline = Pipeline(bundle, Settings(model={"path": folder}))
+    rows = healthy_rows(devices=2, rows=90, seed=6, end_ts=T0)
+    pipeline.process([Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows], float(rows[-1][1]))
+    state = json.loads(json.dumps(pipeline.open_alerts_state()))
+    assert set(state["interval_log_multipliers"]) == {r[0] for r in rows}
+    again = Pipeline(bundle, Settings(model={"path": folder}))
+    state["interval_log_multipliers"]["ghost"] = [[1.0]]  # wrong shape: skipped
+    again.restore_open_alerts(state, float(rows[-1][1]))
+    for name in {r[0] for r in rows}:
+        np.testing.assert_allclose(again.adaptive_bands.log_multiplier[again.windows.index[name]],
+                                   pipeline.adaptive_bands.log_multiplier[pipeline.windows.index[name]], atol=1e-5)
+    assert "ghost" not in again.windows.index
+    other = Pipeline(bundle, Settings(model={"path": folder}))
+    other.restore_open_alerts({**state, "model_sha256": "another"}, float(rows[-1][1]))
+    assert not np.abs(other.adaptive_bands.log_multiplier).any()

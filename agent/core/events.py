@@ -107,6 +107,7 @@ class Forecast:
     # (H, T) the input window's scale in original units, for a bundle with normalized prediction intervals
     # (agent/core/intervals.py: band = forecast + quantile x scale); None: fixed bands, or no intervals.
     interval_scale: object = None
+    interval_multiplier: object = None  # (K, H, T) the adaptive intervals' multiplier of this device's bands, or None
 
 
 @dataclass(slots=True)

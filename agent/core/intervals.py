@@ -24,6 +24,14 @@ them and publishes the fixed band); a `normalized` member under another method i
         sigma = table.physical_scale(x_targets_scaled, spread) if table.normalized else None  # (B, H, T)
         lo, hi = table.bounds(yhat, sigma)    # yhat (B, H, T) -> lo, hi (K, B, H, T), K = len(table.levels)
 
+With an `adaptive` member (`{"method": "quantile_tracking", "eta": ...}`), each device's band then follows the coverage
+it has actually had (online adaptive conformal, `AdaptiveBands`): per level, horizon step and target a multiplier
+m = exp(g) of the band's half-width around its centre, and every time a reading settles whether it fell inside
+the band issued h steps earlier, g += eta / sqrt(h) * (miss - (1 - level)). A band that covers too often narrows, one that
+misses too often widens, so the long-run coverage is the nominal one even when the months after calibration are
+calmer or rougher than the calibration months. State: g per device, and the bands issued in the last `horizon`
+slots (to check them); it starts at m = 1 with the daemon.
+
 `bounds` without a scale gives the fixed band (also for a normalized table). `interval_bounds(manifest, yhat)`
 does load + bounds in one call (None without intervals). Loading validates the table once; `bounds` is broadcast
 arithmetic (no Python loop over forecasts, levels, steps or targets).
@@ -39,6 +47,10 @@ import numpy as np
 NORMALIZED = "normalized"
 SCALE_KIND = "lag_diff_rms"
 NORMALIZED_VERSION = 1
+ADAPTIVE = "quantile_tracking"
+ADAPTIVE_VERSION = 1
+MAX_LOG_MULTIPLIER = 3.0  # |g| <= 3: the band between 1/20 and 20 times its calibrated half-width (a flat or wild input cannot run it away)
+NO_BAND = -(1 << 62)  # issued_slot of a position with no band
 DIRECT_LAGS = 32  # up to this many distinct lags the scale is summed lag by lag, beyond it by FFT (the same values)
 
 
@@ -128,6 +140,7 @@ class IntervalTable:
     scale: WindowScale | None = None  # the normalized method's window scale (None: fixed bands only)
     norm_lower: np.ndarray | None = None  # (K, H, T) float32, unit-free, times sigma(x) (physical)
     norm_upper: np.ndarray | None = None
+    adaptive_eta: float | None = None  # the online update's step (AdaptiveBands); None: the calibrated band as it is
 
     @property
     def horizon(self) -> int:
@@ -149,20 +162,36 @@ class IntervalTable:
         spread = np.asarray(spread, dtype=np.float64)
         return (sigma * (spread[:, None, :] if spread.ndim == 2 else spread)).astype(np.float32)
 
-    def bounds(self, yhat: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def adaptive(self) -> bool:
+        """Whether each device's band follows its own coverage online (AdaptiveBands; the forecast needs its multiplier)."""
+        return self.adaptive_eta is not None
+
+    def bounds(self, yhat: np.ndarray, scale: np.ndarray | None = None,
+               multiplier: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """yhat (..., H, T) physical -> (lower, upper), each (K, ..., H, T) float32: level k's band. `scale`
         (..., H, T), the forecasts' sigma in original units (`physical_scale`), gives the normalized band of a
-        normalized table; without it (or for a fixed table) the fixed band."""
+        normalized table; without it (or for a fixed table) the fixed band. `multiplier` (K, ..., H, T), the
+        adaptive method's, widens (> 1) or narrows each band around its centre."""
         y = np.asarray(yhat, dtype=np.float32)
         if y.ndim < 2 or y.shape[-2:] != self.lower.shape[1:]:
             raise ValueError(f"forecast shape {y.shape} does not end in (horizon, targets) = {self.lower.shape[1:]}")
         shape = (len(self.levels),) + (1,) * (y.ndim - 2) + self.lower.shape[1:]
         if scale is None or self.scale is None:
-            return y + self.lower.reshape(shape), y + self.upper.reshape(shape)
-        s = np.asarray(scale, dtype=np.float32)
-        if s.shape != y.shape:
-            raise ValueError(f"interval scale shape {s.shape} differs from the forecast's {y.shape}")
-        return y + self.norm_lower.reshape(shape) * s, y + self.norm_upper.reshape(shape) * s
+            lower, upper = y + self.lower.reshape(shape), y + self.upper.reshape(shape)
+        else:
+            s = np.asarray(scale, dtype=np.float32)
+            if s.shape != y.shape:
+                raise ValueError(f"interval scale shape {s.shape} differs from the forecast's {y.shape}")
+            lower, upper = y + self.norm_lower.reshape(shape) * s, y + self.norm_upper.reshape(shape) * s
+        if multiplier is None:
+            return lower, upper
+        m = np.asarray(multiplier, dtype=np.float32)
+        if m.shape != lower.shape:
+            raise ValueError(f"interval multiplier shape {m.shape} differs from the bands' {lower.shape}")
+        centre = (lower + upper) * np.float32(0.5)
+        half = (upper - lower) * np.float32(0.5) * m
+        return centre - half, centre + half
 
     def level_names(self) -> list[str]:
         """Payload keys of the levels: 0.8 -> "80", 0.95 -> "95", 0.975 -> "97.5"."""
@@ -265,8 +294,127 @@ def load_intervals(manifest: dict) -> IntervalTable | None:
         n_lower, n_upper = _quantile_pair(norm, "manifest.calibration.intervals.normalized", expected)
         scale = _window_scale(norm.get("scale"), int(manifest.get("lookback", 0)), horizon, n_targets)
         extra = {"scale": scale, "norm_lower": n_lower.astype(np.float32), "norm_upper": n_upper.astype(np.float32)}
+    adaptive = section.get("adaptive")
+    if adaptive is not None:
+        where = "manifest.calibration.intervals.adaptive"
+        if not isinstance(adaptive, dict) or adaptive.get("method") != ADAPTIVE:
+            raise IntervalError(f"{where} must be an object with method {ADAPTIVE!r}")
+        if adaptive.get("version", ADAPTIVE_VERSION) != ADAPTIVE_VERSION:
+            raise IntervalError(f"{where}.version {adaptive.get('version')!r} is not supported (this daemon reads "
+                                f"version {ADAPTIVE_VERSION})")
+        eta = adaptive.get("eta")
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 < eta <= 1:
+            raise IntervalError(f"{where}.eta must be a number in (0, 1], got {eta!r}")
+        extra["adaptive_eta"] = float(eta)
     return IntervalTable(levels, (lower * spread).astype(np.float32), (upper * spread).astype(np.float32),
-                         method=NORMALIZED if extra else "split_conformal", **extra)
+                         method=NORMALIZED if "scale" in extra else "split_conformal", **extra)
+
+
+def step_rates(eta: float, horizon: int) -> np.ndarray:
+    """(H,) float32 the adaptive update's rate per horizon step: eta / sqrt(h). Step h learns whether a band was
+    right only h slots after issuing it, so a fixed rate keeps pushing for h slots before it sees the effect and
+    overshoots at long steps; 1 / sqrt(delay) is the usual rate for online updates with delayed feedback."""
+    return (eta / np.sqrt(np.arange(1, horizon + 1, dtype=np.float64))).astype(np.float32)
+
+
+class AdaptiveBands:
+    """Online adaptive conformal bands per device (quantile tracking on the log of the band's half-width).
+
+    For device d, level k, step h and target t the band issued is the table's band with its half-width times
+    exp(g[d, k, h, t]). When the reading of slot s arrives, every band issued at s - h (h = 1..H) for step h is
+    checked against it and g[d, k, h, t] += eta / sqrt(h) * (miss - (1 - level_k)): coverage above nominal shrinks the band,
+    below widens it, and the long-run miss rate is 1 - level whatever the drift since calibration. The bands issued
+    in the last H slots are kept to check, at most one per `spacing` slots (the device's forecasts are at least
+    that far apart), so ceil(H / spacing) + 1 positions per device."""
+
+    def __init__(self, table: IntervalTable, spacing: int):
+        if table.adaptive_eta is None:
+            raise ValueError("the interval table has no adaptive member")
+        self.table = table
+        K, H, T = table.lower.shape
+        self.shape = (K, H, T)
+        self.step_eta = step_rates(table.adaptive_eta, H)[:, None]  # (H, 1)
+        self.miss_target = (1.0 - np.asarray(table.levels, dtype=np.float32))[:, None]  # (K, 1)
+        self.spacing = max(1, int(spacing))
+        self.positions = -(-H // self.spacing) + 1
+        self.capacity = 0
+        self.grow(1)
+
+    def grow(self, capacity: int, used: int | None = None) -> None:
+        """Room for `capacity` devices (rows past `used` were never written)."""
+        if capacity <= self.capacity:
+            return
+        K, H, T = self.shape
+        P = self.positions
+        fresh = {"log_multiplier": np.zeros((capacity, K, H, T), np.float32),  # g
+                 "issued_slot": np.full((capacity, P), NO_BAND, np.int64),
+                 "issued_lower": np.zeros((capacity, P, K, H, T), np.float32),
+                 "issued_upper": np.zeros((capacity, P, K, H, T), np.float32)}
+        keep = self.capacity if used is None else min(used, self.capacity)
+        for key, array in fresh.items():
+            if keep:
+                array[:keep] = getattr(self, key)[:keep]
+            setattr(self, key, array)
+        self.capacity = capacity
+
+    def reset(self, d: int) -> None:
+        """Device row d starts over (evicted, or given to another device): the calibrated band, nothing to check."""
+        self.log_multiplier[d] = 0.0
+        self.issued_slot[d] = NO_BAND
+
+    def observe(self, d: int, slot: int, values) -> None:
+        """The reading of `slot` (its targets (T,), physical units) settles the bands issued for it."""
+        ahead = slot - self.issued_slot[d]  # (P,) steps from each issued band to this slot
+        due = np.flatnonzero((ahead >= 1) & (ahead <= self.shape[1]))
+        if len(due) == 0:
+            return
+        y = np.asarray(values, dtype=np.float32)  # (T,)
+        steps = ahead[due] - 1  # (n,) horizon index, distinct
+        lower = self.issued_lower[d, due, :, steps]  # (n, K, T)
+        upper = self.issued_upper[d, due, :, steps]
+        miss = ((y < lower) | (y > upper)).astype(np.float32)  # (n, K, T); NaN: inside (no update below)
+        step = self.step_eta[steps][:, None] * (miss - self.miss_target)  # (n, K, T)
+        step[:, :, ~np.isfinite(y)] = 0.0
+        g = self.log_multiplier[d]  # (K, H, T) view
+        g[:, steps, :] = np.clip(g[:, steps, :] + step.transpose(1, 0, 2), -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER)
+
+    def issue(self, d: int, slot: int, yhat: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+        """The multiplier (K, H, T) float32 of the band of device d's forecast yhat (H, T) made at `slot` (with its
+        window scale (H, T) for a normalized table); the band is kept to be checked as its readings arrive."""
+        multiplier = np.exp(self.log_multiplier[d])  # (K, H, T)
+        lower, upper = self.table.bounds(yhat, scale, multiplier)  # (K, H, T) each
+        p = (slot // self.spacing) % self.positions
+        self.issued_slot[d, p] = slot
+        self.issued_lower[d, p] = lower
+        self.issued_upper[d, p] = upper
+        return multiplier
+
+    def to_dict(self, names: list[str]) -> dict:
+        """{device: g as nested lists (K, H, T)} for the devices whose band has moved (JSON-ready)."""
+        n = len(names)
+        moved = np.flatnonzero(np.abs(self.log_multiplier[:n]).reshape(n, -1).max(axis=1, initial=0.0) > 0) if n else []
+        return {names[d]: np.round(self.log_multiplier[d], 5).tolist() for d in moved}
+
+    def load(self, data: dict, device_row) -> int:
+        """Take `to_dict`'s state (the same bundle's); device_row(name) -> its row or None. Entries of the wrong
+        shape or not finite are skipped. Returns the devices restored."""
+        restored = 0
+        for name, g in data.items():
+            try:
+                g = np.asarray(g, dtype=np.float32)
+            except (TypeError, ValueError):
+                continue
+            if g.shape != self.shape or not np.isfinite(g).all():
+                continue
+            d = device_row(name)
+            if d is None:
+                continue
+            self.log_multiplier[d] = np.clip(g, -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER)
+            restored += 1
+        return restored
+
+    def nbytes(self) -> int:
+        return self.log_multiplier.nbytes + self.issued_slot.nbytes + self.issued_lower.nbytes + self.issued_upper.nbytes
 
 
 def interval_bounds(manifest: dict | IntervalTable, yhat: np.ndarray,

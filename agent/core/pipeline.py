@@ -29,6 +29,7 @@ import numpy as np
 from agent.core import arrays
 from agent.core.detect import AlertDetector, ResidualScorer
 from agent.core.events import AlertEvent, FeatureDeviation, Forecast, ForecastValues, Rejected, Rejection, Sample
+from agent.core.intervals import AdaptiveBands
 from agent.core.learning import DeviceLearning
 from agent.core.model import Bundle, BundleError
 from agent.core.window import NO_SLOT, WindowStore
@@ -111,6 +112,9 @@ class Pipeline:
         self._state_on = scorer.state is not None
         intervals = getattr(bundle, "intervals", None)
         self._interval_table = intervals if intervals is not None and intervals.normalized else None  # bands per window
+        # Adaptive intervals: each device's band follows the coverage it has had (agent/core/intervals.py).
+        self.adaptive_bands = (AdaptiveBands(intervals, max(1, min(settings.inference.stride, bundle.lookback)))
+                               if intervals is not None and intervals.adaptive else None)
         normal = calibration.get("normal") or {}
         detect = settings.detect
         self.learning = DeviceLearning(bundle.features, bundle.offset, bundle.scale, bundle.period_s, detect.learning_hours,
@@ -159,6 +163,8 @@ class Pipeline:
                 array[:used] = getattr(self, key)[:used]
             setattr(self, key, array)
         self._capacity = capacity
+        if self.adaptive_bands is not None:
+            self.adaptive_bands.grow(capacity, used)
         self.detector.ensure_capacity(capacity, used)
         self.learning.ensure_capacity(capacity)
 
@@ -192,6 +198,8 @@ class Pipeline:
                 ended = dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now)
                 self._log.append((_REJECT, i, ended))
             self.detector.reset(victim)
+            if self.adaptive_bands is not None:
+                self.adaptive_bands.reset(victim)
             self.past_slot[victim] = NO_SLOT
             self.past_ok[victim] = False
             self.learning.reset(victim)
@@ -211,6 +219,8 @@ class Pipeline:
             if alert is not None:
                 ended.append(dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now))
             self.detector.reset(d)
+            if self.adaptive_bands is not None:
+                self.adaptive_bands.reset(d)
             self.past_slot[d] = NO_SLOT
             self.past_ok[d] = False
             self.windows.restart(d)
@@ -480,12 +490,16 @@ class Pipeline:
         horizons: dict[float, list[float]] = {}  # one list per slot, shared by the call's forecasts made at it
         # Normalized intervals: a trace that wants each forecast's window scale (replay) is told it.
         on_scale = getattr(trace, "on_interval_scale", None) if interval_scale is not None else None
+        adaptive = self.adaptive_bands
+        on_multiplier = getattr(trace, "on_interval_multiplier", None) if adaptive is not None else None
         k = 0  # next commit row
         scored = 0
         for entry in log:
             kind = entry[0]
             if kind == _COMMIT:
-                _, i, d, slot, observed, _values, _features = entry
+                _, i, d, slot, observed, values, _features = entry
+                if observed and adaptive is not None:
+                    adaptive.observe(d, slot, values)
                 if observed and scorable[k]:
                     scored += 1
                     if not handled[k]:
@@ -500,6 +514,8 @@ class Pipeline:
                 k += 1
             elif kind == _FORECAST:
                 _, i, d, slot, n, completeness = entry
+                multiplier = (adaptive.issue(d, slot, forecasts[n], None if interval_scale is None else interval_scale[n])
+                              if adaptive is not None else None)
                 if build_forecasts:
                     ts = slot * period
                     horizon = horizons.get(ts)
@@ -518,10 +534,14 @@ class Pipeline:
                     )
                     if interval_scale is not None:  # normalized intervals: the window's scale (H, T)
                         events[-1].interval_scale = interval_scale[n]
+                    if multiplier is not None:  # adaptive intervals: this device's multiplier (K, H, T)
+                        events[-1].interval_multiplier = multiplier
                 if trace is not None:
                     trace.on_forecast(i, d, forecasts[n])
                     if on_scale is not None:
                         on_scale(i, d, interval_scale[n])
+                    if on_multiplier is not None:
+                        on_multiplier(i, d, multiplier)
             else:
                 events.append(entry[2])
         if call_forecasts:
@@ -554,7 +574,10 @@ class Pipeline:
         """Every open alert with the detector state that decides its end, for a restart (JSON-ready)."""
         with self._state_lock:
             alerts = {self.windows.names[d]: self.detector.open_state(d) for d in list(self.detector.open)}
-        return {"model_sha256": self.bundle.sha256, "alerts": alerts}
+            state = {"model_sha256": self.bundle.sha256, "alerts": alerts}
+            if self.adaptive_bands is not None:  # each device's adaptive band, so that a restart does not reset it
+                state["interval_log_multipliers"] = self.adaptive_bands.to_dict(self.windows.names)
+        return state
 
     def restore_open_alerts(self, data: dict, now: float) -> tuple[list[AlertEvent], list[AlertEvent]]:
         """Take what `open_alerts_state` saved before a restart: (alerts resumed, as their last event; `end` events
@@ -573,6 +596,8 @@ class Pipeline:
                 ended.append(dataclasses.replace(AlertEvent(**event), state="end", ts=now, ended_at=now))
             except (KeyError, TypeError, ValueError):
                 continue
+        if same_model and self.adaptive_bands is not None:
+            self.adaptive_bands.load(data.get("interval_log_multipliers") or {}, lambda name: self._device(name, now))
         return resumed, ended
 
     def device_limit_detail(self) -> str:
@@ -612,4 +637,6 @@ class Pipeline:
     def state_bytes(self) -> int:
         """Memory held by per-device state (numpy arrays; open alerts and name index not counted)."""
         own = self.past.nbytes + self.past_slot.nbytes + self.past_ok.nbytes
+        if self.adaptive_bands is not None:
+            own += self.adaptive_bands.nbytes()
         return self.windows.nbytes() + own + self.detector.state_bytes()

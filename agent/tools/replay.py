@@ -210,6 +210,9 @@ class _RowTrace:
         # Normalized prediction intervals: each forecast's window scale (H, T), as the daemon's payload uses it.
         self.interval_scale = (np.full((n_rows, H, T), np.nan, dtype=np.float32)  # (N, H, T)
                                if intervals is not None and intervals.normalized else None)
+        # Adaptive prediction intervals: each forecast's multiplier (K, H, T), as its payload had it.
+        self.interval_multiplier = (np.ones((len(intervals.levels), n_rows, H, T), dtype=np.float32)  # (K, N, H, T)
+                                    if intervals is not None and intervals.adaptive else None)
 
     def on_slot(self, i, d, expected, alert_open):
         row = self.rows[i]
@@ -224,6 +227,9 @@ class _RowTrace:
 
     def on_interval_scale(self, i, d, scale):
         self.interval_scale[self.rows[i]] = scale
+
+    def on_interval_multiplier(self, i, d, multiplier):
+        self.interval_multiplier[:, self.rows[i]] = multiplier
 
 
 def _forward_fill(order: np.ndarray, device_codes: np.ndarray, anomaly: np.ndarray, alert: np.ndarray) -> None:
@@ -284,7 +290,8 @@ def write_output(path: str | Path, table: Table, bundle: Bundle, trace: _RowTrac
     ]
     intervals = getattr(bundle, "intervals", None)
     if intervals is not None:  # each level's band around every forecast value, named after it
-        lower, upper = intervals.bounds(trace.forecast, trace.interval_scale)  # (K, N, H, T) each; normalized: per window
+        lower, upper = intervals.bounds(trace.forecast, trace.interval_scale,  # (K, N, H, T) each; normalized: per window
+                                        trace.interval_multiplier)  # adaptive: per device and forecast
         for k, level in enumerate(intervals.level_names()):
             for side, bound in (("lower", lower[k]), ("upper", upper[k])):
                 header += [f"forecast_{t}_{h}_{side}_{level}" for t in targets for h in range(1, H + 1)]

@@ -72,7 +72,8 @@ def forecast(fc: Forecast, model_name: str, model_version: str, intervals=None) 
 def _interval_bounds(fc: Forecast, intervals) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(level names, lower (K, T, H), upper (K, T, H)) of a forecast's prediction bands."""
     yhat = np.array([fc.values[t] for t in fc.values], dtype=np.float64).T  # (H, T)
-    lower, upper = intervals.bounds(yhat, getattr(fc, "interval_scale", None))  # (K, H, T) each; normalized: the window's scale
+    lower, upper = intervals.bounds(yhat, getattr(fc, "interval_scale", None),  # (K, H, T) each; normalized: the window's scale
+                                    getattr(fc, "interval_multiplier", None))  # adaptive: the device's multiplier
     return intervals.level_names(), lower.transpose(0, 2, 1).astype(np.float64), upper.transpose(0, 2, 1).astype(np.float64)
 
 
