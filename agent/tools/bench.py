@@ -59,6 +59,10 @@ class Plan:
     paced_seconds: float = 20.0
     overload_factor: float = 10.0  # offered load / the daemon's capacity (as far as the generator can offer it)
     overload_seconds: float = 4.0
+    # The overload phase fills the windows of the process under test first, behind a broker with mosquitto's default
+    # queue limits: at the generator's full speed that broker dropped part of every device's window for the naive
+    # daemon (batch 1 takes ~3,000 readings/s), which then made no forecast at all. Filled at this pace, it drops none.
+    overload_warm_rate: float = 1500.0
     rss_devices: int = 10_000
     infer_seconds: float = 3.0
     repeats: int = 3  # capacity phases per process under test: the median is reported, with every run's rate
@@ -361,10 +365,11 @@ class Run:
             self.publish_rates.append(result["rate"])
         return first, result
 
-    def warm(self, devices: int, expected: int, alive) -> None:
-        """Fill every device's window (lookback slots, live); the first forecast per device marks the end."""
+    def warm(self, devices: int, expected: int, alive, rate: float = 0.0) -> None:
+        """Fill every device's window (lookback slots, live, at `rate` readings/s; 0: as fast as the generator goes);
+        the first forecast per device marks the end."""
         self.collector.reset()
-        self.publish(devices, self.lookback)
+        self.publish(devices, self.lookback, rate)
         if not self.collector.wait_forecasts(expected, 300, alive):
             raise RuntimeError(f"warm-up: {len(self.collector.arrivals)} of {expected} forecasts arrived")
 
@@ -629,7 +634,7 @@ def overload_phase(workdir: Path, model: Path, plan: Plan, run: Run, capacity: f
             helper = Helper("naive", "--port", str(bounded.port), "--model", str(model), "--threads", str(naive))
             try:
                 alive = lambda: helper.proc.poll() is None  # noqa: E731
-                side.warm(D, D, alive)
+                side.warm(D, D, alive, plan.overload_warm_rate)
                 progress(f"{who}: overload, {plan.overload_factor:g} x capacity offered to a broker with its default limits")
                 phase = side.overload(helper.pid, D, capacity, plan, alive)
             finally:
