@@ -550,7 +550,7 @@ def test_adaptive_band_widens_after_misses_and_narrows_after_hits_one_step_at_a_
 
     table = load_intervals(_adaptive_manifest(eta=0.1))
     assert table.adaptive and table.adaptive_eta == 0.1
-    bands = AdaptiveBands(table, spacing=1)
+    bands = AdaptiveBands(table)
     bands.grow(2)
     yhat = np.zeros((3, 2), np.float32)
     m0 = bands.issue(0, 10, yhat, None)
@@ -668,3 +668,26 @@ def test_adaptive_bands_resume_after_a_restart_with_the_same_bundle_only(model_p
     other = Pipeline(bundle, Settings(model={"path": folder}))
     other.restore_open_alerts({**state, "model_sha256": "another"}, float(rows[-1][1]))
     assert not np.abs(other.adaptive_bands.log_multiplier).any()
+
+
+def test_adaptive_intervals_can_be_turned_off_in_the_settings(model_path, tmp_path):
+    """inference.adaptive_intervals = false: the pipeline keeps no adaptive state and publishes the calibrated band."""
+    from conftest import healthy_rows
+
+    from agent.config.settings import Settings
+    from agent.core.events import Forecast, Sample
+    from agent.core.model import load_bundle
+    from agent.core.pipeline import Pipeline
+    from agent.transport import payloads
+
+    folder, _ = _bundle_with_intervals(tmp_path, model_path, adaptive=True)
+    bundle = load_bundle(folder)
+    rows = healthy_rows(devices=1, rows=90, seed=8, end_ts=T0)
+    samples = [Sample(d, float(ts), dict(v), float(ts)) for d, ts, v in rows]
+    off = Pipeline(bundle, Settings(model={"path": folder}, inference={"adaptive_intervals": False}))
+    assert off.adaptive_bands is None
+    events = [e for e in off.process(samples, float(rows[-1][1])) if isinstance(e, Forecast)]
+    assert events and all(e.interval_multiplier is None for e in events)
+    on = Pipeline(bundle, Settings(model={"path": folder}))
+    moved = [e for e in on.process(samples, float(rows[-1][1])) if isinstance(e, Forecast)][-1]
+    assert payloads.forecast(events[-1], "m", "1", bundle.intervals) != payloads.forecast(moved, "m", "1", bundle.intervals)

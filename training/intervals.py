@@ -252,7 +252,7 @@ def adaptive_multipliers(table, yhat: np.ndarray, scale: np.ndarray | None, obs:
     out = np.ones((len(table.levels), W, H, T), dtype=np.float32)
     codes, devices = np.unique(np.asarray(devices), return_inverse=True)
     origins = np.asarray(origins, dtype=np.int64)
-    tracker = AdaptiveBands(table, spacing=1)
+    tracker = AdaptiveBands(table)
     tracker.grow(len(codes))
     yhat32 = np.asarray(yhat, dtype=np.float32)
     for d in range(len(codes)):

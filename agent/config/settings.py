@@ -261,6 +261,14 @@ class InferenceConfig(Section):
         "that trickle in one at a time then cost one wake-up of each thread and one model call per few readings instead of per "
         "reading (docs/benchmarks.md, paced phases) for at most this much more latency; 0: hand each read on as it comes.",
     )
+    adaptive_intervals: bool = Field(
+        True,
+        description="For a bundle whose prediction intervals carry an `adaptive` member: widen or narrow each device's band "
+        "online by the coverage it has had, so that the published 80 %/95 % bands hold their level after the data drift from "
+        "the calibration months (docs/contracts.md, 'Prediction intervals'). Costs per device 8 x levels x horizon x targets x "
+        "(ceil(horizon / stride) + 1) bytes of issued bands (7 KB for 2 levels, horizon 10, 4 targets, stride 1); false: "
+        "publish the calibrated band as it is.",
+    )
     model_cpu: Literal["auto", "off"] | Annotated[int, Field(ge=0, le=4095)] = Field(
         "auto",
         description="The CPU the model thread runs on, with the daemon's other threads on the rest, so that they do not take "

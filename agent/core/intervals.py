@@ -321,22 +321,23 @@ class AdaptiveBands:
     """Online adaptive conformal bands per device (quantile tracking on the log of the band's half-width).
 
     For device d, level k, step h and target t the band issued is the table's band with its half-width times
-    exp(g[d, k, h, t]). When the reading of slot s arrives, every band issued at s - h (h = 1..H) for step h is
-    checked against it and g[d, k, h, t] += eta / sqrt(h) * (miss - (1 - level_k)): coverage above nominal shrinks the band,
-    below widens it, and the long-run miss rate is 1 - level whatever the drift since calibration. The bands issued
-    in the last H slots are kept to check, at most one per `spacing` slots (the device's forecasts are at least
-    that far apart), so ceil(H / spacing) + 1 positions per device."""
+    exp(g[d, h, k, t]). When the reading of slot s arrives, every band issued at s - h (h = 1..H) for step h is
+    checked against it and g += eta / sqrt(h) * (miss - (1 - level_k)): coverage above nominal shrinks the band,
+    below widens it, and the long-run miss rate is 1 - level whatever the drift since calibration. Issued bands wait
+    in the cell of the slot they are due at, (due slot mod H + 1, step), so that a reading finds all of its bands in
+    one contiguous row (H + 1 rows per device: a cell is taken again only after its band was due)."""
 
-    def __init__(self, table: IntervalTable, spacing: int):
+    def __init__(self, table: IntervalTable):
         if table.adaptive_eta is None:
             raise ValueError("the interval table has no adaptive member")
         self.table = table
         K, H, T = table.lower.shape
         self.shape = (K, H, T)
-        self.step_eta = step_rates(table.adaptive_eta, H)[:, None]  # (H, 1)
-        self.miss_target = (1.0 - np.asarray(table.levels, dtype=np.float32))[:, None]  # (K, 1)
-        self.spacing = max(1, int(spacing))
-        self.positions = -(-H // self.spacing) + 1
+        self.rate = step_rates(table.adaptive_eta, H)[:, None, None]  # (H, 1, 1)
+        self.miss_target = (1.0 - np.asarray(table.levels, dtype=np.float32))[None, :, None]  # (1, K, 1)
+        self.rows = H + 1
+        self.steps = np.arange(1, H + 1, dtype=np.int64)  # (H,)
+        self.step_index = np.arange(H)  # (H,)
         self.capacity = 0
         self.grow(1)
 
@@ -345,11 +346,11 @@ class AdaptiveBands:
         if capacity <= self.capacity:
             return
         K, H, T = self.shape
-        P = self.positions
-        fresh = {"log_multiplier": np.zeros((capacity, K, H, T), np.float32),  # g
-                 "issued_slot": np.full((capacity, P), NO_BAND, np.int64),
-                 "issued_lower": np.zeros((capacity, P, K, H, T), np.float32),
-                 "issued_upper": np.zeros((capacity, P, K, H, T), np.float32)}
+        R = self.rows
+        fresh = {"log_multiplier": np.zeros((capacity, H, K, T), np.float32),  # g, step-major
+                 "due_slot": np.full((capacity, R, H), NO_BAND, np.int64),  # the slot each waiting band is due at
+                 "due_lower": np.zeros((capacity, R, H, K, T), np.float32),
+                 "due_upper": np.zeros((capacity, R, H, K, T), np.float32)}
         keep = self.capacity if used is None else min(used, self.capacity)
         for key, array in fresh.items():
             if keep:
@@ -360,40 +361,43 @@ class AdaptiveBands:
     def reset(self, d: int) -> None:
         """Device row d starts over (evicted, or given to another device): the calibrated band, nothing to check."""
         self.log_multiplier[d] = 0.0
-        self.issued_slot[d] = NO_BAND
+        self.due_slot[d] = NO_BAND
 
     def observe(self, d: int, slot: int, values) -> None:
         """The reading of `slot` (its targets (T,), physical units) settles the bands issued for it."""
-        ahead = slot - self.issued_slot[d]  # (P,) steps from each issued band to this slot
-        due = np.flatnonzero((ahead >= 1) & (ahead <= self.shape[1]))
-        if len(due) == 0:
+        r = slot % self.rows
+        due = self.due_slot[d, r] == slot  # (H,) which steps have a band due now
+        if not due.any():
             return
         y = np.asarray(values, dtype=np.float32)  # (T,)
-        steps = ahead[due] - 1  # (n,) horizon index, distinct
-        lower = self.issued_lower[d, due, :, steps]  # (n, K, T)
-        upper = self.issued_upper[d, due, :, steps]
-        miss = ((y < lower) | (y > upper)).astype(np.float32)  # (n, K, T); NaN: inside (no update below)
-        step = self.step_eta[steps][:, None] * (miss - self.miss_target)  # (n, K, T)
-        step[:, :, ~np.isfinite(y)] = 0.0
-        g = self.log_multiplier[d]  # (K, H, T) view
-        g[:, steps, :] = np.clip(g[:, steps, :] + step.transpose(1, 0, 2), -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER)
+        miss = (y < self.due_lower[d, r]) | (y > self.due_upper[d, r])  # (H, K, T); a NaN reading: no miss
+        step = self.rate * (miss - self.miss_target)  # (H, K, T)
+        if not due.all():
+            step[~due] = 0.0
+        finite = np.isfinite(y)
+        if not finite.all():
+            step[:, :, ~finite] = 0.0
+        g = self.log_multiplier[d]  # (H, K, T) view
+        g += step
+        np.clip(g, -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER, out=g)
 
     def issue(self, d: int, slot: int, yhat: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
         """The multiplier (K, H, T) float32 of the band of device d's forecast yhat (H, T) made at `slot` (with its
-        window scale (H, T) for a normalized table); the band is kept to be checked as its readings arrive."""
-        multiplier = np.exp(self.log_multiplier[d])  # (K, H, T)
+        window scale (H, T) for a normalized table); the band waits in the cells of the slots it is due at."""
+        multiplier = np.exp(self.log_multiplier[d]).transpose(1, 0, 2)  # (K, H, T)
         lower, upper = self.table.bounds(yhat, scale, multiplier)  # (K, H, T) each
-        p = (slot // self.spacing) % self.positions
-        self.issued_slot[d, p] = slot
-        self.issued_lower[d, p] = lower
-        self.issued_upper[d, p] = upper
+        due = slot + self.steps  # (H,)
+        rows = due % self.rows
+        self.due_slot[d, rows, self.step_index] = due
+        self.due_lower[d, rows, self.step_index] = lower.transpose(1, 0, 2)  # (H, K, T)
+        self.due_upper[d, rows, self.step_index] = upper.transpose(1, 0, 2)
         return multiplier
 
     def to_dict(self, names: list[str]) -> dict:
         """{device: g as nested lists (K, H, T)} for the devices whose band has moved (JSON-ready)."""
         n = len(names)
         moved = np.flatnonzero(np.abs(self.log_multiplier[:n]).reshape(n, -1).max(axis=1, initial=0.0) > 0) if n else []
-        return {names[d]: np.round(self.log_multiplier[d], 5).tolist() for d in moved}
+        return {names[d]: np.round(self.log_multiplier[d].transpose(1, 0, 2), 5).tolist() for d in moved}
 
     def load(self, data: dict, device_row) -> int:
         """Take `to_dict`'s state (the same bundle's); device_row(name) -> its row or None. Entries of the wrong
@@ -409,12 +413,12 @@ class AdaptiveBands:
             d = device_row(name)
             if d is None:
                 continue
-            self.log_multiplier[d] = np.clip(g, -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER)
+            self.log_multiplier[d] = np.clip(g, -MAX_LOG_MULTIPLIER, MAX_LOG_MULTIPLIER).transpose(1, 0, 2)
             restored += 1
         return restored
 
     def nbytes(self) -> int:
-        return self.log_multiplier.nbytes + self.issued_slot.nbytes + self.issued_lower.nbytes + self.issued_upper.nbytes
+        return self.log_multiplier.nbytes + self.due_slot.nbytes + self.due_lower.nbytes + self.due_upper.nbytes
 
 
 def interval_bounds(manifest: dict | IntervalTable, yhat: np.ndarray,

@@ -113,8 +113,8 @@ class Pipeline:
         intervals = getattr(bundle, "intervals", None)
         self._interval_table = intervals if intervals is not None and intervals.normalized else None  # bands per window
         # Adaptive intervals: each device's band follows the coverage it has had (agent/core/intervals.py).
-        self.adaptive_bands = (AdaptiveBands(intervals, max(1, min(settings.inference.stride, bundle.lookback)))
-                               if intervals is not None and intervals.adaptive else None)
+        self.adaptive_bands = (AdaptiveBands(intervals)
+                               if intervals is not None and intervals.adaptive and settings.inference.adaptive_intervals else None)
         normal = calibration.get("normal") or {}
         detect = settings.detect
         self.learning = DeviceLearning(bundle.features, bundle.offset, bundle.scale, bundle.period_s, detect.learning_hours,

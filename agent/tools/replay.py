@@ -212,7 +212,7 @@ class _RowTrace:
                                if intervals is not None and intervals.normalized else None)
         # Adaptive prediction intervals: each forecast's multiplier (K, H, T), as its payload had it.
         self.interval_multiplier = (np.ones((len(intervals.levels), n_rows, H, T), dtype=np.float32)  # (K, N, H, T)
-                                    if intervals is not None and intervals.adaptive else None)
+                                    if pipeline.adaptive_bands is not None else None)
 
     def on_slot(self, i, d, expected, alert_open):
         row = self.rows[i]
