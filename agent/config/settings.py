@@ -266,8 +266,8 @@ class InferenceConfig(Section):
         description="For a bundle whose prediction intervals carry an `adaptive` member: widen or narrow each device's band "
         "online by the coverage it has had, so that the published 80 %/95 % bands hold their level after the data drift from "
         "the calibration months (docs/contracts.md, 'Prediction intervals'). Costs per device 8 x levels x horizon x targets x "
-        "(ceil(horizon / stride) + 1) bytes of issued bands (7 KB for 2 levels, horizon 10, 4 targets, stride 1); false: "
-        "publish the calibrated band as it is.",
+        "(horizon + 1) bytes of bands waiting for their reading (7 KB for 2 levels, horizon 10, 4 targets); false: publish the "
+        "calibrated band as it is.",
     )
     model_cpu: Literal["auto", "off"] | Annotated[int, Field(ge=0, le=4095)] = Field(
         "auto",
