@@ -193,19 +193,25 @@ class Pipeline:
             self._evictable_at = float(self.last_seen[victim]) + self.device_idle_s
             return None
         with self._state_lock:  # phase 3 of an earlier call may be running; it has no sample of an idle device
-            alert = self.detector.open.get(victim)
-            if alert is not None:
-                ended = dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now)
+            ended = self._forget_scoring(victim, now)
+            if ended is not None:
                 self._log.append((_REJECT, i, ended))
-            self.detector.reset(victim)
-            if self.adaptive_bands is not None:
-                self.adaptive_bands.reset(victim)
-            self.past_slot[victim] = NO_SLOT
-            self.past_ok[victim] = False
             self.learning.reset(victim)
             self.windows.reassign(victim, name)
         self.counters["devices_evicted"] += 1
         return victim
+
+    def _forget_scoring(self, d: int, now: float) -> AlertEvent | None:
+        """Device row d's detector, past forecasts and adaptive bands start over (under the state lock); returns the
+        `end` event of its open alert, if it had one."""
+        alert = self.detector.open.get(d)
+        ended = dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now) if alert is not None else None
+        self.detector.reset(d)
+        if self.adaptive_bands is not None:
+            self.adaptive_bands.reset(d)
+        self.past_slot[d] = NO_SLOT
+        self.past_ok[d] = False
+        return ended
 
     def restart_device(self, name: str, now: float, relearn: bool) -> list[AlertEvent]:
         """A device taken out of service or back into it: its window and detector start over and, with `relearn`, its
@@ -215,14 +221,9 @@ class Pipeline:
             return []
         ended = []
         with self._state_lock:
-            alert = self.detector.open.get(d)
-            if alert is not None:
-                ended.append(dataclasses.replace(alert.last_event, state="end", ts=now, ended_at=now))
-            self.detector.reset(d)
-            if self.adaptive_bands is not None:
-                self.adaptive_bands.reset(d)
-            self.past_slot[d] = NO_SLOT
-            self.past_ok[d] = False
+            end = self._forget_scoring(d, now)
+            if end is not None:
+                ended.append(end)
             self.windows.restart(d)
             if relearn:
                 self.learning.reset(d)
