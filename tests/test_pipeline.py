@@ -404,7 +404,7 @@ def test_quiet_devices_scored_together_on_a_univariate_model(uni):
 
 @pytest.mark.parametrize("stride", [1, 3, 8])
 def test_strided_forecasts_keep_few_past_forecasts_and_score_the_same(tmp_path, stride):
-    """With a stride only ceil(ring / stride) + 1 past forecasts per device are kept, and scores and alerts equal those of a ring that keeps one per slot."""
+    """Past forecasts packed by step (and few at a stride) give the scores and alerts of a ring that keeps every value of one forecast per slot."""
     bundle = bundle_with_calibration(univariate_bundle(), tmp_path, score_steps=[1, 2, 3, 4])
     values = healthy_series(400, seed=4)
     values[200:260] += np.linspace(0.0, 8.0, 60)  # a drift that multi-step scores see
@@ -414,15 +414,15 @@ def test_strided_forecasts_keep_few_past_forecasts_and_score_the_same(tmp_path, 
     runs = []
     for positions in (None, 64):
         pipeline = make_pipeline(bundle, inference={"stride": stride})
-        if positions is not None:  # the reference: a position for every slot of the ring and more
-            pipeline._positions, pipeline._capacity = positions, 0
-            pipeline._grow(pipeline.windows.capacity)
+        if positions is not None:  # the reference: a position for every slot of the ring and more, every step in each
+            pipeline._set_ring(positions, packed=False)
         events = []
         for start in range(0, len(samples), 37):
             events += pipeline.process(samples[start : start + 37], now=samples[start].ts)
-        runs.append((events, pipeline.detector.ewma[:2].copy(), pipeline.counters["scored"], pipeline.past.shape[1]))
-    (events, ewma, scored, kept), (ref_events, ref_ewma, ref_scored, _) = runs
-    assert kept == (4 if stride == 1 else -(-4 // stride) + 1)
+        runs.append((events, pipeline.detector.ewma[:2].copy(), pipeline.counters["scored"], pipeline.past_slot.shape[1], pipeline.past.shape[1]))
+    (events, ewma, scored, tags, cells), (ref_events, ref_ewma, ref_scored, _, ref_cells) = runs
+    assert tags == (4 if stride == 1 else -(-4 // stride) + 1)
+    assert cells == {1: 1 + 2 + 3 + 4, 3: 1 + 2 + 2 + 2, 8: 1 + 2 + 2 + 2}[stride] and ref_cells == 4 * 64
     assert scored == ref_scored > 0
     assert events == ref_events and [e for e in events if isinstance(e, AlertEvent)]
     np.testing.assert_array_equal(ewma, ref_ewma)
