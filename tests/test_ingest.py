@@ -42,6 +42,16 @@ def test_telemetry_payload_becomes_one_complete_sample(ingest):
     assert (sample.device, sample.ts, sample.values, sample.received_at) == ("pump-01", NOW - 30, GOOD, NOW)
 
 
+def test_queued_samples_share_their_device_and_feature_name_strings(ingest):
+    """Samples of one device share one device string and the ingest's feature names (not each message's own copies)."""
+    first, second = (ingest.parse(TOPIC.encode().decode(), telemetry(ts=NOW - k), NOW)[0] for k in (20, 10))
+    assert first.device is second.device
+    features = {name: name for name in PUMP_FEATURES}
+    for sample in (first, second):
+        assert all(key is ingest._feature_names[key] for key in sample.values) and sample.values.keys() == features.keys()
+    assert all(a is b for a, b in zip(first.values, second.values))
+
+
 @pytest.mark.parametrize(
     "ts, expected",
     [

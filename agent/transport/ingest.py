@@ -101,6 +101,9 @@ class Ingest:
     def __init__(self, settings: Settings, features: list[str], limits: dict[str, tuple[float, float]] | None = None):
         self.features = list(features)
         self._feature_set = frozenset(self.features)
+        # Each message's JSON keys are new strings: samples waiting in the ingest queue key their values by these
+        # shared ones instead (~240 bytes less per queued reading of four features).
+        self._feature_names = {name: name for name in self.features}
         self.set_limits(limits or {})
         self.max_payload_bytes = settings.ingest.max_payload_bytes
         self.max_future_s = settings.ingest.max_future_s
@@ -141,7 +144,7 @@ class Ingest:
             if not DEVICE_NAME.fullmatch(device):
                 raise Rejected("unknown_topic", f"device name {device[:80]!r} in topic is not allowed (letters, digits, _.:- ; at most 128)")
             sensor = m.group("sensor") if route.kind == "sensor" else None
-            return route, device, sensor
+            return route, sys.intern(device), sensor  # one string per device, not one per queued reading
         return None
 
     def parse(self, topic: str, payload: bytes, now: float) -> list[Sample]:
@@ -176,14 +179,16 @@ class Ingest:
             raise Rejected("wrong_type", f'"values" must be an object of feature -> number, got {type(raw).__name__}', device)
         values: dict[str, float] = {}
         bounds = self._bounds
+        feature_names = self._feature_names
         for name, value in raw.items():
-            if name not in self._feature_set:
+            shared = feature_names.get(name)
+            if shared is None:
                 if self.ignore_unknown:
                     continue
                 raise Rejected("unknown_feature", f"{str(name)[:80]!r} is not a model feature {self.features}", device)
             # The usual value, a float in its plausible range (so finite), without the full check's call
-            low, high = bounds[name]
-            values[name] = value if type(value) is float and low <= value <= high else self._number(device, name, value)
+            low, high = bounds[shared]
+            values[shared] = value if type(value) is float and low <= value <= high else self._number(device, shared, value)
         if len(values) != len(self.features):
             missing = [f for f in self.features if f not in values]
             raise Rejected("missing_feature", f"telemetry lacks {missing}", device)
