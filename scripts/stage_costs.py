@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent import payloads  # noqa: E402
+from agent.transport import payloads  # noqa: E402
 from agent.config.settings import Settings  # noqa: E402
 from agent.core.events import Forecast  # noqa: E402
 from agent.transport.ingest import Ingest  # noqa: E402

@@ -28,6 +28,7 @@ FIGURES = {
     "naive": ("readings_per_s", "forecasts_per_s", "cpu_cores"),
     "loadgen_ceiling": ("readings_per_s",),
     "memory": ("peak_rss_mib",),
+    "memory_stride": ("peak_rss_mib",),
 }
 
 
@@ -45,6 +46,7 @@ def test_quick_bench_reports_every_figure_and_ratios_from_measured_values(tmp_pa
         for key in keys:
             value = r[section][key]
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (section, key, value)
+    assert r["memory"]["stride"] == 1 and r["memory_stride"]["stride"] == r["plan"]["stride"]  # the default settings, then strided
     latency = r["daemon"]["latency"]
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert latency["forecasts"] == latency["readings"]  # every paced reading's forecast was matched to its publication

@@ -596,14 +596,17 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
             parts["processes"] = plan.partitions
             result["partitioned"] = parts
 
-        # Memory with many devices (every window full, one forecast each).
-        progress(f"daemon with {plan.rss_devices} devices: peak resident memory")
-        daemon = Daemon(workdir, broker.port, model, "bench-rss", collector, plan, plan.stride)
-        daemons[:] = [daemon]
-        run.warm(plan.rss_devices, plan.rss_devices, alive)
-        result["memory"] = {"devices": plan.rss_devices, "peak_rss_mib": peak_rss_mib(daemon.pid)}
-        result["memory"]["counters"] = daemon.stop()
-        daemons.clear()
+        # Memory with many devices (every window full, one forecast each): with the default settings (inference
+        # on every reading), which the target is about, then at the stride of the strided run (fewer past forecasts
+        # kept; the figure this phase gave until 2026-12-08).
+        for key, stride in (("memory", 1), ("memory_stride", plan.stride)):
+            progress(f"daemon with {plan.rss_devices} devices, stride {stride}: peak resident memory")
+            daemon = Daemon(workdir, broker.port, model, f"bench-rss{stride}", collector, plan, stride)
+            daemons[:] = [daemon]
+            run.warm(plan.rss_devices, plan.rss_devices, alive)
+            result[key] = {"devices": plan.rss_devices, "stride": stride, "peak_rss_mib": peak_rss_mib(daemon.pid)}
+            result[key]["counters"] = daemon.stop()
+            daemons.clear()
         result["loadgen_ceiling"] = {"readings_per_s": max(run.publish_rates)}
     finally:
         for d in daemons:
@@ -712,8 +715,13 @@ def targets(r: dict) -> list[dict]:
         o = r["overload"]["daemon"]
         rows.append((f"overload ({o['offered_vs_capacity']:.1f} x capacity offered): forecasts/s vs capacity",
                      o["forecasts_per_s_while_offered"] / r["daemon"]["forecasts_per_s"], ">=", 0.8))
+        # The same per CPU-second: on 2 shared cores the generator and the broker take what the daemon would need.
+        rows.append(("overload: forecasts per CPU-second vs at capacity", q["cpu"]["daemon_us_per_reading"] / o["cpu_us_per_forecast"], ">=", 0.8))
         rows.append(("overload: resident memory growth (MiB)", o["rss_after_mib"] - o["rss_before_mib"], "<=", 8.0))
-    rows.append((f"peak RSS with {r['memory']['devices']} devices (MiB)", r["memory"]["peak_rss_mib"], "<=", 120.0))
+    for key in ("memory", "memory_stride"):
+        if key in r:
+            m = r[key]
+            rows.append((f"peak RSS with {m['devices']} devices, stride {m.get('stride', r['plan']['stride'])} (MiB)", m["peak_rss_mib"], "<=", 120.0))
     return [{"target": name, "value": value, "bound": f"{op} {bound}", "met": value >= bound if op == ">=" else value <= bound}
             for name, value, op, bound in rows]
 
@@ -783,7 +791,8 @@ def markdown(r: dict) -> str:
         f"Latency at {f(lat['rate'])} readings/s ({r['plan']['latency_load']:.0%} of capacity, inference every reading), publication "
         f"to forecast: p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms (max {lat['max_ms']:.1f} ms; "
         f"{lat['forecasts']} forecasts; daemon CPU {lat['cpu_cores']:.2f} cores).",
-        f"Peak RSS with {r['memory']['devices']:,} devices: {r['memory']['peak_rss_mib']:.0f} MiB.",
+        f"Peak RSS with {r['memory']['devices']:,} devices: {r['memory']['peak_rss_mib']:.1f} MiB with inference on every reading"
+        + (f", {r['memory_stride']['peak_rss_mib']:.1f} MiB at stride {r['memory_stride']['stride']}." if "memory_stride" in r else "."),
         "",
         *paced_markdown(r),
         "",
