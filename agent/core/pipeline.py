@@ -133,7 +133,6 @@ class Pipeline:
         self._lookup_index = np.array(self.lookup_steps) - 1  # (S',) horizon index of each looked-up step
         self.ring = max(self.lookup_steps)
         self._spacing = max(1, min(self.stride, self.lookback))
-        self._capacity = 0
         self._set_ring(min(self.ring, -(-self.ring // self._spacing) + 1))
         self._horizon_steps = np.arange(1, self.horizon + 1, dtype=np.float64) * self.period_s  # (H,)
         # Phase-1 log, batch and forecasts of the call being prepared (new ones per call: the previous call's may
@@ -578,9 +577,9 @@ class Pipeline:
         once_each = len({entry[0] for entry in call_forecasts}) == len(call_forecasts)
         if len(call_forecasts) <= 4 and once_each:
             for d, slot, row, ok in call_forecasts:  # a few devices, once each: one by one (same values)
-                pos = (slot // self._spacing) % self._positions
                 made = slot // self._spacing
                 self.past[d, [base + made % cells for _, base, cells in self._step_layout]] = forecasts[row][self._lookup_index]  # (S', T)
+                pos = made % self._positions
                 self.past_slot[d, pos] = slot
                 self.past_ok[d, pos] = ok
             return
