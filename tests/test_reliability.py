@@ -92,8 +92,9 @@ def test_an_evicted_device_with_an_open_alert_ends_it(start_agent, subscriber):
     """Evicting a device whose alert is open publishes its `end` (and an empty retained active list)."""
     import time
 
-    agent = start_agent(ingest={"max_devices": 1, "device_idle_s": 1.0})
-    rows = healthy_rows(devices=1, rows=150, seed=8, faults="overheating:pump-00@1.4+3")
+    # Fixed timestamps, so that the alert is open at the eviction whatever the time of the run (see the restart test).
+    agent = start_agent(ingest={"max_devices": 1, "device_idle_s": 1.0, "max_age_s": 10 * 365 * 86400.0})
+    rows = healthy_rows(devices=1, rows=150, seed=8, faults="overheating:pump-00@1.4+3", end_ts=1_796_054_400)
     publish_rows(subscriber, rows)
     new = subscriber.expect(f"{PREFIX}/pump-00/alert", lambda m: m.json()["state"] == "new", timeout=30).json()
     wait_until(lambda: agent.pipeline.admits("pump-99", time.time()), timeout=10, message="pump-00 idle long enough")
@@ -140,13 +141,17 @@ def test_an_alert_open_at_a_restart_resumes_and_ends_when_the_device_is_healthy_
     """Stop with an alert open, start again on the same state directory: the same alert ends once readings are healthy."""
     from agent.app import Agent
 
-    rows = healthy_rows(devices=1, rows=420, seed=8, faults="overheating:pump-00@1.4+2")
-    agent = start_agent()
+    # Fixed timestamps: the synthetic fleet's load pattern moves with them. With rows ending at the time of the run,
+    # at some hours of the day this alert ended before row 150 (and opened again later), so none was open at the
+    # stop. Readings that old need a longer ingest.max_age_s.
+    rows = healthy_rows(devices=1, rows=420, seed=8, faults="overheating:pump-00@1.4+2", end_ts=1_796_054_400)
+    old_readings = {"ingest": {"max_age_s": 10 * 365 * 86400.0}}
+    agent = start_agent(**old_readings)
     publish_rows(subscriber, rows[:150])
     new = subscriber.expect(f"{PREFIX}/pump-00/alert", lambda m: m.json()["state"] == "new", timeout=30).json()
     wait_until(lambda: agent.counters.processed == 150, timeout=20, message="the first part processed")
     agent.stop()
-    again = Agent(agent_settings())
+    again = Agent(agent_settings(**old_readings))
     again.start()
     try:
         assert again.wait_connected(10)
