@@ -50,6 +50,8 @@ def test_queued_samples_share_their_device_and_feature_name_strings(ingest):
     for sample in (first, second):
         assert all(key is ingest._feature_names[key] for key in sample.values) and sample.values.keys() == features.keys()
     assert all(a is b for a, b in zip(first.values, second.values))
+    [per_sensor] = ingest.parse("sensors/pump-01/vibration_rms", b"2.75", NOW)  # the per-sensor form too
+    assert per_sensor.device is first.device and next(iter(per_sensor.values)) is ingest._feature_names["vibration_rms"]
 
 
 @pytest.mark.parametrize(

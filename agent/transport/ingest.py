@@ -200,6 +200,7 @@ class Ingest:
             if self.ignore_unknown:
                 return []
             raise Rejected("unknown_feature", f"sensor {sensor[:80]!r} is not a model feature {self.features}", device)
+        sensor = self._feature_names[sensor]  # the shared name, not this topic's copy
         if isinstance(data, dict):
             if "value" not in data:
                 raise Rejected("wrong_type", 'per-sensor object payload needs "value" (and optionally "ts")', device)
