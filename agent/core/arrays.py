@@ -25,6 +25,15 @@ def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)  # the array holds the map; freeing it unmaps
 
 
+def replace(owner, fresh: dict[str, np.ndarray], rows: int) -> None:
+    """Put each array of `fresh` on `owner` in place of the attribute of its name, after copying the old array's
+    first `rows` rows into it: how the per-device tables grow, copying only the rows in use."""
+    for key, array in fresh.items():
+        if rows:
+            array[:rows] = getattr(owner, key)[:rows]
+        setattr(owner, key, array)
+
+
 def full(shape: tuple[int, ...], value, dtype) -> np.ndarray:
     out = zeros(shape, dtype)
     out.fill(value)

@@ -412,11 +412,7 @@ class AlertDetector:
         }
         if self.dynamic:
             fresh["history"] = arrays.zeros((capacity, self.dynamic_window), np.float32)  # (D, W) recent scores
-        rows = self.capacity if used is None else min(used, self.capacity)
-        for key, array in fresh.items():
-            if rows:
-                array[:rows] = getattr(self, key)[:rows]
-            setattr(self, key, array)
+        arrays.replace(self, fresh, self.capacity if used is None else min(used, self.capacity))
         self.capacity = capacity
 
     def open_state(self, d: int) -> dict | None:

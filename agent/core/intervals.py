@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent.core import arrays
+
 NORMALIZED = "normalized"
 SCALE_KIND = "lag_diff_rms"
 NORMALIZED_VERSION = 1
@@ -351,11 +353,7 @@ class AdaptiveBands:
                  "due_slot": np.full((capacity, R, H), NO_BAND, np.int64),  # the slot each waiting band is due at
                  "due_lower": np.zeros((capacity, R, H, K, T), np.float32),
                  "due_upper": np.zeros((capacity, R, H, K, T), np.float32)}
-        keep = self.capacity if used is None else min(used, self.capacity)
-        for key, array in fresh.items():
-            if keep:
-                array[:keep] = getattr(self, key)[:keep]
-            setattr(self, key, array)
+        arrays.replace(self, fresh, self.capacity if used is None else min(used, self.capacity))
         self.capacity = capacity
 
     def reset(self, d: int) -> None:

@@ -56,10 +56,7 @@ class DeviceLearning:
         }
         fresh["device_offset"][:] = self.offset
         fresh["device_scale"][:] = self.scale
-        for key, array in fresh.items():
-            if self.capacity:
-                array[: self.capacity] = getattr(self, key)
-            setattr(self, key, array)
+        arrays.replace(self, fresh, self.capacity)
         self.capacity = capacity
 
     def reset(self, d: int) -> None:

@@ -178,10 +178,7 @@ class Pipeline:
             "last_seen": arrays.zeros(capacity, np.float64),  # agent clock of the device's last sample
         }
         used = min(len(self.windows), self._capacity)  # rows past it were never written: copying would only touch memory
-        for key, array in fresh.items():
-            if self._capacity:
-                array[:used] = getattr(self, key)[:used]
-            setattr(self, key, array)
+        arrays.replace(self, fresh, used)
         self._capacity = capacity
         if self.adaptive_bands is not None:
             self.adaptive_bands.grow(capacity, used)

@@ -85,11 +85,7 @@ class WindowStore:
             "pend_vals": arrays.zeros((capacity, F), np.float32),  # (D, F)
             "pend_mask": arrays.zeros((capacity, F), bool),  # (D, F) features seen in the pending slot
         }
-        n = len(self.names)
-        for key, array in fresh.items():
-            if self.capacity:
-                array[:n] = getattr(self, key)[:n]
-            setattr(self, key, array)
+        arrays.replace(self, fresh, len(self.names))
         self.capacity = capacity
 
     def device(self, name: str) -> int:
