@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--batch-wait-ms", type=float, help="inference.batch_wait_ms of the daemon (default: the configured default)")
     parser.add_argument("--no-profile", action="store_true", help="per-thread CPU only, without py-spy (which takes CPU itself)")
     parser.add_argument("--naive", action="store_true", help="the naive daemon (one model call per message) instead, no profile")
+    parser.add_argument("--naive-hold-ms", type=float, default=0.0,
+                        help="with --naive: the naive daemon that holds readings this long and batches them (the floor)")
     parser.add_argument("--config", action="append", default=[], metavar="LINE",
                         help="extra TOML for the daemon's configuration, e.g. '[inference]\\nbatch_wait_ms = 0'")
     args = parser.parse_args()
@@ -111,7 +113,8 @@ def main() -> int:
     collector = bench.Collector(broker.port)
     run = bench.Run(plan, model, workdir, broker.port, collector, period, lookback, int((time.time() - 5 * 86400) // period))
     if args.naive:
-        helper = bench.Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", "1")
+        helper = bench.Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", "1",
+                              "--hold-ms", str(args.naive_hold_ms))
         alive = lambda: helper.proc.poll() is None  # noqa: E731
         try:
             run.warm(args.devices, args.devices, alive)
@@ -120,7 +123,8 @@ def main() -> int:
             helper.terminate()
             collector.stop()
             broker.stop()
-        print(f"naive daemon, {args.rate:.0f} readings/s paced: CPU {phase['cpu_cores']:.3f} cores = {phase['cpu_us_per_reading']:.0f} us "
+        held = f" holding {args.naive_hold_ms:g} ms" if args.naive_hold_ms else ""
+        print(f"naive daemon{held}, {args.rate:.0f} readings/s paced: CPU {phase['cpu_cores']:.3f} cores = {phase['cpu_us_per_reading']:.0f} us "
               f"per reading; latency p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms")
         return 0
     daemon = bench.Daemon(workdir, broker.port, model, "profile", collector, plan, extra_config=args.config)

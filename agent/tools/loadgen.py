@@ -5,7 +5,8 @@ process so that its CPU never counts against the daemon's:
   recorded pumps for the shipped model's features, at a set rate or as fast as paho can write; it records each message's publication time (wall clock) in a .npy
   file, the side channel the benchmark joins with forecast arrivals for latency.
 - `receive`: the receive ceiling, a bare paho subscriber that only decodes the same JSON payloads.
-- `naive`: the naive daemon, the model run once per message at batch 1 (no batching, no detection).
+- `naive`: the naive daemon, the model run once per message at batch 1 (no batching, no detection); with
+  `--hold-ms`, the same daemon holding readings and batching them, as the real daemon does at a trickle.
 - `infer`: the inference ceiling, onnxruntime alone on full batches (same session options as the daemon), the best
   of six rounds.
 
@@ -213,7 +214,12 @@ def receive(args: argparse.Namespace) -> dict:
 
 def naive(args: argparse.Namespace) -> dict:
     """The obvious daemon: per message decode, append to the device's window, scale, run the model at batch 1,
-    publish the forecast. Same model, same onnxruntime options as the real one."""
+    publish the forecast. Same model, same onnxruntime options as the real one.
+
+    With `--hold-ms`, the obvious daemon that batches: readings whose window is full are held on the one network
+    thread until the first of them is that old (or `--max-batch` are held), then run through the model in one call.
+    It does what the real daemon does at a trickle minus the detection and the contract's payload: the obvious
+    alternative to compare ours with once batching is the answer."""
     import onnxruntime as ort
 
     manifest = _manifest(args.model)
@@ -228,7 +234,20 @@ def naive(args: argparse.Namespace) -> dict:
     session = ort.InferenceSession(str(Path(args.model) / manifest["onnx"]["file"]), options, providers=["CPUExecutionProvider"])
     windows: dict[str, deque] = {}
     stop = threading.Event()
-    counts = {"messages": 0, "forecasts": 0}
+    counts = {"messages": 0, "forecasts": 0, "calls": 0}
+    hold_s = args.hold_ms / 1000.0
+    held: list[tuple[str, float, np.ndarray]] = []  # (device, ts, window (L, F)) waiting for the model
+    held_since = [0.0]
+
+    def forecast(client, batch: list[tuple[str, float, np.ndarray]]) -> None:
+        x = ((np.stack([w for _, _, w in batch]) - offset) / scale).astype(np.float32)  # (B, L, F)
+        y = session.run(None, {"x": x})[0] * scale[t_index] + offset[t_index]  # (B, H, T)
+        counts["calls"] += 1
+        for (device, ts, _), values in zip(batch, y):
+            body = {"device": device, "ts": ts, "horizon_ts": [ts + period * (k + 1) for k in range(horizon)],
+                    "forecast": {t: [round(float(v), 4) for v in values[:, j]] for j, t in enumerate(targets)}}
+            client.publish(f"edgecast/{device}/forecast", json.dumps(body), qos=0)
+        counts["forecasts"] += len(batch)
 
     def on_message(client, userdata, message):
         device = message.topic.split("/")[1]
@@ -239,22 +258,34 @@ def naive(args: argparse.Namespace) -> dict:
         counts["messages"] += 1
         if len(window) < lookback:
             return
-        x = ((np.array(window, dtype=np.float64) - offset) / scale).astype(np.float32)[None]  # (1, L, F)
-        y = session.run(None, {"x": x})[0][0] * scale[t_index] + offset[t_index]  # (H, T)
-        ts = float(data["ts"])
-        body = {"device": device, "ts": ts, "horizon_ts": [ts + period * (k + 1) for k in range(horizon)],
-                "forecast": {t: [round(float(v), 4) for v in y[:, j]] for j, t in enumerate(targets)}}
-        client.publish(f"edgecast/{device}/forecast", json.dumps(body), qos=0)
-        counts["forecasts"] += 1
+        if not hold_s:
+            forecast(client, [(device, float(data["ts"]), np.array(window, dtype=np.float64))])
+            return
+        if not held:
+            held_since[0] = time.monotonic()
+        held.append((device, float(data["ts"]), np.array(window, dtype=np.float64)))
 
     client = _client(f"edgecast-naive-{time.monotonic_ns()}")
     _subscribe_to_sensors(client)
     client.on_message = on_message
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     client.connect("127.0.0.1", args.port, keepalive=120)
-    client.loop_start()
-    stop.wait()
-    client.loop_stop()
+    if not hold_s:
+        client.loop_start()
+        stop.wait()
+        client.loop_stop()
+        return counts
+    # Holding: this thread reads, holds and runs the model, as the real daemon's network thread does at a trickle.
+    while not stop.is_set():
+        due = held_since[0] + hold_s - time.monotonic() if held else 1.0
+        if due > 0 and len(held) < args.max_batch:
+            client.loop(timeout=due)
+        if held and (len(held) >= args.max_batch or time.monotonic() >= held_since[0] + hold_s):
+            batch = held[: args.max_batch]
+            del held[: args.max_batch]
+            held_since[0] = time.monotonic()
+            forecast(client, batch)
+    client.disconnect()
     return counts
 
 
@@ -310,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--port", type=int, required=True)
     n.add_argument("--model", required=True)
     n.add_argument("--threads", type=int, default=1)
+    n.add_argument("--hold-ms", type=float, default=0.0, help="hold readings this long and run them in one model call (0: one call per message)")
+    n.add_argument("--max-batch", type=int, default=64, help="with --hold-ms: at most this many windows per model call")
     i = roles.add_parser("infer")
     i.add_argument("--model", required=True)
     i.add_argument("--batch", type=int, default=64)
