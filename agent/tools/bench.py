@@ -579,9 +579,9 @@ def run_bench(plan: Plan, model: Path, progress=print) -> dict:
         batching = Helper("naive", "--port", str(broker.port), "--model", str(model), "--threads", str(threads),
                           "--hold-ms", str(batch_wait_ms), "--max-batch", str(max_batch))
         batching_alive = lambda: batching.proc.poll() is None  # noqa: E731
+        result["naive_batching"] = {"hold_ms": batch_wait_ms, "max_batch": max_batch, "paced": []}
         try:
             run.warm(D, D, batching_alive)
-            result["naive_batching"] = {"hold_ms": batch_wait_ms, "max_batch": max_batch, "paced": []}
             for rate in rates:
                 progress(f"naive daemon that batches: {rate:,.0f} readings/s paced one at a time")
                 result["naive_batching"]["paced"].append(run.paced(batching.pid, D, rate, plan.paced_seconds, batching_alive))
