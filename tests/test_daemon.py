@@ -212,7 +212,9 @@ def test_full_queue_pushes_back_then_rejects_as_queue_full(start_agent, subscrib
     publish_rows(subscriber, rows[:1])
     assert entered.wait(10), "the worker never took the first sample"
     publish_rows(subscriber, rows[1:])  # 10 fill the queue, 3 wait ingest.full_wait_s each and are refused
-    wait_until(lambda: agent.stats()["rejected"]["queue_full"] == 3, timeout=15, message="3 queue_full rejections")
+    # The MQTT thread reports a rejection before it adds up its wait: wait for both.
+    wait_until(lambda: agent.stats()["rejected"]["queue_full"] == 3 and agent.stats()["backpressure"]["waits"] == 3, timeout=15,
+               message="3 queue_full rejections, each after a wait")
     backpressure = agent.stats()["backpressure"]
     assert backpressure["waits"] == 3 and backpressure["seconds"] >= 3 * 0.5 * 0.9, backpressure
     body = subscriber.expect(f"{PREFIX}/agent/{AGENT_ID}/errors", timeout=5).json()
