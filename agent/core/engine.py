@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_BATCH_MIN = 512  # samples taken from the queue per Pipeline.process call at least (1,024 at stride 1: no faster,
-# ~5 MiB more at peak); with a stride, two model calls' worth up to 4,096 (stride 8: 1,024; 512 ran 15-20 % slower)
+# Samples taken from the queue per Pipeline.process call, at least (1,024 at stride 1 was no faster and held ~5 MiB
+# more at peak); with a stride, two model calls' worth, up to 4,096 (stride 8: 1,024; 512 ran 15-20 % slower).
+WORKER_BATCH_MIN = 512
 WORKER_POLL_S = 0.2
 
 
